@@ -1,0 +1,31 @@
+# The README's two commands. Both are idempotent: the virtual environment is
+# (re)installed only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-demo: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	$(PY) examples/tour.py
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-demo
+	$(PY) benchmarks/blas.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,8 @@
+"""Weight converters shipped with mlx_zeta, installed as ``mlx_zeta.converters``.
+
+Converters for PyTorch and Hugging Face checkpoints and Core ML export live here;
+each imports its heavy optional dependency (torch, transformers, coremltools)
+lazily, inside the function that needs it.
+"""
+
+__all__: list = []

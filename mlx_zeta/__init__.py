@@ -1,0 +1,15 @@
+"""mlx_zeta: modular neural-network building blocks on MLX.
+
+Importing this package first routes MLX's Linux CPU matmuls to an optimized
+BLAS (see :mod:`mlx_zeta._blas`); it must therefore run before ``mlx.core`` is
+imported anywhere else in the process.
+"""
+
+from mlx_zeta._blas import blas_info, route_blas
+
+route_blas()
+
+from mlx_zeta import nn  # noqa: E402  (must follow route_blas)
+
+__version__ = "0.1.0"
+__all__ = ["nn", "blas_info", "route_blas", "__version__"]

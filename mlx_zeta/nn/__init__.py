@@ -1,0 +1,1 @@
+"""Building blocks on mlx.nn, one file per layer family."""
