@@ -99,3 +99,12 @@ def test_bad_override_path_names_the_variable():
     out = subprocess.run([sys.executable, "-c", "import mlx_zeta"], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "MLX_ZETA_BLAS" in out.stderr and "/nonexistent/libblas.so" in out.stderr
+
+
+@linux_only
+def test_routed_and_reference_blas_agree():
+    routed, reference = run_worker(), run_worker(MLX_ZETA_NO_BLAS="1")
+    assert routed["info"]["vendor"] != reference["info"]["vendor"] == "reference"
+    # Same float32 products, different summation order: agree to float32 rounding.
+    np.testing.assert_allclose(routed["mm"], reference["mm"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(routed["mv"], reference["mv"], rtol=1e-5, atol=1e-5)
