@@ -159,6 +159,8 @@ def check_parity(
 
     argnums = tuple([0] + [1 + i for i in grad_inputs])
     grads = mx.grad(loss, argnums=argnums)(mlx_module.trainable_parameters(), *mx_inputs)
+    if len(argnums) == 1:  # mx.grad returns the bare gradient, not a 1-tuple
+        grads = (grads,)
     t_params = dict(torch_module.named_parameters())
     for name, value in tree_flatten(grads[0]):
         tname, layout = mapping[name]
