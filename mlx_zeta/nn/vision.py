@@ -14,7 +14,7 @@ IntPair = Union[int, Tuple[int, int]]
 
 def _pair(name: str, value: IntPair) -> Tuple[int, int]:
     """``value`` as an ``(h, w)`` pair of positive ints, or a ``[VisionEmbedding]`` error."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"[VisionEmbedding] {name} must be a positive int or a pair (h, w) of positive ints, got {value!r}")
     return pair
