@@ -320,9 +320,7 @@ def test_t5_compute_bias_matches_transformers(is_decoder, step):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_relative_position_bias_parity(dtype, bidirectional, rng):
-    # Driven as it is used, added to attention scores (2, heads, qlen, klen); this also
-    # gives check_parity a floating input (with none, mx.grad's single argnum returns a
-    # bare dict that the harness does not expect).
+    # Driven as it is used: added to attention scores (2, heads, qlen, klen).
     kwargs = dict(bidirectional=bidirectional, num_buckets=16, max_distance=10, num_heads=4)
     scores = rng.standard_normal((2, 4, 6, 14)).astype(np.float32)
     check_parity(
