@@ -375,6 +375,46 @@ def test_attention_errors():
         Attention(DIM, dropout=-0.1)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=str)
+@pytest.mark.parametrize("xpos", [False, True], ids=["rope", "xpos"])
+def test_attention_rotary_pos_emb_parity(rng, dtype, xpos):
+    """rotary_pos_emb rotates q and k after qk_norm (partial: 4 of 8 features per head),
+    keys with the xPos scale ** -1; the reference rotates explicit 2x2 pairs."""
+    from reference.positional import rope_angles, rotate_pairs, xpos_scale
+    from reference.structs import TorchSelfAttention
+
+    from mlx_zeta.nn import RotaryEmbedding
+
+    n, rot = 7, 4
+    kw = dict(heads=4, kv_heads=2, causal=True, qk_norm=True)
+    freqs, scale = RotaryEmbedding(rot, use_xpos=xpos, scale_base=8)(n)
+    pos = torch.arange(n)
+    t_rot = (rope_angles(rot, pos), xpos_scale(rot, pos, n // 2, 8) if xpos else None)
+    check_parity(Attention(DIM, **kw), TorchSelfAttention(DIM, **kw), [rng.standard_normal((B, n, DIM))], dtype=dtype,
+                 mlx_call=lambda m, x: m(x, rotary_pos_emb=(freqs, scale)),
+                 torch_call=lambda m, x: m(x, rotary=t_rot))
+
+
+@pytest.mark.parametrize("xpos", [False, True], ids=["rope", "xpos"])
+def test_attention_rotary_with_kv_cache(rng, xpos):
+    """Keys are rotated before they enter the cache: decoding with the angles of each
+    step's positions (one fixed xPos centre) equals the full forward."""
+    from mlx_zeta.nn import RotaryEmbedding
+
+    rotary = RotaryEmbedding(8, use_xpos=xpos, scale_base=4)
+    attn = Attention(DIM, heads=4, kv_heads=2, causal=True)
+    x = mx.array(rng.standard_normal((B, 9, DIM)).astype(np.float32))
+    full = attn(x, rotary_pos_emb=rotary(9, center=3))
+    cache = KVCache()
+    outs = [attn(x[:, :4], cache=cache, rotary_pos_emb=rotary(4, center=3))]
+    outs += [attn(x[:, t : t + 1], cache=cache, rotary_pos_emb=rotary(1, offset=t, center=3)) for t in range(4, 9)]
+    assert_close(mx.concatenate(outs, axis=1), full, what="cached decode with rotary")
+    with pytest.raises(ValueError, match=r"^\[Attention\] expected rotary_pos_emb=\(freqs, scale\) for self-attention"):
+        attn(x, context=x, rotary_pos_emb=rotary(9))
+    with pytest.raises(ValueError, match=r"^\[Attention\] expected rotary_pos_emb=\(freqs, scale\)"):
+        attn(x, rotary_pos_emb=rotary(9)[0])
+
+
 # ---------------------------------------------------------------- MultiQueryAttention
 
 MQA_CASES = {

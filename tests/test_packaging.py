@@ -33,7 +33,8 @@ def test_wheel_holds_metal_and_converters(wheel):
     for folder, package in (("metal", "mlx_zeta/metal/"), ("converters", "mlx_zeta/converters/")):
         expected = {package + f for f in shipped_files(folder)}
         assert expected <= names, f"wheel lacks {sorted(expected - names)}"
-    assert "mlx_zeta/__init__.py" in names and "mlx_zeta/nn/__init__.py" in names
+    library = {"mlx_zeta/" + f for f in shipped_files("mlx_zeta") if f.endswith(".py")}
+    assert library <= names, f"wheel lacks {sorted(library - names)} (add the package to pyproject.toml)"
 
 
 def test_wheel_installs_and_imports_in_fresh_venv(wheel, tmp_path):

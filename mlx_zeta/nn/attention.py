@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_zeta.nn.kv_cache import KVCache
+from mlx_zeta.nn.positional import apply_rotary_pos_emb
 
 __all__ = ["FlashAttention", "Attention", "MultiheadAttention", "MultiQueryAttention", "MultiGroupedQueryAttn", "KVCache"]
 
@@ -208,6 +209,11 @@ class Attention(nn.Module):
     to it in place and the queries attend to all cached positions (with ``causal``,
     bottom-right aligned, so token-by-token decoding equals a full causal forward).
 
+    Rotary positions: ``rotary_pos_emb=(freqs, scale)`` from
+    :class:`~mlx_zeta.nn.RotaryEmbedding` for the new positions rotates the query
+    and key heads (after ``qk_norm``, before the cache update, so cached keys stay
+    rotated); keys get the xPos scale :math:`s^{-1}`. Self-attention only.
+
     Args:
         dim (int): model (input and output) dimension.
         heads (int): query heads. Default: ``8``.
@@ -223,6 +229,8 @@ class Attention(nn.Module):
         - x: :math:`(B, L, \text{dim})`; context: :math:`(B, L_c, \text{dim})`.
         - mask, attn_bias: as in :class:`FlashAttention`, with :math:`L_k` the key length
           (cached positions included).
+        - rotary_pos_emb: ``freqs`` :math:`(L, d)` (:math:`d \le` ``dim_head``) and ``scale``
+          :math:`(L, d)` or a float.
         - output: :math:`(B, L, \text{dim})`.
 
     Example:
@@ -258,7 +266,8 @@ class Attention(nn.Module):
         self.attend = FlashAttention(causal=causal, dropout=dropout, flash=flash)
 
     def __call__(self, x: mx.array, context: Optional[mx.array] = None, mask: Optional[mx.array] = None,
-                 attn_bias: Optional[mx.array] = None, cache: Optional[KVCache] = None) -> mx.array:
+                 attn_bias: Optional[mx.array] = None, cache: Optional[KVCache] = None,
+                 rotary_pos_emb: Optional[Tuple[mx.array, Union[mx.array, float]]] = None) -> mx.array:
         name = type(self).__name__
         for what, t in (("x", x), ("context", context)):
             if t is not None and (t.ndim != 3 or t.shape[-1] != self.dim):
@@ -267,6 +276,10 @@ class Attention(nn.Module):
             raise ValueError(f"[{name}] expected context batch {x.shape[0]}, got shape {tuple(context.shape)}")
         if context is not None and cache is not None:
             raise ValueError(f"[{name}] expected cache only for self-attention (context=None), got both")
+        if rotary_pos_emb is not None and (context is not None or not isinstance(rotary_pos_emb, tuple)
+                                           or len(rotary_pos_emb) != 2):
+            raise ValueError(f"[{name}] expected rotary_pos_emb=(freqs, scale) for self-attention (context=None), "
+                             f"got {type(rotary_pos_emb).__name__} with context={'set' if context is not None else None}")
         b, n, _ = x.shape
         q, k, v = self._project(x, x if context is None else context)
         q = q.reshape(b, n, self.heads, self.dim_head).transpose(0, 2, 1, 3)
@@ -274,6 +287,10 @@ class Attention(nn.Module):
         v = v.reshape(b, -1, self.kv_heads, self.dim_head).transpose(0, 2, 1, 3)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if rotary_pos_emb is not None:
+            freqs, scale = rotary_pos_emb
+            q = apply_rotary_pos_emb(q, freqs, scale)
+            k = apply_rotary_pos_emb(k, freqs, scale**-1)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = self.attend(q, k, v, mask=mask, attn_bias=attn_bias)  # (b, heads, n, dim_head)

@@ -41,18 +41,7 @@ class KVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
         """Append ``keys``/``values`` after the cached positions; return everything cached."""
-        if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
-            raise ValueError(
-                "[KVCache] expected keys and values of shape (batch, kv_heads, seq, dim) with equal "
-                f"(batch, kv_heads, seq), got shapes {tuple(keys.shape)} and {tuple(values.shape)}"
-            )
-        if self.keys is not None:
-            want = (self.keys.shape[:2], self.keys.shape[3], self.values.shape[3])
-            got = (keys.shape[:2], keys.shape[3], values.shape[3])
-            if want != got:
-                raise ValueError(
-                    f"[KVCache] expected (batch, kv_heads), key dim, value dim = {want} as cached, got {got}"
-                )
+        self._check_update(keys, values)
         prev, new = self.offset, keys.shape[2]
         if self.keys is None or prev + new > self.keys.shape[2]:
             n_steps = (new + self.step - 1) // self.step
@@ -68,6 +57,19 @@ class KVCache:
         self.keys[..., prev : self.offset, :] = keys
         self.values[..., prev : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def _check_update(self, keys: mx.array, values: mx.array) -> None:
+        name = type(self).__name__
+        if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
+            raise ValueError(
+                f"[{name}] expected keys and values of shape (batch, kv_heads, seq, dim) with equal "
+                f"(batch, kv_heads, seq), got shapes {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        if self.keys is not None:
+            want = (self.keys.shape[:2], self.keys.shape[3], self.values.shape[3])
+            got = (keys.shape[:2], keys.shape[3], values.shape[3])
+            if want != got:
+                raise ValueError(f"[{name}] expected (batch, kv_heads), key dim, value dim = {want} as cached, got {got}")
 
     def reset(self) -> None:
         """Forget every cached position (the next update starts a new sequence)."""
