@@ -26,6 +26,7 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-demo
 	$(PY) benchmarks/blas.py
+	$(PY) benchmarks/decode.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

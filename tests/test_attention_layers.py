@@ -173,6 +173,9 @@ def test_option_errors():
     err(r"^\[AttentionLayers\] expected cross_attend=True with only_cross=True", only_cross=True)
     err(r"^\[AttentionLayers\] expected at most one of use_rmsnorm, use_scalenorm", use_rmsnorm=True, use_scalenorm=True)
     err(r"^\[AttentionLayers\] expected at most one of alibi_pos_bias, rel_pos_bias", alibi_pos_bias=True, rel_pos_bias=True)
+    err(r"^\[AttentionLayers\] expected alibi_pos_bias=True with alibi_num_heads", alibi_num_heads=2)
+    err(r"^\[AttentionLayers\] expected 1 <= alibi_num_heads <= heads=4, got 0", heads=4, alibi_pos_bias=True,
+        alibi_num_heads=0)
     err(r"^\[AttentionLayers\] expected rotary_pos_emb=True and causal=True with rotary_xpos", rotary_pos_emb=True,
         rotary_xpos=True)
     err(r"^\[AttentionLayers\] expected an even rotary_emb_dim in \[2, dim_head=4\], got 6", heads=8, rotary_pos_emb=True,

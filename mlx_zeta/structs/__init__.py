@@ -7,3 +7,13 @@ from mlx_zeta.structs.cache import RotatingKVCache
 from mlx_zeta.structs.transformer import Transformer
 
 __all__ = ["AttentionLayers", "CrossAttender", "Decoder", "Encoder", "RotatingKVCache", "Transformer"]
+from mlx_zeta.structs.vit import ViTransformerWrapper  # noqa: E402
+
+__all__ += ["ViTransformerWrapper"]
+from mlx_zeta.structs.autoregressive import AutoregressiveWrapper  # noqa: E402
+from mlx_zeta.structs.sampling import min_p_filter, sample, top_k_filter, top_p_filter  # noqa: E402
+
+__all__ += ["AutoregressiveWrapper", "min_p_filter", "sample", "top_k_filter", "top_p_filter"]
+from mlx_zeta.structs.encoder_decoder import XTransformer  # noqa: E402
+
+__all__ += ["XTransformer"]

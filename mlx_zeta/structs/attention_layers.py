@@ -106,7 +106,9 @@ class AttentionLayers(nn.Module):
         rotary_xpos_scale_base (float): xPos :math:`\gamma`. Default: ``512``.
         rotary_base (float): rotary frequency base. Default: ``10000``.
         rotary_interpolation_factor (float): position interpolation factor. Default: ``1.0``.
-        alibi_pos_bias (bool): ALiBi bias on every head. Default: ``False``.
+        alibi_pos_bias (bool): ALiBi bias. Default: ``False``.
+        alibi_num_heads (int, optional): heads with an ALiBi bias, the first ones (the rest get none,
+            e.g. to rely on rotary positions). Default: every head.
         rel_pos_bias (bool): T5 relative position bias. Default: ``False``.
         rel_pos_num_buckets (int): T5 buckets. Default: ``32``.
         rel_pos_max_distance (int): T5 max distance. Default: ``128``.
@@ -143,7 +145,8 @@ class AttentionLayers(nn.Module):
                  ff_glu: bool = False, ff_swish: bool = False, ff_relu_squared: bool = False, ff_dropout: float = 0.0,
                  ff_no_bias: bool = False, rotary_pos_emb: bool = False, rotary_emb_dim: Optional[int] = None,
                  rotary_xpos: bool = False, rotary_xpos_scale_base: float = 512, rotary_base: float = 10000,
-                 rotary_interpolation_factor: float = 1.0, alibi_pos_bias: bool = False, rel_pos_bias: bool = False,
+                 rotary_interpolation_factor: float = 1.0, alibi_pos_bias: bool = False,
+                 alibi_num_heads: Optional[int] = None, rel_pos_bias: bool = False,
                  rel_pos_num_buckets: int = 32, rel_pos_max_distance: int = 128, use_rmsnorm: bool = False,
                  use_scalenorm: bool = False, pre_norm: bool = True, sliding_window: Optional[int] = None,
                  **kwargs: Any):
@@ -181,8 +184,13 @@ class AttentionLayers(nn.Module):
                 raise ValueError(f"[{name}] expected an even rotary_emb_dim in [2, dim_head={dim_head}], got {rotary_emb_dim}")
             self.rotary = RotaryEmbedding(rotary_emb_dim, use_xpos=rotary_xpos, scale_base=rotary_xpos_scale_base,
                                           interpolation_factor=rotary_interpolation_factor, base=rotary_base)
+        if alibi_num_heads is not None and not alibi_pos_bias:
+            raise ValueError(f"[{name}] expected alibi_pos_bias=True with alibi_num_heads, got alibi_pos_bias=False")
         if alibi_pos_bias:
-            self.alibi = AlibiPositionalBias(heads=heads)
+            alibi_num_heads = heads if alibi_num_heads is None else alibi_num_heads
+            if isinstance(alibi_num_heads, bool) or not isinstance(alibi_num_heads, int) or not 1 <= alibi_num_heads <= heads:
+                raise ValueError(f"[{name}] expected 1 <= alibi_num_heads <= heads={heads}, got {alibi_num_heads!r}")
+            self.alibi = AlibiPositionalBias(heads=alibi_num_heads, total_heads=heads)
         if rel_pos_bias:
             self.rel_pos = RelativePositionBias(bidirectional=not causal, num_buckets=rel_pos_num_buckets,
                                                 max_distance=rel_pos_max_distance, num_heads=heads)
