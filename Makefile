@@ -27,6 +27,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-demo
 	$(PY) benchmarks/blas.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/ternary.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
