@@ -1,15 +1,17 @@
 """Attention: the scaled-dot-product core and the multi-head / multi-query / grouped-query blocks."""
 
 import math
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.nn.feedforward import affine
 from mlx_zeta.nn.kv_cache import KVCache
 from mlx_zeta.nn.positional import apply_rotary_pos_emb
 
-__all__ = ["FlashAttention", "Attention", "MultiheadAttention", "MultiQueryAttention", "MultiGroupedQueryAttn", "KVCache"]
+__all__ = ["FlashAttention", "Attention", "MultiheadAttention", "MultiQueryAttention", "MultiGroupedQueryAttn", "KVCache",
+           "attention_heads"]
 
 Mask = Union[None, str, mx.array]
 
@@ -193,6 +195,32 @@ class FlashAttention(nn.Module):
         return mx.where(keep, mask, 0), keep
 
 
+def attention_heads(p: Mapping, q: mx.array, k: mx.array, v: mx.array, *, heads: int, kv_heads: int, dim_head: int,
+                    attend: "FlashAttention", mask: Optional[mx.array] = None, attn_bias: Optional[mx.array] = None,
+                    cache: Optional[KVCache] = None,
+                    rotary_pos_emb: Optional[Tuple[mx.array, Union[mx.array, float]]] = None,
+                    qk_norm_eps: float = 1e-5) -> mx.array:
+    """:class:`Attention`'s math from projected ``q`` (B, L, H*D), ``k``, ``v`` (B, L_k, H_kv*D)
+    to the output projection ``p["to_out"]``; ``p`` is the block itself or a dict of its
+    parameters (then ``q_norm``/``k_norm`` get ``mlx.nn.RMSNorm``'s math with ``qk_norm_eps``).
+    Shared by the block and :func:`mlx_zeta.functional.multi_head_attention`."""
+    b, n = q.shape[0], q.shape[1]
+    q = q.reshape(b, n, heads, dim_head).transpose(0, 2, 1, 3)
+    k = k.reshape(b, -1, kv_heads, dim_head).transpose(0, 2, 1, 3)
+    v = v.reshape(b, -1, kv_heads, dim_head).transpose(0, 2, 1, 3)
+    if "q_norm" in p:
+        q, k = (norm(t) if isinstance(norm, nn.Module) else mx.fast.rms_norm(t, norm["weight"], qk_norm_eps)
+                for norm, t in ((p["q_norm"], q), (p["k_norm"], k)))
+    if rotary_pos_emb is not None:
+        freqs, scale = rotary_pos_emb
+        q = apply_rotary_pos_emb(q, freqs, scale)
+        k = apply_rotary_pos_emb(k, freqs, scale**-1)
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+    out = attend(q, k, v, mask=mask, attn_bias=attn_bias)  # (b, heads, n, dim_head)
+    return affine(p["to_out"], out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+
+
 class Attention(nn.Module):
     r"""Multi-head attention with optional grouped / multi-query key-value heads.
 
@@ -280,21 +308,10 @@ class Attention(nn.Module):
                                            or len(rotary_pos_emb) != 2):
             raise ValueError(f"[{name}] expected rotary_pos_emb=(freqs, scale) for self-attention (context=None), "
                              f"got {type(rotary_pos_emb).__name__} with context={'set' if context is not None else None}")
-        b, n, _ = x.shape
         q, k, v = self._project(x, x if context is None else context)
-        q = q.reshape(b, n, self.heads, self.dim_head).transpose(0, 2, 1, 3)
-        k = k.reshape(b, -1, self.kv_heads, self.dim_head).transpose(0, 2, 1, 3)
-        v = v.reshape(b, -1, self.kv_heads, self.dim_head).transpose(0, 2, 1, 3)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rotary_pos_emb is not None:
-            freqs, scale = rotary_pos_emb
-            q = apply_rotary_pos_emb(q, freqs, scale)
-            k = apply_rotary_pos_emb(k, freqs, scale**-1)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = self.attend(q, k, v, mask=mask, attn_bias=attn_bias)  # (b, heads, n, dim_head)
-        return self.to_out(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+        return attention_heads(self, q, k, v, heads=self.heads, kv_heads=self.kv_heads, dim_head=self.dim_head,
+                               attend=self.attend, mask=mask, attn_bias=attn_bias, cache=cache,
+                               rotary_pos_emb=rotary_pos_emb)
 
     def _project(self, x: mx.array, c: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
         return self.to_q(x), self.to_k(c), self.to_v(c)

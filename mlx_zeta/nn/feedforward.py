@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["FeedForward", "ReluSquared"]
+__all__ = ["FeedForward", "ReluSquared", "affine", "feedforward"]
+
+
+def affine(p: Mapping, x: mx.array) -> mx.array:
+    """Apply a linear layer held in ``p``: an ``nn.Module`` (``nn.Linear``, a quantized
+    replacement, ...) is called; a plain mapping ``{"weight": (out, in), "bias": (out,)}``
+    gets ``mlx.nn.Linear``'s exact math, so a dict of its parameters gives the same numbers."""
+    if isinstance(p, nn.Module):
+        return p(x)
+    if "bias" in p:
+        return mx.addmm(p["bias"], x, p["weight"].T)
+    return x @ p["weight"].T
+
+
+def feedforward(p: Mapping, x: mx.array, act: Callable[[mx.array], mx.array], glu: bool,
+                norm_eps: float = 1e-5, drop: Optional[Callable[[mx.array], mx.array]] = None) -> mx.array:
+    r"""The :class:`FeedForward` math on a mapping of parameters (the block itself or a dict
+    ``{"proj_in", "mult_bias"?, "norm"?, "proj_out"}``); shared by the block and
+    :func:`mlx_zeta.functional.mlp`. A dict ``norm`` gets ``mlx.nn.LayerNorm``'s math with
+    ``norm_eps``; ``drop`` (if given) is applied to the hidden layer."""
+    h = affine(p["proj_in"], x)  # (*, h) or (*, 2h)
+    if glu:
+        u, v = mx.split(h, 2, axis=-1)  # value half, gate half: (*, h) each
+        h = u * act(v)
+    else:
+        h = act(h)
+    if "mult_bias" in p:
+        h = h * p["mult_bias"]
+    if "norm" in p:
+        norm = p["norm"]
+        h = norm(h) if isinstance(norm, nn.Module) else mx.fast.layer_norm(h, norm.get("weight"), norm.get("bias"), norm_eps)
+    if drop is not None:
+        h = drop(h)
+    return affine(p["proj_out"], h)
 
 
 def _relu_squared(x: mx.array) -> mx.array:
@@ -190,16 +223,4 @@ class FeedForward(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"[FeedForward] expected input with last dimension {self.dim}, got shape {tuple(x.shape)}")
-        h = self.proj_in(x)  # (*, h) or (*, 2h)
-        if self.glu:
-            u, v = mx.split(h, 2, axis=-1)  # value half, gate half: (*, h) each
-            h = u * self.act(v)
-        else:
-            h = self.act(h)
-        if "mult_bias" in self:
-            h = h * self.mult_bias
-        if "norm" in self:
-            h = self.norm(h)
-        if "drop" in self:
-            h = self.drop(h)
-        return self.proj_out(h)
+        return feedforward(self, x, self.act, self.glu, drop=self.drop if "drop" in self else None)

@@ -12,7 +12,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["RMSNorm", "SimpleRMSNorm", "ScaleNorm", "LayerNorm"]
+__all__ = ["RMSNorm", "SimpleRMSNorm", "ScaleNorm", "LayerNorm", "rms_norm"]
 
 
 def _check_init(cls: str, dim: int, eps: float) -> None:
@@ -32,6 +32,13 @@ def _unit(x: mx.array, eps: float) -> mx.array:
     x = x.astype(mx.float32)
     sumsq = mx.sum(mx.square(x), axis=-1, keepdims=True)
     return x * mx.rsqrt(mx.maximum(sumsq, eps * eps))
+
+
+def rms_norm(x: mx.array, gamma: mx.array, eps: float = 1e-12) -> mx.array:
+    """:class:`RMSNorm`'s math with the gain ``gamma`` (d,) passed in; shared by the block
+    and :func:`mlx_zeta.functional.rms_norm`."""
+    y = _unit(x, eps) * (math.sqrt(x.shape[-1]) * gamma.astype(mx.float32))
+    return y.astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -75,8 +82,7 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         _check_input("RMSNorm", self.dim, x)
-        y = _unit(x, self.eps) * (math.sqrt(self.dim) * self.gamma.astype(mx.float32))
-        return y.astype(x.dtype)
+        return rms_norm(x, self.gamma, self.eps)
 
 
 class SimpleRMSNorm(nn.Module):
