@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test bench clean
+.PHONY: demo tour test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	touch $@
 
 demo: $(VENV)/.installed-demo
+	$(PY) examples/train_addition.py
+
+tour: $(VENV)/.installed-demo
 	$(PY) examples/tour.py
 
 test: $(VENV)/.installed-test
@@ -28,6 +31,8 @@ bench: $(VENV)/.installed-demo
 	$(PY) benchmarks/blas.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/ternary.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/grad_checkpoint.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -58,6 +58,22 @@ class _Layer(nn.Module):
         return self._residual(x, self.ff_norm, self.ff)
 
 
+def _checkpointed(layer: _Layer, stochastic: bool, *args: Any) -> mx.array:
+    """``layer(*args, None)`` under ``mx.checkpoint``. The layer's parameters enter as inputs
+    (and are put back into the layer inside), so their gradients flow through the recomputation;
+    every array argument (attention bias, context, ...) is an input for the same reason. With
+    dropout the layer reseeds MLX's global RNG from a seed drawn here, so the recomputation in
+    the backward pass draws the same masks as the forward pass."""
+    seed = mx.random.randint(0, 2**31 - 1, ()).item() if stochastic else None
+
+    def run(params, *inputs):
+        layer.update(params)
+        if seed is not None:
+            mx.random.seed(seed)
+        return layer(*inputs, None)
+    return mx.checkpoint(run)(layer.trainable_parameters(), *args)
+
+
 class AttentionLayers(nn.Module):
     r"""A stack of residual attention and feed-forward blocks (x-transformers' ``AttentionLayers``).
 
@@ -116,6 +132,9 @@ class AttentionLayers(nn.Module):
         use_scalenorm (bool): ScaleNorm instead of LayerNorm. Default: ``False``.
         pre_norm (bool): pre-norm (else post-norm) residuals. Default: ``True``.
         sliding_window (int, optional): local attention window :math:`w`. Default: ``None``.
+        checkpoint (bool): gradient checkpointing: in training without a cache, each layer's
+            activations are recomputed in the backward pass (``mx.checkpoint``) instead of kept,
+            trading compute for memory (dropout masks are redrawn identically). Default: ``False``.
 
     Call ``(x, mask=None, context=None, context_mask=None, cache=None)``. ``mask`` is
     a boolean key-padding mask (True = keep) over the positions of ``x`` or, with a
@@ -149,7 +168,7 @@ class AttentionLayers(nn.Module):
                  alibi_num_heads: Optional[int] = None, rel_pos_bias: bool = False,
                  rel_pos_num_buckets: int = 32, rel_pos_max_distance: int = 128, use_rmsnorm: bool = False,
                  use_scalenorm: bool = False, pre_norm: bool = True, sliding_window: Optional[int] = None,
-                 **kwargs: Any):
+                 checkpoint: bool = False, **kwargs: Any):
         super().__init__()
         name = type(self).__name__
         attn_extra, ff_extra = self._route(kwargs)
@@ -174,6 +193,7 @@ class AttentionLayers(nn.Module):
         self.dim, self.depth, self.heads, self.causal = dim, depth, heads, causal
         self.pre_norm, self.sliding_window, self.rotary_xpos = pre_norm, sliding_window, rotary_xpos
         self.cross_attend, self.only_cross = cross_attend, only_cross
+        self.checkpoint, self._stochastic = checkpoint, attn_dropout > 0 or ff_dropout > 0
         self.has_self_attn = not only_cross
         # x-transformers: relative positions make the absolute embedding redundant (read by Transformer).
         self.disable_abs_pos_emb = rotary_pos_emb or rel_pos_bias
@@ -258,8 +278,12 @@ class AttentionLayers(nn.Module):
                 rotary = self.rotary(n, offset=offset, center=0 if self.rotary_xpos else None)
         elif mask is not None:
             raise ValueError(f"[{name}] expected no mask with only_cross=True (use context_mask), got one")
-        for i, layer in enumerate(self.layers):
-            x = layer(x, self_mask, attn_bias, rotary, context, context_mask, cache[i] if cache else None)
+        if self.checkpoint and self.training and cache is None:
+            for layer in self.layers:
+                x = _checkpointed(layer, self._stochastic, x, self_mask, attn_bias, rotary, context, context_mask)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, self_mask, attn_bias, rotary, context, context_mask, cache[i] if cache else None)
         return self.final_norm(x) if self.pre_norm else x
 
     def _self_mask(self, mask: Optional[mx.array], b: int, n: int, offset: int, k_len: int) -> Optional[mx.array]:

@@ -1,0 +1,244 @@
+"""Training checkpoints: model weights, optimizer state, step, RNG state and config,
+written atomically (no pickle: safetensors and JSON only).
+
+Layout of a checkpoint root ``directory``::
+
+    directory/
+        latest                  # one line: the name of the newest complete checkpoint
+        ckpt-00000100/
+            model.safetensors       # tree_flatten(model.parameters())
+            optimizer.safetensors   # tree_flatten(optimizer.state): moments, step, learning rate
+            meta.json               # step, config, extra, RNG key, size and sha256 of each file
+        ckpt-00000200/ ...
+
+Atomicity: a checkpoint is written into a hidden temporary directory beside the others
+(``.tmp-ckpt-...``), every file and the directory are fsynced, and the directory is then
+renamed to ``ckpt-<step>`` (a rename within one file system is atomic). Only then is the
+``latest`` pointer replaced, itself through a fsynced temporary file and ``os.replace``.
+Old checkpoints beyond ``keep`` are deleted last. At every instant ``latest`` therefore
+names a complete checkpoint: a process killed mid-write leaves at most a temporary
+directory, which readers never look at and the next save removes.
+
+    >>> save_checkpoint("runs/a", model, optimizer, step=100, config={"dim": 64})
+    >>> info = load_checkpoint("runs/a", model, optimizer)   # info["step"] == 100
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointError"]
+
+FORMAT = 1
+LATEST = "latest"
+MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.safetensors", "optimizer.safetensors", "meta.json"
+_NAME = re.compile(r"^ckpt-(\d+)(?:\.(\d+))?$")
+_TMP_PREFIX = ".tmp-ckpt-"
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or does not fit the model."""
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_arrays(path: Path, arrays: Dict[str, mx.array]) -> None:
+    mx.save_safetensors(str(path), arrays)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _order(name: str):
+    m = _NAME.match(name)
+    return (int(m.group(1)), int(m.group(2) or 0))
+
+
+def _checkpoints(root: Path):
+    """Complete checkpoint directories under ``root``, oldest first."""
+    names = [p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)] if root.is_dir() else []
+    return [root / n for n in sorted(names, key=_order)]
+
+
+def save_checkpoint(directory: PathLike, model: nn.Module, optimizer: optim.Optimizer, step: int,
+                    config: Dict[str, Any], extra: Optional[Dict[str, Any]] = None, keep: int = 3) -> Path:
+    """Write checkpoint ``step`` under ``directory`` atomically and point ``latest`` at it.
+
+    Args:
+        directory (str or PathLike): checkpoint root (created if missing).
+        model (nn.Module): its ``parameters()`` are saved.
+        optimizer (Optimizer): its ``state`` (moments, step counter, learning rate) is saved.
+        step (int): training step, part of the checkpoint's name.
+        config (dict): JSON-serialisable run configuration.
+        extra (dict, optional): more JSON-serialisable state (data position, best loss, ...).
+        keep (int): newest checkpoints kept; older ones are deleted after the write. Default: ``3``.
+
+    Returns:
+        The path of the new checkpoint directory.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"[save_checkpoint] expected step to be an int >= 0, got {step!r}")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"[save_checkpoint] expected keep to be an int >= 1, got {keep!r}")
+    meta_json = {"config": config, "extra": extra or {}}
+    try:
+        json.dumps(meta_json)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"[save_checkpoint] expected JSON-serialisable config and extra: {e}") from None
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(_TMP_PREFIX + "*"):  # left by a writer that died (one writer per root)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+    weights = dict(tree_flatten(model.parameters()))
+    opt_state = dict(tree_flatten(optimizer.state))
+    bad = sorted(k for k, v in opt_state.items() if not isinstance(v, mx.array))
+    if bad:
+        raise ValueError(f"[save_checkpoint] expected only arrays in optimizer.state, got other values at {bad}")
+    rng_key = [int(v) for v in mx.random.state[0].tolist()]  # (2,) uint32
+    mx.eval(weights, opt_state)
+
+    name = f"ckpt-{step:08d}"
+    n = 0
+    while (root / name).exists():  # the same step saved again: a new name, the old one stays valid
+        n += 1
+        name = f"ckpt-{step:08d}.{n}"
+    tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+    tmp.mkdir()
+    _write_arrays(tmp / MODEL_FILE, weights)
+    _write_arrays(tmp / OPTIMIZER_FILE, opt_state)
+    files = {}
+    for fname in (MODEL_FILE, OPTIMIZER_FILE):
+        _fsync_file(tmp / fname)
+        files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
+    _write_json(tmp / META_FILE, {"format": FORMAT, "step": step, "rng_key": rng_key, "files": files, **meta_json})
+    _fsync_dir(tmp)
+    final = root / name
+    os.rename(tmp, final)
+    _fsync_dir(root)
+
+    pointer_tmp = root / f"{_TMP_PREFIX}{LATEST}-{os.getpid()}"
+    with open(pointer_tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, root / LATEST)
+    _fsync_dir(root)
+
+    others = [p for p in _checkpoints(root) if p.name != name]
+    for old in others[:max(len(others) - (keep - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: PathLike) -> Optional[Path]:
+    """The checkpoint that ``directory/latest`` names, or None when there is none yet."""
+    root = Path(directory)
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    if not _NAME.match(name):
+        raise CheckpointError(f"[load_checkpoint] {pointer} is corrupt: expected a checkpoint name, got {name!r}")
+    path = root / name
+    if not path.is_dir():
+        raise CheckpointError(f"[load_checkpoint] {pointer} names {name}, but {path} does not exist")
+    return path
+
+
+def _read_arrays(path: Path, expected: Dict[str, Any]) -> Dict[str, mx.array]:
+    if not path.is_file():
+        raise CheckpointError(f"[load_checkpoint] missing file {path}")
+    size = path.stat().st_size
+    if size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
+        raise CheckpointError(f"[load_checkpoint] {path} is corrupt: its size or sha256 differs from meta.json "
+                              f"(expected {expected.get('bytes')} bytes, found {size})")
+    try:
+        arrays = mx.load(str(path), format="safetensors")
+    except Exception as e:  # noqa: BLE001  (MLX raises several types for a malformed file)
+        raise CheckpointError(f"[load_checkpoint] cannot read {path} as safetensors: {e}") from None
+    return arrays
+
+
+def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[optim.Optimizer] = None) -> Dict[str, Any]:
+    """Restore model weights, optimizer state and MLX's global RNG state.
+
+    Args:
+        directory (str or PathLike): a checkpoint root (its ``latest`` is loaded) or one
+            ``ckpt-<step>`` directory.
+        model (nn.Module): receives the weights; keys and shapes must match exactly.
+        optimizer (Optimizer, optional): receives the saved state.
+
+    Returns:
+        ``{"step": int, "config": dict, "extra": dict, "path": Path}``.
+    """
+    given = Path(directory)
+    path = given if (given / META_FILE).exists() else latest_checkpoint(given)
+    if path is None:
+        raise CheckpointError(f"[load_checkpoint] no checkpoint in {given} (no {given / LATEST} and no {META_FILE})")
+    meta_path = path / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+        step, files, rng_key = meta["step"], meta["files"], meta["rng_key"]
+    except FileNotFoundError:
+        raise CheckpointError(f"[load_checkpoint] missing file {meta_path}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"[load_checkpoint] {meta_path} is corrupt: {e!r}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"[load_checkpoint] {meta_path}: expected format {FORMAT}, got {meta.get('format')!r}")
+
+    weights = _read_arrays(path / MODEL_FILE, files.get(MODEL_FILE, {}))
+    current = dict(tree_flatten(model.parameters()))
+    missing, unexpected = sorted(set(current) - set(weights)), sorted(set(weights) - set(current))
+    if missing or unexpected:
+        raise CheckpointError(f"[load_checkpoint] {path / MODEL_FILE} does not fit the model: "
+                              f"missing keys {missing}, unexpected keys {unexpected}")
+    for k, v in current.items():
+        if v.shape != weights[k].shape or v.dtype != weights[k].dtype:
+            raise CheckpointError(f"[load_checkpoint] {path / MODEL_FILE}: {k} expected shape {tuple(v.shape)} "
+                                  f"{v.dtype}, found {tuple(weights[k].shape)} {weights[k].dtype}")
+    opt_arrays = _read_arrays(path / OPTIMIZER_FILE, files.get(OPTIMIZER_FILE, {})) if optimizer is not None else None
+
+    model.update(tree_unflatten(list(weights.items())))
+    if optimizer is not None:
+        optimizer.state = tree_unflatten(list(opt_arrays.items()))
+    mx.random.seed((int(rng_key[0]) << 32) | int(rng_key[1]))
+    mx.eval(model.parameters(), optimizer.state if optimizer is not None else [])
+    return {"step": step, "config": meta.get("config", {}), "extra": meta.get("extra", {}), "path": path}

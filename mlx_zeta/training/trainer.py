@@ -1,0 +1,310 @@
+"""A small training loop for MLX modules: compiled steps, gradient accumulation and
+clipping, learning-rate schedules, mixed precision, evaluation, logging, checkpoints
+and data-parallel gradient averaging."""
+
+import json
+import sys
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, TextIO, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map, tree_reduce
+
+from mlx_zeta.training.mixed_precision import COMPUTE_DTYPES, DynamicLossScaler, all_finite, cast_floating
+
+__all__ = ["Trainer"]
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], mx.array]
+
+
+def default_loss(model: nn.Module, batch: Batch) -> mx.array:
+    """``model(batch)`` (e.g. an AutoregressiveWrapper's loss); tuples are unpacked, dicts passed as keywords."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def count_tokens(batch: Batch) -> int:
+    """Elements of the batch's first array (tokens for a (batch, seq) token array)."""
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    elif isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    return int(batch.size)
+
+
+def _global_norm(grads: Any) -> mx.array:
+    return mx.sqrt(tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads, mx.array(0.0)))
+
+
+class Trainer:
+    r"""Train ``model`` with ``optimizer`` on batches from ``data``.
+
+    One optimizer step averages the gradients of ``grad_accum_steps`` micro-batches,
+
+    .. math::
+
+        g = \frac{1}{N}\sum_{k=1}^{N} \nabla_\theta \mathcal{L}(\theta; b_k),\qquad
+        g \leftarrow g \cdot \min\!\Big(1, \frac{c}{\lVert g \rVert_2 + 10^{-6}}\Big),
+
+    then (across ranks, when a distributed group of size > 1 is present) averages
+    :math:`g` over the ranks, clips it to global norm :math:`c` = ``max_grad_norm``
+    (``mlx.optimizers.clip_grad_norm``) and calls ``optimizer.update``. With equal-size
+    micro-batches and a mean loss this equals one step on their concatenation. The
+    learning rate is the optimizer's (a float or a schedule such as :func:`warmup_cosine`).
+
+    The micro-batch gradient and the update are each an ``mx.compile`` d function
+    (``compile=False`` runs them eagerly, e.g. for debugging or models with
+    data-dependent Python control flow).
+
+    Mixed precision (``precision="bfloat16"`` or ``"float16"``): the forward and backward
+    passes run on a copy of the trainable weights in that dtype; the gradients are cast
+    back to float32 and the float32 master weights and optimizer state are updated (see
+    :mod:`mlx_zeta.training.mixed_precision` for the trade-offs). ``"float16"`` adds
+    dynamic loss scaling: a step whose gradients are not finite is skipped.
+
+    Data and resuming: ``data`` is either an iterable of micro-batches or a callable
+    ``data(i)`` returning micro-batch ``i`` (``i = step * grad_accum_steps + k``). With
+    ``resume=True`` the latest checkpoint in ``checkpoint_dir`` restores the weights,
+    optimizer state, MLX's global random state and the step, then the Trainer
+    re-positions the data: a callable is simply asked for the next index; an iterable
+    (which must be a fresh one that yields the same sequence, e.g. from the same seed)
+    is fast-forwarded by the ``step * grad_accum_steps`` micro-batches already consumed.
+    Either way, training 100 steps equals training 50, stopping and resuming for 50.
+
+    Logging (rank 0 only): every ``log_every`` steps a record ``{"step", "loss", "lr",
+    "grad_norm", "tokens_per_s", "time"}`` (plus ``"loss_scale"`` for float16) is
+    appended as a JSON line to ``log_path`` when given; on a terminal a tqdm progress bar
+    shows loss, tokens/s and learning rate, otherwise the records are written as JSON
+    lines to ``stream`` (default stdout). Every ``eval_every`` steps ``eval_fn(model)``
+    runs with the model in eval mode and its metrics are logged as ``{"step", "eval"}``.
+
+    Args:
+        model (nn.Module): the model; its trainable float32 parameters are the masters.
+        optimizer (mlx.optimizers.Optimizer): any MLX optimizer.
+        data (iterable or callable): micro-batches, see above.
+        loss_fn (callable, optional): ``loss_fn(model, batch) -> scalar``. Default:
+            ``model(batch)`` (tuples unpacked, dicts as keywords).
+        grad_accum_steps (int): micro-batches per optimizer step. Default: ``1``.
+        max_grad_norm (float, optional): clip the global gradient norm. Default: off.
+        precision (str): ``"float32"``, ``"bfloat16"`` or ``"float16"``. Default: ``"float32"``.
+        compile (bool): compile the gradient and update functions. Default: ``True``.
+        eval_fn (callable, optional): ``eval_fn(model) -> dict`` of metrics; ``eval_every`` (int): its period in steps.
+        log_every (int): steps between log records. Default: ``1``.
+        log_path (str, optional): JSON-lines log file (appended). ``progress`` (bool, optional):
+            force the progress bar on/off (default: when ``stream`` is a terminal).
+        checkpoint_dir (str, optional), checkpoint_every (int, optional), resume (bool):
+            checkpoints through :func:`~mlx_zeta.training.save_checkpoint` every
+            ``checkpoint_every`` steps and at the end of :meth:`train`; ``config`` (dict) is stored with them.
+        group (optional): an ``mx.distributed`` group; default :func:`~mlx_zeta.training.world`.
+        tokens_fn (callable): tokens in a micro-batch, for tokens/s. Default: elements of its first array.
+
+    Example:
+        >>> model = AutoregressiveWrapper(Transformer(num_tokens=256, max_seq_len=128,
+        ...                               attn_layers=Decoder(dim=64, depth=2, heads=4)))
+        >>> opt = mlx.optimizers.AdamW(learning_rate=warmup_cosine(1e-3, 10, 100), bias_correction=True)
+        >>> losses = Trainer(model, opt, data=batches, max_grad_norm=1.0).train(100)
+    """
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, data: Union[Iterable[Batch], Callable[[int], Batch]],
+                 loss_fn: Optional[LossFn] = None, grad_accum_steps: int = 1, max_grad_norm: Optional[float] = None,
+                 precision: str = "float32", compile: bool = True,
+                 eval_fn: Optional[Callable[[nn.Module], Dict[str, Any]]] = None, eval_every: Optional[int] = None,
+                 log_every: int = 1, log_path: Optional[str] = None, progress: Optional[bool] = None,
+                 stream: Optional[TextIO] = None, checkpoint_dir: Optional[str] = None,
+                 checkpoint_every: Optional[int] = None, resume: bool = False, config: Optional[dict] = None,
+                 group: Any = "auto", tokens_fn: Callable[[Batch], int] = count_tokens):
+        for what, value in (("grad_accum_steps", grad_accum_steps), ("log_every", log_every),
+                            ("eval_every", eval_every or 1), ("checkpoint_every", checkpoint_every or 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"[Trainer] expected {what} to be an int >= 1, got {value!r}")
+        if precision not in COMPUTE_DTYPES:
+            raise ValueError(f"[Trainer] expected precision in {sorted(COMPUTE_DTYPES)}, got {precision!r}")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"[Trainer] expected max_grad_norm > 0 or None, got {max_grad_norm}")
+        if (eval_fn is None) != (eval_every is None):
+            raise ValueError("[Trainer] expected eval_fn and eval_every together (or neither)")
+        if (checkpoint_every is not None or resume) and checkpoint_dir is None:
+            raise ValueError("[Trainer] expected checkpoint_dir with checkpoint_every or resume=True")
+        self.model, self.optimizer = model, optimizer
+        self.loss_fn = loss_fn or default_loss
+        self.grad_accum_steps, self.max_grad_norm = grad_accum_steps, max_grad_norm
+        self.compute_dtype = COMPUTE_DTYPES[precision]
+        self.scaler = DynamicLossScaler() if precision == "float16" else None
+        self.eval_fn, self.eval_every = eval_fn, eval_every
+        self.log_every, self.log_path, self.tokens_fn = log_every, log_path, tokens_fn
+        self.stream = stream or sys.stdout
+        self.progress = progress
+        self.checkpoint_dir, self.checkpoint_every, self.config = checkpoint_dir, checkpoint_every, dict(config or {})
+        if group == "auto":
+            from mlx_zeta.training.distributed import world
+            group = world()
+        self.group = group if group is not None and group.size() > 1 else None
+        self.is_main = self.group is None or self.group.rank() == 0
+        self.step = 0
+        self._saved_step = -1
+        self.history: List[Dict[str, Any]] = []  # every logged record, training and eval
+        self._data_fn = data if callable(data) and not hasattr(data, "__iter__") else None
+        self._data_iter = None if self._data_fn is not None else iter(data)
+        self._consumed = 0  # micro-batches taken from the data so far
+
+        self.model.train()
+        self.optimizer.init(self.model.trainable_parameters())
+        if resume:
+            from mlx_zeta.training.checkpoint import load_checkpoint
+            info = load_checkpoint(checkpoint_dir, self.model, self.optimizer)
+            self.step = self._saved_step = int(info["step"])
+            self.optimizer.init(self.model.trainable_parameters())  # marks the loaded state initialised
+            extra = info.get("extra") or {}
+            if self.scaler is not None and "loss_scaler" in extra:
+                self.scaler.load_state_dict(extra["loss_scaler"])
+            if self._data_iter is not None:  # fast-forward past the consumed micro-batches
+                for _ in range(self.step * grad_accum_steps):
+                    next(self._data_iter)
+            self._consumed = self.step * grad_accum_steps
+
+        self._grad_fn, self._apply_fn = self._micro_grads, self._apply
+        if compile:
+            self._grad_fn = mx.compile(self._micro_grads, inputs=[mx.random.state], outputs=[mx.random.state])
+            state = [self.model.state, self.optimizer.state]
+            self._apply_fn = mx.compile(self._apply, inputs=state, outputs=state)
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_grads(self, params: dict, batch: Batch, scale: mx.array):
+        """(loss, float32 gradients) of one micro-batch at the master ``params``."""
+        def scaled_loss(p):
+            self.model.update(p)
+            return self.loss_fn(self.model, batch).astype(mx.float32) * scale
+
+        if self.compute_dtype != mx.float32:
+            params = cast_floating(params, self.compute_dtype)  # the low-precision working copy
+        loss, grads = mx.value_and_grad(scaled_loss)(params)
+        grads = tree_map(lambda g: g.astype(mx.float32) / scale, grads)
+        return loss / scale, grads
+
+    def _apply(self, grads: dict):
+        """Clip (when asked) and apply the averaged float32 gradients; returns their global norm."""
+        if self.max_grad_norm is not None:
+            grads, norm = optim.clip_grad_norm(grads, self.max_grad_norm)
+        else:
+            norm = _global_norm(grads)
+        self.optimizer.update(self.model, grads)
+        return norm
+
+    def _next_batch(self) -> Batch:
+        batch = self._data_fn(self._consumed) if self._data_fn is not None else next(self._data_iter)
+        self._consumed += 1
+        return batch
+
+    def train_step(self) -> Dict[str, Any]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its log record."""
+        start = time.perf_counter()
+        params = self.model.trainable_parameters()  # the float32 masters
+        scale = mx.array(1.0 if self.scaler is None else self.scaler.scale)
+        loss_sum, grads, tokens = None, None, 0
+        n = self.grad_accum_steps
+        for _ in range(n):
+            batch = self._next_batch()
+            tokens += self.tokens_fn(batch)
+            loss, g = self._grad_fn(params, batch, scale)
+            self.model.update(params)  # the gradient function left its working copy in the model
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            if n > 1:
+                mx.eval(grads, loss_sum)  # keep one micro-batch's activations alive at a time
+        if n > 1:
+            grads = tree_map(lambda g: g / n, grads)
+        loss = loss_sum / n
+        if self.group is not None:
+            from mlx_zeta.training.distributed import average_gradients
+            grads = average_gradients(grads, self.group)
+            loss = mx.distributed.all_sum(loss, group=self.group) / self.group.size()
+            tokens *= self.group.size()
+        applied = True
+        if self.scaler is not None:
+            applied = self.scaler.update(bool(all_finite(grads).item()))
+        if applied:
+            norm = self._apply_fn(grads)
+        else:
+            norm = _global_norm(grads)
+        mx.eval(loss, norm, self.model.state, self.optimizer.state)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        record = dict(step=self.step, loss=loss.item(), lr=float(self.optimizer.learning_rate.item()),
+                      grad_norm=norm.item(), tokens_per_s=tokens / elapsed, time=elapsed)
+        if self.scaler is not None:
+            record.update(loss_scale=self.scaler.scale, skipped=not applied)
+        return record
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, steps: int) -> List[float]:
+        """Train until the global step reaches ``steps`` (a resumed run continues from its
+        checkpoint's step); returns the losses of the steps run by this call."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"[Trainer] expected steps to be an int >= 0, got {steps!r}")
+        show_bar = self.is_main and (self.progress if self.progress is not None else self.stream.isatty())
+        bar = None
+        if show_bar:
+            from tqdm import tqdm
+            bar = tqdm(total=steps, initial=self.step, file=self.stream, dynamic_ncols=True)
+        losses = []
+        try:
+            while self.step < steps:
+                record = self.train_step()
+                losses.append(record["loss"])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    lr=f"{record['lr']:.2e}")
+                if self.step % self.log_every == 0:
+                    self._log(record, bar is None)
+                if self.eval_every is not None and self.step % self.eval_every == 0:
+                    self._log(dict(step=self.step, eval=self.evaluate()), bar is None)
+                if self.checkpoint_every is not None and self.step % self.checkpoint_every == 0:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.checkpoint_dir is not None and self._saved_step != self.step:
+            self.save()
+        return losses
+
+    def evaluate(self) -> Dict[str, Any]:
+        """Run ``eval_fn(model)`` with the model in eval mode (its mode restored afterwards)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            metrics = self.eval_fn(self.model)
+        finally:
+            self.model.train(was_training)
+        return {k: (v.item() if isinstance(v, mx.array) else v) for k, v in dict(metrics).items()}
+
+    def save(self) -> None:
+        """Write a checkpoint of the current step to ``checkpoint_dir`` (rank 0 only)."""
+        if not self.is_main or self.checkpoint_dir is None:
+            return
+        from mlx_zeta.training.checkpoint import save_checkpoint
+        extra = {"consumed_batches": self._consumed}
+        if self.scaler is not None:
+            extra["loss_scaler"] = self.scaler.state_dict()
+        save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.step, self.config, extra)
+        self._saved_step = self.step
+
+    def _log(self, record: Dict[str, Any], to_stream: bool) -> None:
+        if not self.is_main:
+            return
+        self.history.append(record)
+        line = json.dumps(record)
+        if self.log_path is not None:
+            with open(self.log_path, "a") as f:
+                f.write(line + "\n")
+        if to_stream:
+            self.stream.write(line + "\n")
+            self.stream.flush()
