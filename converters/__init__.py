@@ -6,3 +6,7 @@ lazily, inside the function that needs it.
 """
 
 __all__: list = []
+
+from .io import CheckpointFormatError, check_keys, load_state_dict, save_state_dict
+
+__all__ += ["CheckpointFormatError", "check_keys", "load_state_dict", "save_state_dict"]

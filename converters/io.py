@@ -1,0 +1,388 @@
+"""Checkpoint reading and writing for the converters.
+
+``load_state_dict`` reads safetensors (lazily, with ``mx.load``) and PyTorch
+``.bin``/``.pt``/``.pth`` pickles (``torch.load(..., weights_only=True)`` only,
+so an arbitrary pickle is never executed), single files or Hugging Face folders,
+sharded or not. ``save_state_dict`` writes the Hugging Face safetensors layout
+(``model.safetensors`` or ``model-0000i-of-0000N.safetensors`` plus
+``model.safetensors.index.json``) atomically. ``check_keys`` compares a loaded
+state dict against the names and shapes a model expects.
+
+Every error is a ``ValueError`` (``CheckpointFormatError`` for unreadable or
+malformed checkpoints) whose message names the file, the key and the shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+
+__all__ = ["CheckpointFormatError", "load_state_dict", "save_state_dict", "check_keys"]
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+SUPPORTED_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_SINGLE = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+CONFIG = "config.json"
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_MAX_LISTED = 20
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint file is missing, truncated, corrupted or not a weights file."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _resolve_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(
+        f"[load_state_dict] dtype must be None, an mx dtype or one of "
+        f"{sorted(_DTYPES)}, got {dtype!r}."
+    )
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Validate the header and the file length so truncation is caught before the lazy load."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds file size {size}")
+            header = json.loads(f.read(n))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointFormatError(
+            f"Could not read safetensors file {path}: corrupted header ({e})."
+        ) from e
+    if 8 + n + end > size:
+        raise CheckpointFormatError(
+            f"Could not read safetensors file {path}: it is truncated "
+            f"({size} bytes, the header says {8 + n + end})."
+        )
+
+
+def _load_safetensors(path: Path) -> dict[str, mx.array]:
+    _check_safetensors_header(path)
+    try:
+        return dict(mx.load(str(path)))
+    except Exception as e:  # mlx raises ValueError/RuntimeError depending on the fault
+        raise CheckpointFormatError(f"Could not read safetensors file {path}: {e}") from e
+
+
+def _torch_to_mx(t: Any) -> mx.array:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.float().numpy()).astype(mx.bfloat16)
+    return mx.array(t.numpy())
+
+
+def _torch_detail(message: str) -> str:
+    """The informative lines of torch's weights-only error, without its boilerplate."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(boiler)]
+    return " ".join(keep) or (lines[0] if lines else "")
+
+
+def _load_torch(path: Path) -> dict[str, mx.array]:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = _torch_detail(str(e))
+        if "global" in detail.lower():
+            raise CheckpointFormatError(
+                f"Refusing to load {path}: it is not a weights-only pickle and "
+                f"arbitrary pickles are not loaded (they can run code). "
+                f"Re-save it as a plain state dict or as safetensors. torch said: {detail}"
+            ) from e
+        raise CheckpointFormatError(
+            f"Could not read PyTorch file {path}: it is corrupted or not a "
+            f"weights-only pickle. torch said: {detail}"
+        ) from e
+    except Exception as e:  # truncated zip, bad magic number, EOF, ...
+        raise CheckpointFormatError(f"Could not read PyTorch file {path}: {e}") from e
+    if isinstance(obj, dict) and set(obj) == {"state_dict"}:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(
+            f"{path} holds a {type(obj).__name__}, not a state dict of tensors."
+        )
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointFormatError(
+                f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor."
+            )
+        try:
+            out[k] = _torch_to_mx(v)
+        except TypeError as e:
+            raise CheckpointFormatError(
+                f"{path}: tensor {k!r} has dtype {v.dtype}, which cannot be converted: {e}"
+            ) from e
+    return out
+
+
+def _load_file(path: Path) -> dict[str, mx.array]:
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise CheckpointFormatError(
+            f"Unsupported checkpoint file {path}: supported extensions are "
+            f"{', '.join(SUPPORTED_SUFFIXES)}."
+        )
+    if not path.is_file():
+        raise CheckpointFormatError(f"Checkpoint file {path} does not exist.")
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _load_safetensors(path)
+    return _load_torch(path)
+
+
+def _load_index(index: Path) -> dict[str, mx.array]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointFormatError(
+            f"Could not read index {index}: expected JSON with a 'weight_map' object ({e})."
+        ) from e
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        shards.setdefault(shard, []).append(key)
+    out: dict[str, mx.array] = {}
+    for shard, keys in shards.items():
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointFormatError(
+                f"Index {index} refers to shard {shard}, which is missing from "
+                f"{index.parent} (it should hold e.g. {keys[0]!r})."
+            )
+        tensors = _load_file(shard_path)
+        absent = [k for k in keys if k not in tensors]
+        if absent:
+            raise CheckpointFormatError(
+                f"Index {index} says shard {shard} holds {absent[0]!r}, but it does not "
+                f"({len(absent)} such key(s))."
+            )
+        out.update(tensors)
+    return out
+
+
+def load_state_dict(
+    path: str | os.PathLike, dtype: str | mx.Dtype | None = None
+) -> dict[str, mx.array]:
+    """Load a checkpoint as a flat ``{name: mx.array}`` dict.
+
+    Args:
+        path (str or PathLike): a ``.safetensors``, ``.bin``, ``.pt`` or ``.pth``
+          file, or a folder. A folder is searched for ``model.safetensors``, then
+          ``model.safetensors.index.json`` (sharded), then ``pytorch_model.bin``,
+          then ``pytorch_model.bin.index.json``.
+        dtype (str or mx.Dtype, optional): cast floating tensors to this dtype
+          (``"float32"``, ``"float16"``, ``"bfloat16"`` or an mx dtype); integer
+          tensors, such as packed quantized weights, are left alone. Default: ``None``.
+
+    Safetensors are loaded lazily; PyTorch pickles are read with
+    ``torch.load(weights_only=True)`` only, so pickles that would run code are
+    refused with ``CheckpointFormatError``.
+
+    Example:
+        >>> weights = load_state_dict("bert-tiny/", dtype="float16")
+    """
+    dt = _resolve_dtype(dtype)
+    path = Path(path)
+    if path.is_dir():
+        for name in (SAFE_SINGLE, SAFE_INDEX, TORCH_SINGLE, TORCH_INDEX):
+            if (path / name).is_file():
+                p = path / name
+                weights = _load_index(p) if name.endswith(".json") else _load_file(p)
+                break
+        else:
+            raise CheckpointFormatError(
+                f"No weights found in folder {path}: looked for {SAFE_SINGLE}, "
+                f"{SAFE_INDEX}, {TORCH_SINGLE} and {TORCH_INDEX}."
+            )
+    elif path.name.endswith(".index.json"):
+        weights = _load_index(path)
+    else:
+        weights = _load_file(path)
+    if dt is not None:
+        weights = {
+            k: v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+    return weights
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _listing(names: list[str]) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+    return f"{len(names)}: {shown}{more}"
+
+
+def check_keys(expected: Mapping[str, tuple], weights: Mapping[str, Any], where: str) -> None:
+    """Raise ``ValueError`` unless ``weights`` has exactly the names and shapes expected.
+
+    Args:
+        expected (dict): ``{name: shape}`` the model wants.
+        weights (dict): ``{name: array}`` loaded from the checkpoint.
+        where (str): what is being checked (a file or model name), put first in
+          the message.
+
+    The message lists missing and unexpected keys (sorted, at most 20 of each
+    shown, plus the count) and every shape mismatch with both shapes.
+    """
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    mismatched = [
+        (k, tuple(expected[k]), tuple(weights[k].shape))
+        for k in sorted(expected)
+        if k in weights and tuple(expected[k]) != tuple(weights[k].shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"[{where}] checkpoint does not match the model:"]
+    if missing:
+        lines.append(f"  missing keys {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys {_listing(unexpected)}")
+    if mismatched:
+        lines.append(f"  shape mismatches {len(mismatched)}:")
+        for k, want, got in mismatched[:_MAX_LISTED]:
+            lines.append(f"    {k}: model expects {want}, checkpoint has {got}")
+        if len(mismatched) > _MAX_LISTED:
+            lines.append(f"    ... ({len(mismatched) - _MAX_LISTED} more)")
+    raise ValueError("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _shard(weights: Mapping[str, mx.array], max_shard_bytes: int) -> list[dict[str, mx.array]]:
+    shards: list[dict[str, mx.array]] = [{}]
+    size = 0
+    for k, v in weights.items():
+        if shards[-1] and size + v.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += v.nbytes
+    return shards
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in (SAFE_SINGLE, SAFE_INDEX) or (
+        name.startswith("model-") and "-of-" in name and name.endswith(".safetensors")
+    )
+
+
+def save_state_dict(
+    weights: Mapping[str, mx.array],
+    folder: str | os.PathLike,
+    max_shard_bytes: int = 5 * 2**30,
+    config: dict | None = None,
+) -> list[str]:
+    """Write ``weights`` to ``folder`` in the Hugging Face safetensors layout.
+
+    One shard is written as ``model.safetensors``; more as
+    ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``
+    (``{"metadata": {"total_size": ...}, "weight_map": {...}}``). ``config`` is
+    written as ``config.json`` when given.
+
+    Args:
+        weights (dict): ``{name: mx.array}``.
+        folder (str or PathLike): destination folder, created if needed.
+        max_shard_bytes (int): start a new shard before one would exceed this
+          size (a single larger tensor gets a shard of its own). Default: 5 GiB.
+        config (dict, optional): model configuration for ``config.json``.
+
+    Returns:
+        The names of the files written.
+
+    Atomicity: every file is first written completely into a temporary folder
+    (``folder/.tmp-<pid>`` when ``folder`` exists, else a sibling that is renamed
+    into place). If anything fails, the temporary folder is removed and
+    ``folder`` is untouched. Only when all files are complete are they moved in
+    with ``os.replace`` (each move is atomic), shards first, then the index,
+    then ``config.json``; stale weight files from an earlier save with another
+    layout are removed last. So no file in ``folder`` is ever half-written.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(
+            f"[save_state_dict] max_shard_bytes must be positive, got {max_shard_bytes}."
+        )
+    folder = Path(folder)
+    shards = _shard(weights, max_shard_bytes)
+    n = len(shards)
+    names = [SAFE_SINGLE] if n == 1 else [
+        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
+    ]
+    exists = folder.is_dir()
+    if exists:
+        tmp = folder / f".tmp-{os.getpid()}"
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    written: list[str] = []
+    try:
+        for name, shard in zip(names, shards):
+            mx.save_safetensors(str(tmp / name), dict(shard), metadata={"format": "mlx"})
+            written.append(name)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": int(sum(v.nbytes for v in weights.values()))},
+                "weight_map": {k: name for name, s in zip(names, shards) for k in s},
+            }
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+            written.append(SAFE_INDEX)
+        if config is not None:
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+            written.append(CONFIG)
+        if not exists:
+            os.rename(tmp, folder)
+            return written
+        old = [p.name for p in folder.iterdir() if p.is_file() and _is_weight_file(p.name)]
+        for name in written:
+            os.replace(tmp / name, folder / name)
+        for name in old:
+            if name not in written:
+                (folder / name).unlink()
+        return written
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
