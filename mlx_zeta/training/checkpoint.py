@@ -36,6 +36,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_zeta.converters.io import check_keys
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointError"]
 
 FORMAT = 1
@@ -226,14 +228,14 @@ def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[o
 
     weights = _read_arrays(path / MODEL_FILE, files.get(MODEL_FILE, {}))
     current = dict(tree_flatten(model.parameters()))
-    missing, unexpected = sorted(set(current) - set(weights)), sorted(set(weights) - set(current))
-    if missing or unexpected:
-        raise CheckpointError(f"[load_checkpoint] {path / MODEL_FILE} does not fit the model: "
-                              f"missing keys {missing}, unexpected keys {unexpected}")
+    try:  # names and shapes, listed as the converters list them
+        check_keys({k: v.shape for k, v in current.items()}, weights, where=f"load_checkpoint {path / MODEL_FILE}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     for k, v in current.items():
-        if v.shape != weights[k].shape or v.dtype != weights[k].dtype:
-            raise CheckpointError(f"[load_checkpoint] {path / MODEL_FILE}: {k} expected shape {tuple(v.shape)} "
-                                  f"{v.dtype}, found {tuple(weights[k].shape)} {weights[k].dtype}")
+        if v.dtype != weights[k].dtype:
+            raise CheckpointError(f"[load_checkpoint] {path / MODEL_FILE}: {k} expected dtype {v.dtype}, "
+                                  f"found {weights[k].dtype}")
     opt_arrays = _read_arrays(path / OPTIMIZER_FILE, files.get(OPTIMIZER_FILE, {})) if optimizer is not None else None
 
     model.update(tree_unflatten(list(weights.items())))
