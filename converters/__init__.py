@@ -10,3 +10,8 @@ __all__: list = []
 from .io import CheckpointFormatError, check_keys, load_state_dict, save_state_dict
 
 __all__ += ["CheckpointFormatError", "check_keys", "load_state_dict", "save_state_dict"]
+from .pretrained import (  # noqa: E402
+    ARCHITECTURES, BaseModelArgs, PretrainedInfo, from_pretrained, get_architecture, resolve, save_pretrained)
+
+__all__ += ["ARCHITECTURES", "BaseModelArgs", "PretrainedInfo", "from_pretrained", "get_architecture", "resolve",
+            "save_pretrained"]

@@ -11,5 +11,7 @@ route_blas()
 
 from mlx_zeta import nn  # noqa: E402  (must follow route_blas)
 
+from mlx_zeta.converters.pretrained import from_pretrained, save_pretrained  # noqa: E402
+
 __version__ = "0.1.0"
-__all__ = ["nn", "blas_info", "route_blas", "__version__"]
+__all__ = ["nn", "blas_info", "route_blas", "from_pretrained", "save_pretrained", "__version__"]

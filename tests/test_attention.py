@@ -543,3 +543,22 @@ def test_multi_grouped_query_attn_errors():
         gqa(x, x, mx.zeros((B, 4, DIM)))
     with pytest.raises(ValueError, match=r"^\[MultiGroupedQueryAttn\] expected a 3-D attn_mask of shape \(2, 5, 5\)"):
         gqa(x, x, x, attn_mask=mx.ones((B, 5, 4), mx.bool_))
+
+
+def test_scale_out_bias_and_qk_norm_eps_options(rng):
+    """scale=s equals the default scale with W_q multiplied by s*sqrt(d) (scores are linear in q);
+    out_bias=False equals bias=True with the output bias zeroed; qk_norm_eps reaches the norms."""
+    x = mx.array(rng.standard_normal((2, 5, 32)).astype(np.float32))
+    plain = Attention(32, heads=4, bias=True)
+    scaled = Attention(32, heads=4, bias=True, scale=1.0)
+    scaled.update(plain.parameters())
+    plain.to_q.weight = scaled.to_q.weight * math.sqrt(8)
+    plain.to_q.bias = scaled.to_q.bias * math.sqrt(8)
+    assert_close(scaled(x), plain(x), what="scale=1 vs q scaled by sqrt(d)")
+    no_out = Attention(32, heads=4, bias=True, out_bias=False, qk_norm=True, qk_norm_eps=1e-6)
+    assert "bias" in no_out.to_q and "bias" not in no_out.to_out
+    assert no_out.q_norm.eps == 1e-6 and no_out.k_norm.eps == 1e-6
+    ref = Attention(32, heads=4, bias=True, qk_norm=True, qk_norm_eps=1e-6)
+    ref.update(no_out.parameters())
+    ref.to_out.bias = mx.zeros((32,))
+    assert_close(no_out(x), ref(x), what="out_bias=False vs zero output bias")

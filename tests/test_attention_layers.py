@@ -165,7 +165,7 @@ def test_option_errors():
             AttentionLayers(**{"dim": DIM, "depth": 1, **kw})
 
     err(r"^\[AttentionLayers\] unknown option\(s\) \['attn_bogus', 'use_foo'\]; besides the named arguments, accepted: "
-        r"\['attn_bias', 'ff_custom_act'", attn_bogus=1, use_foo=True)
+        r"\['attn_bias', 'attn_out_bias', 'attn_qk_norm_eps', 'attn_scale', 'ff_custom_act'", attn_bogus=1, use_foo=True)
     err(r"^\[AttentionLayers\] unknown option\(s\) \['ff_dim_out'\]", ff_dim_out=8)  # would break the residual
     err(r"^\[AttentionLayers\] expected dim to be an int >= 1, got 0", dim=0)
     err(r"^\[AttentionLayers\] expected depth to be an int >= 1, got 0", depth=0)
@@ -211,3 +211,27 @@ def test_call_errors():
         CrossAttender(dim=DIM, depth=1)(x, context=x, mask=mx.ones((B, 5), dtype=mx.bool_))
     with pytest.raises(ValueError, match=r"^\[Attention\] expected context batch 2"):
         Decoder(dim=DIM, depth=1, cross_attend=True)(x, context=mx.zeros((1, 3, DIM)))
+
+
+def test_norm_factory_and_rotary_inv_freq(rng):
+    """norm_factory builds every norm (eps included); rotary_inv_freq equal to the default
+    frequencies reproduces the default stack exactly."""
+    import mlx.nn as nn
+
+    layers = Decoder(dim=DIM, depth=2, heads=4, rotary_pos_emb=True, rotary_emb_dim=DIM // 4,
+                     norm_factory=lambda d: nn.RMSNorm(d, eps=1e-6))
+    norms = [m for _, m in layers.named_modules() if isinstance(m, nn.RMSNorm)]
+    assert len(norms) == 2 * 2 + 1 and all(n.eps == 1e-6 for n in norms)
+    d = DIM // 4
+    inv = 1.0 / 10000.0 ** (np.arange(0, d, 2) / d)
+    given = Decoder(dim=DIM, depth=2, heads=4, rotary_pos_emb=True, rotary_emb_dim=d,
+                    norm_factory=lambda d: nn.RMSNorm(d, eps=1e-6), rotary_inv_freq=mx.array(inv))
+    given.update(layers.parameters())
+    x = mx.array(rng.standard_normal((B, N, DIM)).astype(np.float32))
+    assert_close(given(x), layers(x), what="explicit default inv_freq")
+    with pytest.raises(ValueError, match=r"at most one of use_rmsnorm, use_scalenorm, norm_factory"):
+        AttentionLayers(dim=DIM, depth=1, use_rmsnorm=True, norm_factory=nn.LayerNorm)
+    with pytest.raises(ValueError, match=r"rotary_pos_emb=True with rotary_inv_freq"):
+        AttentionLayers(dim=DIM, depth=1, rotary_inv_freq=mx.array(inv))
+    with pytest.raises(ValueError, match=r"inv_freq of shape \(4,\)"):
+        Decoder(dim=DIM, depth=1, heads=4, rotary_pos_emb=True, rotary_emb_dim=8, rotary_inv_freq=mx.ones((3,)))

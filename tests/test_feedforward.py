@@ -208,3 +208,16 @@ def test_zeta_positional_call_and_triton_off():
 def test_wrong_last_dim_raises():
     with pytest.raises(ValueError, match=r"^\[FeedForward\] expected input with last dimension 64, got shape \(2, 5, 32\)"):
         FeedForward(64)(mx.zeros((2, 5, 32)))
+
+
+def test_inner_dim_overrides_mult(rng):
+    """inner_dim=13 (not a multiple of dim): y = W2 (u * silu(v)) with [u; v] = W1 x, by hand in numpy."""
+    ff = FeedForward(8, inner_dim=13, swiglu=True, no_bias=True)
+    assert ff.proj_in.weight.shape == (26, 8) and ff.proj_out.weight.shape == (8, 13)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    h = x @ np.array(ff.proj_in.weight).T
+    u, v = h[:, :13], h[:, 13:]
+    expected = (u * v / (1 + np.exp(-v))) @ np.array(ff.proj_out.weight).T
+    assert_close(ff(mx.array(x)), expected, what="inner_dim swiglu")
+    with pytest.raises(ValueError, match=r"\[FeedForward\] inner_dim must be a positive integer or None, got 0"):
+        FeedForward(8, inner_dim=0)

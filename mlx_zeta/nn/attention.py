@@ -252,6 +252,12 @@ class Attention(nn.Module):
         bias (bool): biases on the projections. Default: ``False``.
         dropout (float): attention-probability dropout in training. Default: ``0.0``.
         flash (bool): fused ``mx.fast`` kernel where possible. Default: ``True``.
+        out_bias (bool, optional): bias on the output projection alone (e.g. Qwen2: biases on
+            q/k/v, none on the output). Default: ``bias``.
+        scale (float, optional): score scale :math:`s` in place of :math:`1/\sqrt{d}` (T5 uses 1).
+            Default: ``None``.
+        qk_norm_eps (float): epsilon of the ``qk_norm`` RMSNorms,
+            :math:`x / \sqrt{\overline{x^2} + \epsilon} \odot \gamma`. Default: ``1e-5``.
 
     Shape:
         - x: :math:`(B, L, \text{dim})`; context: :math:`(B, L_c, \text{dim})`.
@@ -270,7 +276,8 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: Optional[int] = None, kv_heads: Optional[int] = None,
-                 causal: bool = False, qk_norm: bool = False, bias: bool = False, dropout: float = 0.0, flash: bool = True):
+                 causal: bool = False, qk_norm: bool = False, bias: bool = False, dropout: float = 0.0, flash: bool = True,
+                 out_bias: Optional[bool] = None, scale: Optional[float] = None, qk_norm_eps: float = 1e-5):
         super().__init__()
         name = type(self).__name__
         if dim < 1 or heads < 1:
@@ -286,12 +293,12 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
         self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=bias)
         self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=bias)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=bias)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=bias if out_bias is None else out_bias)
         if qk_norm:
-            self.q_norm = nn.RMSNorm(dim_head)
-            self.k_norm = nn.RMSNorm(dim_head)
+            self.q_norm = nn.RMSNorm(dim_head, eps=qk_norm_eps)
+            self.k_norm = nn.RMSNorm(dim_head, eps=qk_norm_eps)
         self.qk_norm = qk_norm
-        self.attend = FlashAttention(causal=causal, dropout=dropout, flash=flash)
+        self.attend = FlashAttention(causal=causal, dropout=dropout, flash=flash, scale=scale)
 
     def __call__(self, x: mx.array, context: Optional[mx.array] = None, mask: Optional[mx.array] = None,
                  attn_bias: Optional[mx.array] = None, cache: Optional[KVCache] = None,

@@ -75,6 +75,7 @@ class ReluSquared(nn.Module):
 _ACCEPTED = (
     "dim", "dim_out", "mult", "glu", "glu_mult_bias", "swish", "relu_squared",
     "post_act_ln", "dropout", "no_bias", "zero_init_output", "custom_act", "swiglu",
+    "inner_dim",
 )
 
 
@@ -132,6 +133,8 @@ class FeedForward(nn.Module):
             parameters are trained with the block. Default: ``None``.
         swiglu (bool, optional): SwiGLU: a GLU gated by SiLU (implies ``glu``).
             Default: ``False``.
+        inner_dim (int, optional): Hidden width :math:`h` given directly (e.g. a
+            checkpoint's ``intermediate_size``); overrides ``mult``. Default: ``None``.
 
     Shape:
         - Input: :math:`(*, \text{dim})`.
@@ -163,6 +166,7 @@ class FeedForward(nn.Module):
         zero_init_output: bool = False,
         custom_act: Optional[Callable[[mx.array], mx.array]] = None,
         swiglu: bool = False,
+        inner_dim: Optional[int] = None,
         **kwargs: Any,
     ):
         super().__init__()
@@ -176,7 +180,9 @@ class FeedForward(nn.Module):
         for name, value in (("dim", dim), ("dim_out", dim if dim_out is None else dim_out)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"[FeedForward] {name} must be a positive integer, got {value!r}")
-        if not mult > 0 or int(dim * mult) < 1:
+        if inner_dim is not None and (isinstance(inner_dim, bool) or not isinstance(inner_dim, int) or inner_dim < 1):
+            raise ValueError(f"[FeedForward] inner_dim must be a positive integer or None, got {inner_dim!r}")
+        if inner_dim is None and (not mult > 0 or int(dim * mult) < 1):
             raise ValueError(f"[FeedForward] mult must give a hidden width int(dim * mult) >= 1, got mult={mult!r} with dim={dim}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"[FeedForward] dropout must be in [0, 1), got {dropout!r}")
@@ -194,7 +200,7 @@ class FeedForward(nn.Module):
 
         self.dim = dim
         self.dim_out = dim if dim_out is None else dim_out
-        self.inner_dim = int(dim * mult)
+        self.inner_dim = int(dim * mult) if inner_dim is None else inner_dim
         self.glu = bool(glu or swiglu)
 
         if relu_squared:

@@ -50,6 +50,9 @@ class RotaryEmbedding(nn.Module):
         base (float): Frequency base :math:`b`. Default: ``10000``.
         base_rescale_factor (float): NTK-aware rescale, the base becomes
             :math:`b \cdot r^{d/(d-2)}`. Default: ``1.0``.
+        inv_freq (array, optional): The :math:`d/2` frequencies :math:`\theta_i` given
+            directly (e.g. Llama 3's rescaled ones); replaces ``base`` and
+            ``base_rescale_factor``. Default: ``None``.
 
     Call:
         ``rotary(seq_len, offset=0, center=None)`` returns ``(freqs, scale)`` for
@@ -82,6 +85,7 @@ class RotaryEmbedding(nn.Module):
         interpolation_factor: float = 1.0,
         base: float = 10000,
         base_rescale_factor: float = 1.0,
+        inv_freq: Optional[mx.array] = None,
     ):
         super().__init__()
         _check_int("RotaryEmbedding", "dim", dim, 2)
@@ -104,7 +108,11 @@ class RotaryEmbedding(nn.Module):
         self.interpolation_factor = interpolation_factor
         self.base = base
         even = mx.arange(0, dim, 2, dtype=mx.float32)
-        self._inv_freq = 1.0 / (base ** (even / dim))  # (d/2,)
+        if inv_freq is not None:
+            inv_freq = mx.array(inv_freq, dtype=mx.float32)
+            if inv_freq.shape != (dim // 2,):
+                raise ValueError(f"[RotaryEmbedding] expected inv_freq of shape ({dim // 2},), got {tuple(inv_freq.shape)}")
+        self._inv_freq = 1.0 / (base ** (even / dim)) if inv_freq is None else inv_freq  # (d/2,)
         if use_xpos:
             self._xpos_zeta = (even + 0.4 * dim) / (1.4 * dim)  # (d/2,)
 

@@ -2,7 +2,7 @@
 Decoder and CrossAttender presets, built from the mlx_zeta.nn blocks."""
 
 import inspect
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -122,6 +122,8 @@ class AttentionLayers(nn.Module):
         rotary_xpos_scale_base (float): xPos :math:`\gamma`. Default: ``512``.
         rotary_base (float): rotary frequency base. Default: ``10000``.
         rotary_interpolation_factor (float): position interpolation factor. Default: ``1.0``.
+        rotary_inv_freq (array, optional): the ``rotary_emb_dim // 2`` rotary frequencies given
+            directly (see :class:`~mlx_zeta.nn.RotaryEmbedding`). Default: ``None``.
         alibi_pos_bias (bool): ALiBi bias. Default: ``False``.
         alibi_num_heads (int, optional): heads with an ALiBi bias, the first ones (the rest get none,
             e.g. to rely on rotary positions). Default: every head.
@@ -130,6 +132,9 @@ class AttentionLayers(nn.Module):
         rel_pos_max_distance (int): T5 max distance. Default: ``128``.
         use_rmsnorm (bool): RMSNorm instead of LayerNorm. Default: ``False``.
         use_scalenorm (bool): ScaleNorm instead of LayerNorm. Default: ``False``.
+        norm_factory (callable, optional): ``dim -> nn.Module`` making every norm of the stack
+            (e.g. ``lambda d: nn.RMSNorm(d, eps=1e-6)`` or ``lambda d: nn.LayerNorm(d, eps=1e-12)``
+            to match a checkpoint); excludes ``use_rmsnorm``/``use_scalenorm``. Default: ``None``.
         pre_norm (bool): pre-norm (else post-norm) residuals. Default: ``True``.
         sliding_window (int, optional): local attention window :math:`w`. Default: ``None``.
         checkpoint (bool): gradient checkpointing: in training without a cache, each layer's
@@ -164,11 +169,13 @@ class AttentionLayers(nn.Module):
                  ff_glu: bool = False, ff_swish: bool = False, ff_relu_squared: bool = False, ff_dropout: float = 0.0,
                  ff_no_bias: bool = False, rotary_pos_emb: bool = False, rotary_emb_dim: Optional[int] = None,
                  rotary_xpos: bool = False, rotary_xpos_scale_base: float = 512, rotary_base: float = 10000,
-                 rotary_interpolation_factor: float = 1.0, alibi_pos_bias: bool = False,
+                 rotary_interpolation_factor: float = 1.0, rotary_inv_freq: Optional[mx.array] = None,
+                 alibi_pos_bias: bool = False,
                  alibi_num_heads: Optional[int] = None, rel_pos_bias: bool = False,
                  rel_pos_num_buckets: int = 32, rel_pos_max_distance: int = 128, use_rmsnorm: bool = False,
                  use_scalenorm: bool = False, pre_norm: bool = True, sliding_window: Optional[int] = None,
-                 checkpoint: bool = False, **kwargs: Any):
+                 checkpoint: bool = False, norm_factory: Optional[Callable[[int], nn.Module]] = None,
+                 **kwargs: Any):
         super().__init__()
         name = type(self).__name__
         attn_extra, ff_extra = self._route(kwargs)
@@ -179,8 +186,13 @@ class AttentionLayers(nn.Module):
             _check_int("sliding_window", sliding_window, 1, name)
         if only_cross and not cross_attend:
             raise ValueError(f"[{name}] expected cross_attend=True with only_cross=True (use CrossAttender), got cross_attend=False")
-        if use_rmsnorm and use_scalenorm:
-            raise ValueError(f"[{name}] expected at most one of use_rmsnorm, use_scalenorm, got both")
+        if use_rmsnorm + use_scalenorm + (norm_factory is not None) > 1:
+            raise ValueError(f"[{name}] expected at most one of use_rmsnorm, use_scalenorm, norm_factory, got "
+                             f"use_rmsnorm={use_rmsnorm}, use_scalenorm={use_scalenorm}, "
+                             f"norm_factory={'set' if norm_factory is not None else None}")
+        if norm_factory is not None and not callable(norm_factory):
+            raise ValueError(f"[{name}] expected norm_factory to be callable (dim -> nn.Module), "
+                             f"got {type(norm_factory).__name__}")
         if alibi_pos_bias and rel_pos_bias:
             raise ValueError(f"[{name}] expected at most one of alibi_pos_bias, rel_pos_bias, got both")
         if rotary_xpos and not (rotary_pos_emb and causal):
@@ -203,7 +215,10 @@ class AttentionLayers(nn.Module):
             if rotary_emb_dim > dim_head or rotary_emb_dim < 2 or rotary_emb_dim % 2:
                 raise ValueError(f"[{name}] expected an even rotary_emb_dim in [2, dim_head={dim_head}], got {rotary_emb_dim}")
             self.rotary = RotaryEmbedding(rotary_emb_dim, use_xpos=rotary_xpos, scale_base=rotary_xpos_scale_base,
-                                          interpolation_factor=rotary_interpolation_factor, base=rotary_base)
+                                          interpolation_factor=rotary_interpolation_factor, base=rotary_base,
+                                          inv_freq=rotary_inv_freq)
+        if rotary_inv_freq is not None and not rotary_pos_emb:
+            raise ValueError(f"[{name}] expected rotary_pos_emb=True with rotary_inv_freq, got rotary_pos_emb=False")
         if alibi_num_heads is not None and not alibi_pos_bias:
             raise ValueError(f"[{name}] expected alibi_pos_bias=True with alibi_num_heads, got alibi_pos_bias=False")
         if alibi_pos_bias:
@@ -220,6 +235,8 @@ class AttentionLayers(nn.Module):
                              qk_norm=attn_qk_norm, dropout=attn_dropout, flash=attn_flash, **attn_extra)
 
         def make_norm() -> nn.Module:
+            if norm_factory is not None:
+                return norm_factory(dim)
             return RMSNorm(dim) if use_rmsnorm else ScaleNorm(dim) if use_scalenorm else nn.LayerNorm(dim)
 
         self.layers = [

@@ -1,0 +1,231 @@
+"""Hugging Face checkpoints to mlx_zeta models and back: ``from_pretrained``, ``save_pretrained``.
+
+Each architecture is one module of this package, found through :data:`ARCHITECTURES`
+by the checkpoint's ``model_type``. A module provides
+
+- ``ModelArgs``: a :class:`BaseModelArgs` dataclass read from ``config.json``
+  (:meth:`BaseModelArgs.from_dict` ignores keys it does not name);
+- ``build(args) -> nn.Module``: the model, made of mlx_zeta blocks and structs;
+- ``sanitize(weights, args) -> dict``: Hugging Face parameter names and layouts to
+  the model's. It is pure (a new dict, the input untouched) and idempotent: names that
+  are already the model's pass through, so a checkpoint written by :func:`save_pretrained`
+  (the model's own names) loads through the same path.
+
+The model returned by :func:`from_pretrained` carries a :class:`PretrainedInfo` as
+``model.pretrained`` (the ``model_type``, the original ``config.json`` and the source
+folder), which :func:`save_pretrained` writes back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from types import MappingProxyType, ModuleType
+from typing import Any, Mapping, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .io import CONFIG, _resolve_dtype, check_keys, load_state_dict, save_state_dict
+
+__all__ = ["ARCHITECTURES", "BaseModelArgs", "PretrainedInfo", "from_pretrained", "save_pretrained",
+           "resolve", "get_architecture"]
+
+# model_type -> module of this package that converts it.
+ARCHITECTURES: Mapping[str, str] = MappingProxyType({
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+    "gpt2": "gpt2",
+    "bert": "bert",
+    "vit": "vit",
+    "t5": "t5",
+    "bitnet": "bitnet",
+})
+
+# Files besides the weights that travel with a converted model (tokenizers, generation settings).
+AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json",
+                   "generation_config.json", "preprocessor_config.json")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+QUANTIZATION_KEY = "mlx_zeta_quantization"
+
+
+@dataclasses.dataclass
+class BaseModelArgs:
+    """Base of every architecture's ``ModelArgs``: a dataclass filled from a config dict."""
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> "BaseModelArgs":
+        """The dataclass from ``params``, ignoring keys that are not fields (configs carry many)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedInfo:
+    """What :func:`from_pretrained` knew: ``model_type``, the ``config.json`` dict, the source folder."""
+
+    model_type: str
+    config: Mapping[str, Any]
+    source: Optional[Path] = None
+
+
+def get_architecture(model_type: Any) -> ModuleType:
+    """The converter module for ``model_type``; a ``ValueError`` lists the supported ones."""
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"[from_pretrained] unsupported model_type {model_type!r}; supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))}")
+    return importlib.import_module(f"{__package__}.{ARCHITECTURES[model_type]}")
+
+
+def resolve(path_or_repo_id: str | os.PathLike, revision: Optional[str] = None) -> Path:
+    """A local folder as it is, or a Hub repo id through ``huggingface_hub.snapshot_download``
+    (its cache and ``HF_HUB_OFFLINE`` honoured). Errors name what was looked for."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"[from_pretrained] expected a model folder (with {CONFIG}) or a Hub repo id, "
+                         f"got the file {path}")
+    name = str(path_or_repo_id)
+    if not _REPO_ID.match(name):
+        raise ValueError(f"[from_pretrained] {name!r} is neither an existing folder nor a Hub repo id "
+                         "('owner/name')")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        if constants.HF_HUB_OFFLINE:
+            raise ValueError(f"[from_pretrained] {name!r} is not in the Hugging Face cache "
+                             f"({constants.HF_HUB_CACHE}) and offline mode is on (HF_HUB_OFFLINE=1): download "
+                             f"it on a connected machine (`hf download {name}`) or pass a local folder") from e
+        raise ValueError(f"[from_pretrained] {name!r} is not in the Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}) and the Hub could not be reached: {e}") from e
+    except RepositoryNotFoundError as e:
+        raise ValueError(f"[from_pretrained] no Hub repository {name!r} (or it is private): {e}") from e
+    except HfHubHTTPError as e:
+        raise ValueError(f"[from_pretrained] downloading {name!r} failed: {e}") from e
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG
+    if not path.is_file():
+        raise ValueError(f"[from_pretrained] no {CONFIG} in {folder}: expected a Hugging Face model folder")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"[from_pretrained] {path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"[from_pretrained] {path} has no 'model_type'; supported: {', '.join(sorted(ARCHITECTURES))}")
+    return config
+
+
+def _quantize(model: nn.Module, spec: Mapping[str, Any]) -> None:
+    """MLX affine quantization of every Linear (and Embedding) whose input width divides the group."""
+    group_size, bits = int(spec.get("group_size", 64)), int(spec["bits"])
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+
+
+def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
+                    revision: Optional[str] = None, progress: bool = False) -> nn.Module:
+    """Load a Hugging Face checkpoint (or one written by :func:`save_pretrained`) as an mlx_zeta model.
+
+    Args:
+        path_or_repo_id: a local folder with ``config.json`` and weights, or a Hub repo id.
+        dtype: cast floating weights to ``"float32"``, ``"float16"``, ``"bfloat16"`` (or an mx
+            dtype); packed integer weights stay as they are. Default: the checkpoint's dtypes.
+        revision: Hub revision (branch, tag or commit) for a repo id.
+        progress: show a progress bar while the weights are read.
+
+    Returns:
+        The model in eval mode, with ``model.pretrained`` (:class:`PretrainedInfo`).
+
+    Raises:
+        ValueError: unknown ``model_type`` (the supported ones listed), missing or unexpected
+            parameters (by name), shape mismatches (the key and both shapes), unreadable files
+            (``CheckpointFormatError`` naming the file), a repo id not cached while offline.
+
+    Example:
+        >>> model = from_pretrained("path/to/tiny-llama", dtype="float32")
+        >>> logits = model(mx.array([[1, 2, 3]]))
+    """
+    folder = resolve(path_or_repo_id, revision)
+    config = _read_config(folder)
+    arch = get_architecture(config["model_type"])
+    args = arch.ModelArgs.from_dict(config)
+    model = arch.build(args)
+    if QUANTIZATION_KEY in config:
+        _quantize(model, config[QUANTIZATION_KEY])
+    weights = arch.sanitize(load_state_dict(folder, dtype=dtype), args)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    check_keys(expected, weights, where=f"{folder} ({config['model_type']})")
+    items = list(weights.items())
+    if progress:
+        from tqdm import tqdm
+
+        for _, value in tqdm(items, desc=f"loading {folder.name}", unit="tensor"):
+            mx.eval(value)
+    model.load_weights(items)
+    mx.eval(model.parameters())
+    model.eval()
+    model.pretrained = PretrainedInfo(config["model_type"], MappingProxyType(config), folder)
+    return model
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
+                    max_shard_bytes: int = 5 * 2**30, config: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``model`` as ``config.json`` plus (sharded) safetensors that :func:`from_pretrained` reads.
+
+    The parameters are written under the model's own names (so loading them back runs
+    no conversion), in ``dtype`` if given (floating ones only). Tokenizer and generation
+    files of the source folder are copied beside them. Nothing half-written is left:
+    weights and ``config.json`` go through :func:`save_state_dict`'s temporary folder.
+
+    Args:
+        model: a model from :func:`from_pretrained` (or any model, with ``config``).
+        path: destination folder. dtype: cast floating weights before writing.
+        max_shard_bytes: shard size limit (an index file is written for more than one shard).
+        config: the ``config.json`` dict for a model that has no ``model.pretrained``.
+    """
+    info = getattr(model, "pretrained", None)
+    if config is None:
+        if not isinstance(info, PretrainedInfo):
+            raise ValueError(f"[save_pretrained] {type(model).__name__} has no model.pretrained (it did not come "
+                             "from from_pretrained): pass config= with its model_type")
+        config = info.config
+    config = dict(config)
+    if "model_type" not in config:
+        raise ValueError("[save_pretrained] expected config to name its model_type")
+    get_architecture(config["model_type"])
+    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+        q = next(m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
+        config[QUANTIZATION_KEY] = {"bits": q.bits, "group_size": q.group_size}
+    dt = _resolve_dtype(dtype)
+    weights = {k: v.astype(dt) if dt is not None and mx.issubdtype(v.dtype, mx.floating) else v
+               for k, v in tree_flatten(model.parameters())}
+    path = Path(path)
+    save_state_dict(weights, path, max_shard_bytes=max_shard_bytes, config=config)
+    source = info.source if isinstance(info, PretrainedInfo) else None
+    if source is not None and Path(source).resolve() != path.resolve():
+        for name in AUXILIARY_FILES:
+            if (Path(source) / name).is_file():
+                _copy_atomic(Path(source) / name, path / name)
+    return path
