@@ -33,20 +33,14 @@ import mlx.nn as nn
 
 from mlx_zeta.structs import Decoder, Transformer
 
-from .pretrained import BaseModelArgs
+from .pretrained import TransformerArgs
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    vocab_size: int
+class ModelArgs(TransformerArgs):
     num_key_value_heads: Optional[int] = None
     head_dim: Optional[int] = None
     rms_norm_eps: float = 1e-6

@@ -26,7 +26,7 @@ import re
 import shutil
 from pathlib import Path
 from types import MappingProxyType, ModuleType
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,8 +34,8 @@ from mlx.utils import tree_flatten
 
 from .io import CONFIG, _resolve_dtype, check_keys, load_state_dict, save_state_dict
 
-__all__ = ["ARCHITECTURES", "BaseModelArgs", "PretrainedInfo", "from_pretrained", "save_pretrained",
-           "resolve", "get_architecture"]
+__all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "BaseModelArgs", "TransformerArgs", "PretrainedInfo", "from_pretrained", "save_pretrained",
+           "resolve", "get_architecture", "quantize"]
 
 # model_type -> module of this package that converts it.
 ARCHITECTURES: Mapping[str, str] = MappingProxyType({
@@ -46,6 +46,25 @@ ARCHITECTURES: Mapping[str, str] = MappingProxyType({
     "t5": "t5",
     "bitnet": "bitnet",
 })
+
+# Hugging Face activation names (``hidden_act`` & co., transformers' ``ACT2FN``) -> MLX functions, same math.
+ACTIVATIONS: Mapping[str, Callable[[mx.array], mx.array]] = MappingProxyType({
+    "gelu": nn.gelu, "gelu_python": nn.gelu,  # exact, erf
+    # tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    "gelu_new": nn.gelu_approx, "gelu_fast": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx,
+    "gelu_python_tanh": nn.gelu_approx, "gelu_accurate": nn.gelu_approx,
+    "quick_gelu": nn.gelu_fast_approx,  # x sigmoid(1.702 x)
+    "relu": nn.relu, "silu": nn.silu, "swish": nn.silu, "tanh": mx.tanh,
+})
+
+
+def activation(name: str, where: str, key: str) -> Callable[[mx.array], mx.array]:
+    """The MLX function for a Hugging Face activation ``name`` read from config ``key``; a
+    ``ValueError`` prefixed ``[where]`` lists the supported names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"[{where}] unsupported {key} {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
+
 
 # Files besides the weights that travel with a converted model (tokenizers, generation settings).
 AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -65,6 +84,18 @@ class BaseModelArgs:
         """The dataclass from ``params``, ignoring keys that are not fields (configs carry many)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in names})
+
+
+@dataclasses.dataclass
+class TransformerArgs(BaseModelArgs):
+    """The config fields Hugging Face's BERT- and Llama-style transformers name alike (the required ones)."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +135,11 @@ def resolve(path_or_repo_id: str | os.PathLike, revision: Optional[str] = None) 
         return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS))
     except LocalEntryNotFoundError as e:
         if constants.HF_HUB_OFFLINE:
-            raise ValueError(f"[from_pretrained] {name!r} is not in the Hugging Face cache "
+            raise ValueError(f"[from_pretrained] {name!r} is no local folder and not in the Hugging Face cache "
                              f"({constants.HF_HUB_CACHE}) and offline mode is on (HF_HUB_OFFLINE=1): download "
                              f"it on a connected machine (`hf download {name}`) or pass a local folder") from e
-        raise ValueError(f"[from_pretrained] {name!r} is not in the Hugging Face cache "
-                         f"({constants.HF_HUB_CACHE}) and the Hub could not be reached: {e}") from e
+        raise ValueError(f"[from_pretrained] {name!r} is no local folder and not in the Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}), and the Hub could not be reached: {e}") from e
     except RepositoryNotFoundError as e:
         raise ValueError(f"[from_pretrained] no Hub repository {name!r} (or it is private): {e}") from e
     except HfHubHTTPError as e:
@@ -128,11 +159,25 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _quantize(model: nn.Module, spec: Mapping[str, Any]) -> None:
-    """MLX affine quantization of every Linear (and Embedding) whose input width divides the group."""
-    group_size, bits = int(spec.get("group_size", 64)), int(spec["bits"])
+def _quantized(model: nn.Module) -> list:
+    return [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+
+
+def quantize(model: nn.Module, bits: int, group_size: int = 64) -> int:
+    """MLX affine quantization (``nn.quantize``), in place, of every Linear and Embedding whose
+    input width divides ``group_size``; returns how many layers were quantized.
+
+    :func:`save_pretrained` records ``{bits, group_size}`` in ``config.json`` and
+    :func:`from_pretrained` quantizes the fresh model the same way before loading.
+    A model that is already quantized is refused (``ValueError``)."""
+    done = _quantized(model)
+    if done:
+        raise ValueError(f"[quantize] the model is already quantized ({done[0].bits}-bit, group size "
+                         f"{done[0].group_size}); convert from the unquantized checkpoint instead")
+    group_size, bits = int(group_size), int(bits)
     nn.quantize(model, group_size=group_size, bits=bits,
                 class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+    return len(_quantized(model))
 
 
 def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
@@ -164,7 +209,8 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | 
     args = arch.ModelArgs.from_dict(config)
     model = arch.build(args)
     if QUANTIZATION_KEY in config:
-        _quantize(model, config[QUANTIZATION_KEY])
+        spec = config[QUANTIZATION_KEY]
+        quantize(model, spec["bits"], spec.get("group_size", 64))
     weights = arch.sanitize(load_state_dict(folder, dtype=dtype), args)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     check_keys(expected, weights, where=f"{folder} ({config['model_type']})")
@@ -215,9 +261,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.D
     if "model_type" not in config:
         raise ValueError("[save_pretrained] expected config to name its model_type")
     get_architecture(config["model_type"])
-    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
-        q = next(m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
-        config[QUANTIZATION_KEY] = {"bits": q.bits, "group_size": q.group_size}
+    quantized = _quantized(model)
+    if quantized:
+        config[QUANTIZATION_KEY] = {"bits": quantized[0].bits, "group_size": quantized[0].group_size}
     dt = _resolve_dtype(dtype)
     weights = {k: v.astype(dt) if dt is not None and mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in tree_flatten(model.parameters())}

@@ -29,6 +29,42 @@ def seeded(seed: int = 0) -> None:
     np.random.seed(seed)
 
 
+def lift_init(model, norm_markers=("norm",)) -> None:
+    """Lift a tiny transformers init (std 0.02) in place so norms, biases and softmax all matter:
+    biases and norm weights (a name containing one of ``norm_markers``, case-insensitive) get
+    N(0, 0.1^2) noise added, every other parameter is multiplied by 5."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or any(m in name.lower() for m in norm_markers):
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.mul_(5.0)
+
+
+def check_sanitize(conv, path: Path, raw: dict | None = None) -> dict:
+    """``conv.sanitize`` of the checkpoint in ``path`` is pure (its input untouched), idempotent (a
+    second pass returns the very same arrays) and yields exactly ``conv.build``'s parameter names.
+    ``conv`` is a converter module; ``raw`` the loaded weights if not the file's as they are.
+    Returns the sanitized dict."""
+    import json
+
+    from mlx.utils import tree_flatten
+
+    from mlx_zeta.converters import load_state_dict
+
+    args = conv.ModelArgs.from_dict(json.loads((Path(path) / "config.json").read_text()))
+    raw = load_state_dict(path) if raw is None else raw
+    before = dict(raw)
+    once = conv.sanitize(raw, args)
+    twice = conv.sanitize(once, args)
+    assert raw.keys() == before.keys() and all(raw[k] is before[k] for k in raw), "sanitize changed its input"
+    assert once.keys() == twice.keys() and all(once[k] is twice[k] for k in once), "sanitize is not idempotent"
+    assert set(once) == {k for k, _ in tree_flatten(conv.build(args).parameters())}
+    return once
+
+
 def to_numpy(x) -> np.ndarray:
     if isinstance(x, mx.array):
         return np.array(x.astype(mx.float32))

@@ -19,7 +19,7 @@ import mlx_zeta  # noqa: E402
 from mlx_zeta.converters import llama as llama_conv  # noqa: E402
 from mlx_zeta.converters import load_state_dict  # noqa: E402
 from mlx_zeta.structs import AutoregressiveWrapper, Transformer  # noqa: E402
-from hf_tiny import assert_close, save_hf, seeded  # noqa: E402
+from hf_tiny import assert_close, check_sanitize, lift_init, save_hf, seeded  # noqa: E402
 
 BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, vocab_size=120, max_position_embeddings=256)
@@ -46,12 +46,7 @@ def make(case, folder, **overrides):
     seeded(0)
     config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # lift the tiny init (std 0.02) so norms, biases and softmax all matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            else:
-                p.mul_(5.0)
+    lift_init(model)
     return model, save_hf(model, folder)
 
 
@@ -110,15 +105,7 @@ def test_save_pretrained_in_bfloat16_round_trips(tmp_path):
 
 def test_sanitize_is_pure_and_idempotent(tmp_path):
     _, path = make("qwen3-qk-norm", tmp_path / "m")
-    args = llama_conv.ModelArgs.from_dict(json.loads((path / "config.json").read_text()))
-    raw = load_state_dict(path)
-    before = dict(raw)
-    once = llama_conv.sanitize(raw, args)
-    twice = llama_conv.sanitize(once, args)
-    assert raw.keys() == before.keys()  # input untouched
-    assert once.keys() == twice.keys() and all(once[k] is twice[k] for k in once)
-    expected = {k for k, _ in tree_flatten(llama_conv.build(args).parameters())}
-    assert set(once) == expected
+    check_sanitize(llama_conv, path)
 
 
 def test_gate_and_up_are_stacked_value_first(tmp_path):
@@ -248,7 +235,7 @@ def test_repo_id_offline_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = mlx_zeta.from_pretrained("tiny/llama", dtype="float32")
     assert model.pretrained.model_type == "llama"
-    with pytest.raises(ValueError, match=r"'tiny/absent' is not in the Hugging Face cache .*offline mode is on"):
+    with pytest.raises(ValueError, match=r"'tiny/absent' is no local folder and not in the Hugging Face cache .*offline mode is on"):
         mlx_zeta.from_pretrained("tiny/absent")
     with pytest.raises(ValueError, match=r"neither an existing folder nor a Hub repo id"):
         mlx_zeta.from_pretrained("no/such/folder")

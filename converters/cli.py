@@ -1,0 +1,153 @@
+"""The ``mlx-zeta`` command line (also ``python -m mlx_zeta.converters.cli``).
+
+    mlx-zeta convert SRC DST [--dtype bfloat16] [--quantize 4 [--group-size 64]]
+                             [--revision REV] [--max-shard-size 5GB] [--overwrite]
+
+``convert`` reads a Hugging Face checkpoint (a folder or a Hub repo id) with
+:func:`~mlx_zeta.converters.pretrained.from_pretrained`, optionally casts and quantizes it
+(MLX affine, :func:`~mlx_zeta.converters.pretrained.quantize`), and writes it with
+:func:`~mlx_zeta.converters.pretrained.save_pretrained`, which writes atomically: on any
+error DST is left as it was. Each subcommand is one ``_add_*`` function that registers its
+parser and its handler, so more (``export-coreml``) slot in beside ``convert``.
+
+Exit status: 0 on success, 2 for a usage error or a checkpoint the library rejects (a
+one-line message on stderr, no traceback), 1 for an operating-system error while
+reading or writing, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+PROG = "mlx-zeta"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000, ``"1024"`` -> 1024 (Hugging Face's
+    convention: KB/MB/GB are powers of 10, KiB/MiB/GiB powers of 2)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m and m.group(2).upper()
+    if not m or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 5GB, 500MB or 2GiB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an mlx_zeta checkpoint",
+                       description="Convert a Hugging Face checkpoint (folder or Hub repo id) into an mlx_zeta "
+                                   "checkpoint folder (config.json + safetensors) that mlx_zeta.from_pretrained "
+                                   "loads without conversion.")
+    p.add_argument("src", help="source model folder, or a Hub repo id ('owner/name')")
+    p.add_argument("dst", type=Path, help="destination folder (created; written atomically)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="cast floating weights (default: keep the checkpoint's dtypes)")
+    p.add_argument("--quantize", type=int, choices=[4, 8], metavar="{4,8}",
+                   help="MLX affine quantization of every Linear/Embedding to this many bits")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128],
+                   help="quantization group size (default: 64)")
+    p.add_argument("--revision", metavar="REV", help="Hub revision (branch, tag or commit) for a repo id")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", metavar="SIZE",
+                   help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace the weights in an existing non-empty DST")
+    p.set_defaults(handler=_convert)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from mlx.utils import tree_flatten
+
+    from .io import _is_weight_file
+    from .pretrained import from_pretrained, quantize, save_pretrained
+
+    dst: Path = args.dst
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"[convert] destination {dst} exists and is not a folder")
+    if Path(args.src).expanduser().resolve() == dst.resolve():
+        raise ValueError(f"[convert] destination {dst} is the source folder; pick another one")
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+        raise ValueError(f"[convert] destination {dst} exists and is not empty; pass --overwrite to replace "
+                         "its weights")
+    if args.group_size is not None and args.quantize is None:
+        raise ValueError("[convert] --group-size needs --quantize")
+    group_size = args.group_size or 64
+
+    start = time.perf_counter()
+    model = from_pretrained(args.src, dtype=args.dtype, revision=args.revision, progress=True)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    loaded = time.perf_counter()
+    if args.quantize is not None:
+        layers = quantize(model, args.quantize, group_size)
+        if not layers:
+            raise ValueError(f"[convert] no layer's input width is a multiple of the group size {group_size}; "
+                             "nothing would be quantized")
+        print(f"quantized {layers} layers to {args.quantize} bits (group size {group_size})", file=sys.stderr)
+    print(f"writing {dst} ...", file=sys.stderr, flush=True)
+    save_pretrained(model, dst, max_shard_bytes=args.max_shard_size)
+    end = time.perf_counter()
+
+    files = [p for p in dst.iterdir() if p.is_file()]
+    shards = sum(p.suffix == ".safetensors" for p in files if _is_weight_file(p.name))
+    written = sum(p.stat().st_size for p in files)
+    kind = model.pretrained.model_type
+    print(f"converted {args.src} ({kind}, {n_params:,} parameters) -> {dst}: {_human(written)} in "
+          f"{shards} shard(s) + {len(files) - shards} other file(s); {end - start:.1f} s "
+          f"(load {loaded - start:.1f} s, write {end - loaded:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (_add_convert,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="mlx_zeta model tools.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``mlx-zeta`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.handler(args)
+    except ValueError as e:  # the library's errors name the file, key or option at fault
+        _fail(args.command, e)
+        return 2
+    except OSError as e:
+        _fail(args.command, e)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(command: str, error: BaseException) -> None:
+    message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    print(f"{PROG} {command}: error: {message or type(error).__name__}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The ``mlx-zeta convert`` command line on a tiny random Llama checkpoint made with transformers."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import mlx_zeta  # noqa: E402
+from mlx_zeta.converters.cli import main, parse_size  # noqa: E402
+from mlx_zeta.converters.pretrained import quantize  # noqa: E402
+from test_convert_llama import make, tokens  # noqa: E402
+
+IDS = mx.array(tokens())
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """hidden 64, 2 layers, 4 heads / 2 kv heads, intermediate 96, vocabulary 120, float32."""
+    return make("llama-gqa-untied", tmp_path_factory.mktemp("cli") / "hf")[1]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def test_convert_float16_reloads_exactly_the_in_memory_conversion(src, tmp_path, capsys):
+    code, out, err = run(capsys, "convert", src, tmp_path / "f16", "--dtype", "float16", "--max-shard-size", "20KB")
+    assert code == 0, err
+    assert "llama" in out and "parameters" in out and " s " in out and "shard(s)" in out
+    assert len(list((tmp_path / "f16").glob("model-*-of-*.safetensors"))) > 1  # --max-shard-size took effect
+    ours = mlx_zeta.from_pretrained(tmp_path / "f16")
+    ref = mlx_zeta.from_pretrained(src, dtype="float16")
+    a, b = dict(tree_flatten(ours.parameters())), dict(tree_flatten(ref.parameters()))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == mx.float16 and mx.array_equal(a[k], b[k]), k
+    assert mx.array_equal(ours(IDS), ref(IDS))
+    assert f"{sum(v.size for v in b.values()):,} parameters" in out
+
+
+def test_quantize_4_is_smaller_and_close_to_the_float_model(src, tmp_path, capsys):
+    code, _, err = run(capsys, "convert", src, tmp_path / "q4", "--quantize", "4", "--group-size", "32")
+    assert code == 0, err
+    assert "quantized 14 layers to 4 bits (group size 32)" in err  # 2 x 6 Linears, embedding, head
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert config["mlx_zeta_quantization"] == {"bits": 4, "group_size": 32}
+    # 4-bit words + a float32 scale and bias per 32 weights: 0.75 bytes per weight against 4
+    assert weight_bytes(tmp_path / "q4") < 0.25 * weight_bytes(src)
+    reloaded = mlx_zeta.from_pretrained(tmp_path / "q4")
+    in_memory = mlx_zeta.from_pretrained(src)
+    quantize(in_memory, 4, 32)
+    assert mx.array_equal(reloaded(IDS), in_memory(IDS))
+    # Against the float model. Affine rounding puts a uniform error of step/sqrt(12) on each
+    # weight, step = group range / (2**bits - 1): about 8% of the weights' std at 4 bits, group
+    # 32. This random model (weights lifted x5 by make(), so attention is sharp) amplifies that
+    # about 5x by the logits: measured relative RMS error 0.38 at 4 bits and 0.024 at 8 bits
+    # (max |diff| 0.38 and 0.028 of max |logit|). Bounds: 0.5 and 0.04, and the 4-bit/8-bit
+    # ratio near 255/15 = 17, which holds only when the error is the rounding's (a wrong layout
+    # or group gives errors near 1 at both widths).
+    ref = np.array(mlx_zeta.from_pretrained(src)(IDS))
+    eight = mlx_zeta.from_pretrained(src)
+    quantize(eight, 8, 32)
+    err4, err8 = (np.linalg.norm(np.array(m(IDS)) - ref) / np.linalg.norm(ref) for m in (reloaded, eight))
+    assert err4 < 0.5 and err8 < 0.04 and 10 < err4 / err8 < 30, (err4, err8)
+
+
+def _unknown_type(tmp_path):
+    (tmp_path / "mamba").mkdir()
+    (tmp_path / "mamba" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    return tmp_path / "mamba"
+
+
+def _missing_key(tmp_path, src):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    weights = {k: v for k, v in mx.load(str(src / "model.safetensors")).items() if "layers.1.self_attn.k_proj" not in k}
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text((src / "config.json").read_text())
+    return folder
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"missing' is neither an existing folder nor a Hub repo id"),
+    ("unknown", r"unsupported model_type 'mamba'; supported: .*llama"),
+    ("broken", r"checkpoint does not match the model:; missing keys 1: attn_layers\.layers\.1\.attn\.to_k\.weight"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_dst(case, message, src, tmp_path, capsys):
+    folder = {"missing": lambda: tmp_path / "missing", "unknown": lambda: _unknown_type(tmp_path),
+              "broken": lambda: _missing_key(tmp_path, src)}[case]()
+    code, out, err = run(capsys, "convert", folder, tmp_path / "out")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("mlx-zeta convert: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_failed_write_leaves_no_dst_and_existing_dst_needs_overwrite(src, tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def failing_save(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return save(path, *args, **kwargs)
+
+    save = mx.save_safetensors
+    monkeypatch.setattr(mx, "save_safetensors", failing_save)
+    code, _, err = run(capsys, "convert", src, tmp_path / "out", "--max-shard-size", "20KB")
+    assert code == 1 and "No space left on device" in err and len(calls) == 2
+    assert list(tmp_path.iterdir()) == []  # neither out nor its temporary sibling
+    monkeypatch.undo()
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "convert", src, tmp_path / "out")
+    assert code == 2 and "is not empty; pass --overwrite" in err
+    assert os.listdir(tmp_path / "out") == ["notes.txt"]
+    assert run(capsys, "convert", src, tmp_path / "out", "--overwrite")[0] == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                    "notes.txt"]
+
+
+def test_usage_errors_and_sizes(capsys):
+    assert main(["convert", "a"]) == 2 and "required: dst" in capsys.readouterr().err
+    assert main(["convert", "a", "b", "--quantize", "3"]) == 2
+    assert main(["convert", "a", "b", "--group-size", "32"]) == 2
+    assert "--group-size needs --quantize" in capsys.readouterr().err
+    assert main([]) == 2
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1024") == 1024
+    assert parse_size("1.5 mb") == 1_500_000
+
+
+def test_installed_console_script_converts(src, tmp_path):
+    script = Path(sys.executable).parent / "mlx-zeta"
+    if not script.is_file():
+        pytest.skip(f"no console script beside {sys.executable}: pip install -e . installs it")
+    proc = subprocess.run([str(script), "convert", str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"converted {src} (llama, ") and "loading hf" in proc.stderr  # the tqdm bar
+    model = mlx_zeta.from_pretrained(tmp_path / "bf16")
+    assert all(v.dtype == mx.bfloat16 for _, v in tree_flatten(model.parameters()))
