@@ -33,6 +33,7 @@ bench: $(VENV)/.installed-demo
 	$(PY) benchmarks/ternary.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/grad_checkpoint.py
+	$(PY) benchmarks/kernels.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -13,6 +13,7 @@ from mlx_zeta.nn.norms import LayerNorm, RMSNorm, ScaleNorm, SimpleRMSNorm
 from mlx_zeta.nn.positional import (
     AbsolutePositionalEmbedding,
     AlibiPositionalBias,
+    PositionBias,
     RelativePositionBias,
     RotaryEmbedding,
     ScaledSinusoidalEmbedding,
@@ -25,6 +26,7 @@ from mlx_zeta.nn.vision import VisionEmbedding
 __all__ = [
     "AbsolutePositionalEmbedding",
     "AlibiPositionalBias",
+    "PositionBias",
     "Attention",
     "FeedForward",
     "FlashAttention",

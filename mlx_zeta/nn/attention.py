@@ -8,7 +8,7 @@ import mlx.nn as nn
 
 from mlx_zeta.nn.feedforward import affine
 from mlx_zeta.nn.kv_cache import KVCache
-from mlx_zeta.nn.positional import apply_rotary_pos_emb
+from mlx_zeta.nn.positional import PositionBias, apply_rotary_pos_emb
 
 __all__ = ["FlashAttention", "Attention", "MultiheadAttention", "MultiQueryAttention", "MultiGroupedQueryAttn", "KVCache",
            "attention_heads"]
@@ -62,7 +62,9 @@ class FlashAttention(nn.Module):
     Shape:
         - q: :math:`(B, H, L_q, D)`; k: :math:`(B, H_{kv}, L_k, D)`; v: :math:`(B, H_{kv}, L_k, D_v)`.
         - mask: :math:`(B, L_k)` or broadcastable to :math:`(B, H, L_q, L_k)`.
-        - attn_bias: broadcastable to :math:`(B, H, L_q, L_k)`, e.g. ALiBi :math:`(H, L_q, L_k)`.
+        - attn_bias: broadcastable to :math:`(B, H, L_q, L_k)`, e.g. ALiBi :math:`(H, L_q, L_k)`; or a
+          :class:`~mlx_zeta.nn.positional.PositionBias` (ALiBi slopes / T5 table and buckets), which the
+          fused kernels compute in place on Metal / CUDA and which is materialised elsewhere.
         - output: :math:`(B, H, L_q, D_v)`.
 
     Example:
@@ -100,10 +102,20 @@ class FlashAttention(nn.Module):
     def _forward(self, q, k, v, mask, attn_bias, causal, need_weights):
         self._check_qkv(q, k, v)
         causal = self.causal if causal is None else causal
-        mask, keep = self._build_mask(q, k, mask, attn_bias, causal)
-        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         drop = self.dropout if self.training else 0.0
-        if need_weights or drop > 0:
+        position = attn_bias if isinstance(attn_bias, PositionBias) else None
+        fused = not need_weights and drop == 0 and self._fused_applies(q, k, v, mask, attn_bias, causal)
+        if position is not None:  # O(L) bias data: computed in the kernel, else materialised here
+            attn_bias = None if fused else position.materialize(q.shape[2], k.shape[2])
+        mask, keep = self._build_mask(q, k, mask, attn_bias, causal and not fused)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        if fused:  # causal masking and position biases applied in the kernel: no (q_len, k_len) array
+            from mlx_zeta.kernels.attention import fused_attention
+
+            p = position or PositionBias()
+            out, weights = fused_attention(q, k, v, scale=scale, causal=causal, mask=mask, alibi_slopes=p.alibi_slopes,
+                                           t5_table=p.t5_table, t5_buckets=p.t5_buckets), None
+        elif need_weights or drop > 0:
             out, weights = self._explicit(q, k, v, scale, mask, drop)
         else:
             out, weights = self._dispatch(q, k, v, scale, mask), None
@@ -111,6 +123,21 @@ class FlashAttention(nn.Module):
             out = mx.where(keep, out, 0)
             weights = None if weights is None else mx.where(keep, weights, 0)
         return out, weights
+
+    def _fused_applies(self, q: mx.array, k: mx.array, v: mx.array, mask, attn_bias, causal: bool) -> bool:
+        """Route to :func:`mlx_zeta.kernels.attention.fused_attention` where it adds something and
+        only on Metal / CUDA with shapes the kernels take: a :class:`PositionBias` (computed in the
+        kernel), or causal attention with a mask or bias beside it or ``q_len > k_len`` (mx.fast
+        needs a combined ``(q_len, k_len)`` mask there)."""
+        if not self.flash:
+            return False
+        adds = isinstance(attn_bias, PositionBias) or (
+            causal and (mask is not None or attn_bias is not None or q.shape[2] > k.shape[2]))
+        if not adds:
+            return False
+        from mlx_zeta.kernels import attention, source
+
+        return source.gpu_backend() is not None and attention.kernel_supports(q, k, v)
 
     def _dispatch(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
         """The one place that picks a kernel (later: custom Metal / CUDA kernels)."""

@@ -4,14 +4,14 @@ position buckets, learned absolute and scaled sinusoidal embeddings."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 __all__ = [
     "RotaryEmbedding", "rotate_half", "apply_rotary_pos_emb", "AlibiPositionalBias",
-    "RelativePositionBias", "AbsolutePositionalEmbedding", "ScaledSinusoidalEmbedding",
+    "RelativePositionBias", "AbsolutePositionalEmbedding", "ScaledSinusoidalEmbedding", "PositionBias",
 ]
 
 
@@ -340,6 +340,41 @@ class RelativePositionBias(nn.Module):
         _check_int("RelativePositionBias", "batch_size", batch_size, 1)
         bias = self.compute_bias(qlen, klen, step)
         return mx.broadcast_to(bias, (batch_size, self.num_heads, qlen, klen))
+
+
+class PositionBias(NamedTuple):
+    r"""An additive attention-score bias given by :math:`O(L)` data instead of an
+    :math:`(L_q, L_k)` array, so the fused kernels (:mod:`mlx_zeta.kernels.attention`) compute
+    it in place; :meth:`materialize` builds the array where no kernel runs. With
+    :math:`i' = i + L_k - L_q` (queries aligned to the end of the keys):
+
+    .. math::
+
+        B_{hij} = -m_h\,|j - i'| \ \ (\text{ALiBi}) \;+\; T_{\beta[j - i + L_q - 1],\, h} \ \ (\text{T5})
+
+    Fields: ``alibi_slopes`` :math:`m` (H,) (zero for heads without ALiBi), ``t5_table``
+    :math:`T` (num_buckets, H) and ``t5_buckets`` :math:`\beta` (L_q + L_k - 1,) int32 (see
+    :func:`mlx_zeta.kernels.attention.t5_relative_buckets`). Either part may be None.
+    """
+
+    alibi_slopes: Optional[mx.array] = None
+    t5_table: Optional[mx.array] = None
+    t5_buckets: Optional[mx.array] = None
+
+    def materialize(self, q_len: int, k_len: int) -> Optional[mx.array]:
+        """The bias as an array of shape (H, q_len, k_len) (float32), or None when empty;
+        equal to :class:`AlibiPositionalBias` / :meth:`RelativePositionBias.compute_bias`."""
+        q_pos = mx.arange(q_len)[:, None] + (k_len - q_len)  # i'
+        k_pos = mx.arange(k_len)[None, :]
+        bias = None
+        if self.alibi_slopes is not None:
+            dist = mx.abs(k_pos - q_pos).astype(mx.float32)
+            bias = -self.alibi_slopes.astype(mx.float32)[:, None, None] * dist
+        if self.t5_table is not None:
+            offsets = k_pos - mx.arange(q_len)[:, None] + (q_len - 1)  # (q_len, k_len) into t5_buckets
+            t5 = self.t5_table.astype(mx.float32)[self.t5_buckets[offsets]].transpose(2, 0, 1)
+            bias = t5 if bias is None else bias + t5
+        return bias
 
 
 def _seq_len_of(owner: str, x: mx.array) -> int:

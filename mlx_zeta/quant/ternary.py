@@ -16,7 +16,12 @@ Compute paths on MLX's CPU backend, until custom kernels exist (``kernel=``):
   words are built once from the codes and cached (0.25 + 0.0625 bytes per weight beside
   ``packed``). Its time grows linearly with the rows of ``x``: it ties with ``"unpack"``
   for one row (18.6 vs 18.7 ms) and loses from two rows on (36 vs 24 ms; 50-100x at 256).
-* ``"auto"``: ``"affine"`` for at most ``AFFINE_MAX_ROWS`` rows, else ``"unpack"``.
+* ``"fused"``: :func:`mlx_zeta.kernels.ternary_matmul` on the 2-bit packed bytes as they are
+  (no decoded copy): the Metal/CUDA kernels where a GPU backend is present, exact int32
+  accumulation for int8 activations; on the CPU its reference path (unpack + matmul).
+  ``FUSED_USE_KERNEL`` is passed as its ``use_kernel`` (tests set ``"emulate"``). 2-bit only.
+* ``"auto"``: ``"fused"`` when a GPU backend (Metal or CUDA) is present and the packing is
+  2-bit; otherwise ``"affine"`` for at most ``AFFINE_MAX_ROWS`` rows, else ``"unpack"``.
 
 See BENCHMARKS.md ("Packed ternary layers") for the measurements behind these choices.
 """
@@ -28,6 +33,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_zeta.kernels.source import gpu_backend
 from mlx_zeta.quant.bitlinear import quantize_activations, ternarize
 from mlx_zeta.quant.packing import TRITS_PER_BYTE, _base3_codes, pack_2bit, pack_base3
 
@@ -40,11 +46,12 @@ AFFINE_MAX_ROWS = 1  # "auto" uses the affine path up to this many rows of x
 # c = w + 1 <= 2 and subtracts sum(q_x), so it stays exact up to half of that.
 EXACT_IN_FEATURES = (1 << 24) // 128  # 131072: "unpack" splits longer inputs into exact chunks
 EXACT_IN_FEATURES_AFFINE = (1 << 24) // 256  # 65536: beyond it int8 mode uses "unpack"
+FUSED_USE_KERNEL = None  # use_kernel for kernel="fused" (None: GPU kernel where present, else reference)
 
 _ACTIVATIONS = ("int8", "float")
 _CONVENTIONS = ("divide", "multiply")
 _PACKINGS = ("2bit", "base3")
-_KERNELS = ("auto", "unpack", "affine")
+_KERNELS = ("auto", "unpack", "affine", "fused")
 _ZERO_BYTE = {"2bit": 0b01010101, "base3": 121}  # every code 1 (weight 0): 1+3+9+27+81 = 121
 
 
@@ -89,7 +96,8 @@ class TernaryLinear(nn.Module):
         activation (str): ``"int8"`` or ``"float"``. Default: ``"int8"``.
         scale_convention (str): ``"divide"`` or ``"multiply"`` (see above). Default: ``"divide"``.
         packing (str): ``"2bit"`` (0.25 bytes/weight, transformers' layout) or ``"base3"`` (0.2). Default: ``"2bit"``.
-        kernel (str): ``"unpack"``, ``"affine"`` or ``"auto"`` (module docstring). Default: ``"unpack"``.
+        kernel (str): ``"unpack"``, ``"affine"``, ``"fused"`` (2-bit only) or ``"auto"`` (module docstring).
+            Default: ``"unpack"``.
         quant_eps (float): floor on :math:`\max|x|` of the activation quantizer. Default: ``1e-5``.
 
     Shape:
@@ -280,11 +288,24 @@ class TernaryLinear(nn.Module):
             x = mx.pad(x, [(0, 0), (0, padded - self.in_features)])
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group, bits=2)
 
+    def _fused_matmul(self, x: mx.array, exact: bool) -> mx.array:
+        """The packed-byte kernels: int8 codes (``exact``: x holds the int8 values) or float32 x."""
+        from mlx_zeta.kernels.ternary import ternary_matmul
+
+        if self.packing != "2bit":
+            raise ValueError("[TernaryLinear] kernel='fused' reads the 2-bit layout; this layer packs 'base3'")
+        x = x.astype(mx.int8) if exact else x
+        return ternary_matmul(x, self.packed, self.out_features, use_kernel=FUSED_USE_KERNEL).astype(mx.float32)
+
     def _matmul(self, x: mx.array, exact: bool) -> mx.array:
         """x (M, in) float32 -> x @ T^T (M, out) float32 on the chosen path."""
         kernel = _choice("kernel", self.kernel, _KERNELS)
-        if kernel == "auto":
+        if kernel == "auto" and self.packing == "2bit" and gpu_backend() is not None:
+            kernel = "fused"
+        elif kernel == "auto":
             kernel = "affine" if x.shape[0] <= AFFINE_MAX_ROWS else "unpack"
+        if kernel == "fused":
+            return self._fused_matmul(x, exact)
         if kernel == "affine" and not (exact and self.in_features > EXACT_IN_FEATURES_AFFINE):
             return self._affine_matmul(x)
         return self._unpack_matmul(x, exact)
