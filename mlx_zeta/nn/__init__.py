@@ -8,7 +8,7 @@ from mlx_zeta.nn.attention import (
     MultiQueryAttention,
 )
 from mlx_zeta.nn.feedforward import FeedForward, ReluSquared
-from mlx_zeta.nn.kv_cache import KVCache
+from mlx_zeta.nn.kv_cache import KVCache, StaticKVCache
 from mlx_zeta.nn.norms import LayerNorm, RMSNorm, ScaleNorm, SimpleRMSNorm
 from mlx_zeta.nn.positional import (
     AbsolutePositionalEmbedding,
@@ -31,6 +31,7 @@ __all__ = [
     "FeedForward",
     "FlashAttention",
     "KVCache",
+    "StaticKVCache",
     "LayerNorm",
     "MultiGroupedQueryAttn",
     "MultiheadAttention",

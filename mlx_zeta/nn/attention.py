@@ -244,7 +244,10 @@ def attention_heads(p: Mapping, q: mx.array, k: mx.array, v: mx.array, *, heads:
         k = apply_rotary_pos_emb(k, freqs, scale**-1)
     if cache is not None:
         k, v = cache.update_and_fetch(k, v)
-    out = attend(q, k, v, mask=mask, attn_bias=attn_bias)  # (b, heads, n, dim_head)
+    # a StaticKVCache returns capacity-long buffers: positions are masked by the layer's mask, not by
+    # bottom-right causal alignment
+    causal = False if getattr(cache, "masks_positions", False) else None
+    out = attend(q, k, v, mask=mask, attn_bias=attn_bias, causal=causal)  # (b, heads, n, dim_head)
     return affine(p["to_out"], out.transpose(0, 2, 1, 3).reshape(b, n, -1))
 
 

@@ -83,3 +83,75 @@ class KVCache:
         if self.keys is None:
             return None, None
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+
+class StaticKVCache(KVCache):
+    r"""Key/value cache of fixed capacity whose position is an array, for graphs with static
+    shapes: ``mx.compile``-d decode loops (no recompilation per step) and exports such as a
+    Core ML decoder whose cache is model state.
+
+    :meth:`update_and_fetch` writes the new keys/values at ``offset`` (``mx.slice_update`` with
+    an array start) and returns the *whole* buffers, :math:`L = \text{capacity}`; unwritten
+    positions hold zeros. The attention must therefore hide keys by position rather than by
+    length: :meth:`keep_mask` gives query :math:`i` (at position ``offset + i``) the keys
+    :math:`j \le \text{offset} + i`, and the layers apply it instead of bottom-right causal
+    masking (``masks_positions``). ``offset`` is an int32 scalar array, so the same traced
+    graph serves every step. The caller keeps ``offset + new <= capacity`` (writes past the
+    end are not checked at run time, which would need a host sync).
+
+    Args:
+        capacity (int): positions held.
+        keys, values (array, optional): initial buffers :math:`(B, H_{kv}, \text{capacity}, D)`
+            (e.g. the state of an exported model). Default: zeros at the first update.
+        offset (array, optional): int32 scalar, positions already written. Default: ``0``.
+
+    Example:
+        >>> cache = StaticKVCache(capacity=8)
+        >>> keys, _ = cache.update_and_fetch(mx.ones((1, 2, 3, 4)), mx.ones((1, 2, 3, 4)))
+        >>> keys.shape, cache.offset.item()
+        ((1, 2, 8, 4), 3)
+    """
+
+    masks_positions = True
+
+    def __init__(self, capacity: int, keys: Optional[mx.array] = None, values: Optional[mx.array] = None,
+                 offset: Optional[mx.array] = None):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"[StaticKVCache] expected capacity to be an int >= 1, got {capacity!r}")
+        if (keys is None) != (values is None) or (keys is not None and (keys.ndim != 4 or keys.shape[2] != capacity)):
+            raise ValueError(f"[StaticKVCache] expected keys and values both given, of shape (batch, kv_heads, "
+                             f"{capacity}, dim), or neither")
+        super().__init__()
+        self.capacity = capacity
+        self.keys, self.values = keys, values
+        self.offset = mx.array(0, dtype=mx.int32) if offset is None else offset.astype(mx.int32).reshape(())
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        """Write ``keys``/``values`` at ``offset``; return the full buffers and advance ``offset``."""
+        self._check_update(keys, values)
+        if keys.shape[2] > self.capacity:
+            raise ValueError(f"[StaticKVCache] expected at most capacity={self.capacity} new positions, "
+                             f"got {keys.shape[2]}")
+        if self.keys is None:
+            b, h, _, d = keys.shape
+            self.keys = mx.zeros((b, h, self.capacity, d), keys.dtype)
+            self.values = mx.zeros((b, h, self.capacity, values.shape[3]), values.dtype)
+        start = self.offset.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys.astype(self.keys.dtype), start, axes=(2,))
+        self.values = mx.slice_update(self.values, values.astype(self.values.dtype), start, axes=(2,))
+        self.offset = self.offset + keys.shape[2]
+        return self.keys, self.values
+
+    def keep_mask(self, n: int) -> mx.array:
+        """Boolean (n, capacity): query ``i`` of the next ``n`` (at position ``offset + i``) sees
+        keys ``j <= offset + i`` (causal; unwritten positions are never seen)."""
+        return mx.arange(self.capacity)[None, :] <= (self.offset + mx.arange(n))[:, None]
+
+    def reset(self) -> None:
+        """Start a new sequence (buffers keep their memory; positions are hidden by the mask)."""
+        self.offset = mx.array(0, dtype=mx.int32)
+
+    @property
+    def state(self) -> Tuple[Optional[mx.array], Optional[mx.array]]:
+        """The whole buffers ``(keys, values)`` (capacity positions), or ``(None, None)`` before use."""
+        return self.keys, self.values

@@ -56,7 +56,7 @@ class RotaryEmbedding(nn.Module):
 
     Call:
         ``rotary(seq_len, offset=0, center=None)`` returns ``(freqs, scale)`` for
-        positions ``offset .. offset + seq_len - 1``. ``scale`` is ``1.0`` without
+        positions ``offset .. offset + seq_len - 1`` (``offset`` an int or an int32 scalar array). ``scale`` is ``1.0`` without
         xPos. The xPos centre :math:`c` defaults to ``(offset + seq_len) // 2``, the
         middle of the whole sequence so far (zeta's ``seq_len // 2`` at
         ``offset=0``), so the last ``seq_len`` rows of a full call are reproduced.
@@ -120,8 +120,11 @@ class RotaryEmbedding(nn.Module):
         self, seq_len: int, offset: int = 0, center: Optional[int] = None
     ) -> Tuple[mx.array, Union[mx.array, float]]:
         _check_int("RotaryEmbedding", "seq_len", seq_len, 1)
-        _check_int("RotaryEmbedding", "offset", offset, 0)
-        pos = mx.arange(offset, offset + seq_len, dtype=mx.float32)  # (L,)
+        if isinstance(offset, mx.array):  # a traced position (StaticKVCache): same graph every step
+            pos = offset.astype(mx.float32) + mx.arange(seq_len, dtype=mx.float32)  # (L,)
+        else:
+            _check_int("RotaryEmbedding", "offset", offset, 0)
+            pos = mx.arange(offset, offset + seq_len, dtype=mx.float32)  # (L,)
         angles = (pos / self.interpolation_factor)[:, None] * self._inv_freq  # (L, d/2)
         freqs = mx.concatenate([angles, angles], axis=-1)
         if not self.use_xpos:

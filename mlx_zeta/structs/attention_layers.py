@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from mlx_zeta.nn.attention import Attention
 from mlx_zeta.nn.feedforward import FeedForward
-from mlx_zeta.nn.kv_cache import KVCache
+from mlx_zeta.nn.kv_cache import KVCache, StaticKVCache
 from mlx_zeta.nn.norms import RMSNorm, ScaleNorm
 from mlx_zeta.kernels.attention import t5_relative_buckets
 from mlx_zeta.kernels.source import gpu_backend
@@ -18,7 +18,7 @@ from mlx_zeta.structs.cache import RotatingKVCache
 
 __all__ = ["AttentionLayers", "Encoder", "Decoder", "CrossAttender"]
 
-Cache = Union[KVCache, RotatingKVCache]
+Cache = Union[KVCache, RotatingKVCache, StaticKVCache]
 
 # Extra keywords routed by prefix: ``attn_<name>`` -> Attention(<name>=...), ``ff_<name>`` -> FeedForward.
 # The options AttentionLayers sets itself (or that would break the residual stream) are not routable.
@@ -262,10 +262,17 @@ class AttentionLayers(nn.Module):
                              f"accepted: {routable}")
         return attn, ff
 
-    def make_cache(self) -> List[Cache]:
-        """One cache per self-attention layer: ``RotatingKVCache(sliding_window)`` or ``KVCache``."""
+    def make_cache(self, capacity: Optional[int] = None) -> List[Cache]:
+        """One cache per self-attention layer: ``RotatingKVCache(sliding_window)`` or ``KVCache``;
+        with ``capacity``, a :class:`~mlx_zeta.nn.StaticKVCache` of that many positions (static
+        shapes for ``mx.compile`` and exports; causal stacks with rotary or absolute positions)."""
         if not self.has_self_attn:
             return []
+        if capacity is not None:
+            if not self.causal or "alibi" in self or "rel_pos" in self or self.sliding_window is not None:
+                raise ValueError(f"[{type(self).__name__}] a static cache (capacity=) needs a causal stack without "
+                                 "ALiBi, T5 relative positions or a sliding window")
+            return [StaticKVCache(capacity) for _ in range(self.depth)]
         if self.sliding_window is not None:
             return [RotatingKVCache(max_size=self.sliding_window) for _ in range(self.depth)]
         return [KVCache() for _ in range(self.depth)]
@@ -286,9 +293,15 @@ class AttentionLayers(nn.Module):
         self_mask = attn_bias = rotary = None
         if self.has_self_attn:
             offset = cache[0].offset if cache else 0
-            kept = (cache[0].size if isinstance(cache[0], RotatingKVCache) else cache[0].offset) if cache else 0
-            k_len = kept + n
-            self_mask = self._self_mask(mask, b, n, offset, k_len)
+            if cache and isinstance(cache[0], StaticKVCache):  # positions as arrays, keys = the whole buffer
+                if mask is not None:
+                    raise ValueError(f"[{name}] expected no mask with a StaticKVCache (it masks by position)")
+                self_mask = cache[0].keep_mask(n)[None, None]  # (1, 1, n, capacity)
+                k_len = cache[0].capacity
+            else:
+                kept = (cache[0].size if isinstance(cache[0], RotatingKVCache) else cache[0].offset) if cache else 0
+                k_len = kept + n
+                self_mask = self._self_mask(mask, b, n, offset, k_len)
             if ("alibi" in self or "rel_pos" in self) and gpu_backend() is not None:
                 attn_bias = self._position_bias(n, k_len)  # O(L) data for the fused kernels
             elif "alibi" in self:

@@ -95,9 +95,10 @@ class Transformer(nn.Module):
         if not tie_embedding:
             self.to_logits = nn.Linear(dim, out_dim, bias=False)
 
-    def make_cache(self) -> List[Cache]:
-        """The attention stack's caches (see :meth:`AttentionLayers.make_cache`)."""
-        return self.attn_layers.make_cache()
+    def make_cache(self, capacity: Optional[int] = None) -> List[Cache]:
+        """The attention stack's caches (see :meth:`AttentionLayers.make_cache`; ``capacity`` gives
+        static caches whose position is an array)."""
+        return self.attn_layers.make_cache(capacity)
 
     def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[List[Cache]] = None,
                  return_embeddings: bool = False, prepend_embeds: Optional[mx.array] = None,
@@ -113,15 +114,18 @@ class Transformer(nn.Module):
                                  f"got shape {tuple(prepend_embeds.shape)}")
             p = prepend_embeds.shape[1]
         offset = cache[0].offset if cache else 0
+        traced = isinstance(offset, mx.array)  # a StaticKVCache: the position is an array
+        if mask is not None and traced:
+            raise ValueError("[Transformer] expected no mask with a StaticKVCache (it masks by position)")
         if mask is not None and (mask.ndim != 2 or mask.shape[0] != b or mask.shape[1] not in (n, offset + n)):
             raise ValueError(f"[Transformer] expected mask of shape ({b}, {n}) over the tokens or ({b}, {offset + n}) "
                              f"over every position so far, got shape {tuple(mask.shape)}")
         h = self.token_emb(x)  # (b, n, emb_dim)
         if "pos_emb" in self:
-            if offset + p + n > self.max_seq_len:
+            if not traced and offset + p + n > self.max_seq_len:
                 raise ValueError(f"[Transformer] expected at most max_seq_len={self.max_seq_len} positions with absolute "
                                  f"position embedding, got {offset + p + n} (cached {offset}, prefix {p}, tokens {n})")
-            h = h + self.pos_emb(x, pos=mx.arange(offset + p, offset + p + n)).astype(h.dtype)
+            h = h + self.pos_emb(x, pos=offset + p + mx.arange(n)).astype(h.dtype)
         if "post_emb_norm" in self:
             h = self.post_emb_norm(h)
         if prepend_embeds is not None:
