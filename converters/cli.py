@@ -7,8 +7,17 @@
 :func:`~mlx_zeta.converters.pretrained.from_pretrained`, optionally casts and quantizes it
 (MLX affine, :func:`~mlx_zeta.converters.pretrained.quantize`), and writes it with
 :func:`~mlx_zeta.converters.pretrained.save_pretrained`, which writes atomically: on any
-error DST is left as it was. Each subcommand is one ``_add_*`` function that registers its
-parser and its handler, so more (``export-coreml``) slot in beside ``convert``.
+error DST is left as it was.
+
+    mlx-zeta export-coreml SRC OUT.mlpackage [--task lm|encoder|vit|auto] [--capacity N]
+                           [--prefill-len N] [--seq-len N] [--precision float16|float32]
+
+``export-coreml`` loads SRC with ``from_pretrained`` and writes a Core ML package (atomically):
+a decoder LM (``Transformer``) as a stateful package with ``prefill``/``decode`` functions and
+the KV cache as state (:func:`~mlx_zeta.converters.coreml.export_decoder`); a BERT encoder as
+``input_ids``/``attention_mask`` (B, seq-len) -> ``last_hidden_state``; a ViT as ``pixel_values``
+(1, H, W, C) -> ``logits`` (or hidden states without a classifier). Each subcommand is one
+``_add_*`` function that registers its parser and its handler.
 
 Exit status: 0 on success, 2 for a usage error or a checkpoint the library rejects (a
 one-line message on stderr, no traceback), 1 for an operating-system error while
@@ -112,9 +121,90 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export-coreml
+
+_TASKS = ("lm", "encoder", "vit")
+
+
+def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
+    about = ("Export an mlx_zeta / Hugging Face model folder to a Core ML ML Program (iOS 18 / macOS 15): decoder "
+             "LMs as one stateful package with prefill and decode functions, BERT encoders, ViT image classifiers.")
+    p = sub.add_parser("export-coreml", help="export a model folder to a Core ML .mlpackage", description=about)
+    p.add_argument("src", help="model folder (or Hub repo id) that mlx_zeta.from_pretrained loads")
+    p.add_argument("dst", type=Path, help="output .mlpackage (written atomically)")
+    p.add_argument("--task", choices=_TASKS + ("auto",), default="auto",
+                   help="what to export (default: auto, from the model type)")
+    p.add_argument("--capacity", type=int, metavar="N", help="lm: KV-cache positions (default: 512)")
+    p.add_argument("--prefill-len", type=int, metavar="N", 
+                   help="lm: tokens per prefill call (default: min(64, capacity))")
+    p.add_argument("--seq-len", type=int, metavar="N", help="encoder: tokens per call (default: 128)")
+    p.add_argument("--precision", choices=["float16", "float32"], default="float16",
+                   help="activation precision (default: float16)")
+    p.set_defaults(handler=_export_coreml)
+
+
+def _task_of(model) -> str:
+    from mlx_zeta.structs import Transformer
+
+    from .bert import BertEncoder
+    from .vit import PretrainedViT
+
+    for task, cls in (("lm", Transformer), ("encoder", BertEncoder), ("vit", PretrainedViT)):
+        if isinstance(model, cls):
+            return task
+    raise ValueError(f"[export-coreml] no Core ML export for a {type(model).__name__}; expected a decoder "
+                     "Transformer, a BertEncoder or a PretrainedViT")
+
+
+def _export_coreml(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
+    from .coreml import export_coreml, export_decoder, package_summary
+    from .pretrained import from_pretrained
+
+    dst: Path = args.dst
+    if dst.suffix != ".mlpackage":
+        raise ValueError(f"[export-coreml] expected an output path ending in .mlpackage, got {dst}")
+    for flag in ("capacity", "prefill_len", "seq_len"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"[export-coreml] expected --{flag.replace('_', '-')} >= 1, got {value}")
+    start = time.perf_counter()
+    model = from_pretrained(args.src)
+    task = _task_of(model)
+    if args.task not in ("auto", task):
+        raise ValueError(f"[export-coreml] --task {args.task} does not fit a {type(model).__name__} "
+                         f"(its task is {task})")
+    options = (("capacity", "lm"), ("prefill_len", "lm"), ("seq_len", "encoder"))
+    unused = [f"--{f.replace('_', '-')}" for f, used in options if getattr(args, f) is not None and used != task]
+    if unused:
+        raise ValueError(f"[export-coreml] {', '.join(unused)}: not used by task {task}")
+    if task == "lm":
+        capacity = args.capacity or 512
+        export_decoder(model, dst, capacity=capacity, prefill_len=args.prefill_len or min(64, capacity),
+                       precision=args.precision)
+    elif task == "encoder":
+        n = args.seq_len or 128
+        ids, mask = mx.zeros((1, n), mx.int32), mx.ones((1, n), mx.int32)
+        export_coreml(lambda i, m: model(i, m), (ids, mask), dst, input_names=["input_ids", "attention_mask"],
+                      output_names=["last_hidden_state"], precision=args.precision)
+    else:
+        size, channels = model.embeddings.img_size, model.embeddings.in_chans
+        export_coreml(model, (mx.zeros((1, *size, channels)),), dst, input_names=["pixel_values"],
+                      output_names=["logits" if "classifier" in model else "last_hidden_state"],
+                      precision=args.precision)
+    summary = package_summary(dst)
+    funcs = "; ".join(f"{name}({', '.join(f'{k} {v}' for k, v in f['inputs'].items())}) -> {', '.join(f['outputs'])}"
+                      for name, f in summary["functions"].items())
+    states = f", {len(summary['states'])} state(s)" if summary["states"] else ""
+    print(f"exported {args.src} ({type(model).__name__}, task {task}, {args.precision}) -> {dst}: {funcs}{states}; "
+          f"{_human(summary['bytes'])} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
-COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (_add_convert,)
+COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (_add_convert, _add_export_coreml)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,205 @@
+"""Core ML export of MLX models and functions: trace, lower (:mod:`.lower`), convert, save atomically.
+
+:func:`to_mil` gives the lowered MIL program without saving (tests evaluate it in numpy);
+:func:`export_coreml` converts it with ``coremltools.convert`` to an ML Program and writes the
+``.mlpackage`` into a temporary folder beside ``path``, renamed into place only when complete.
+
+Ternary layers (:class:`~mlx_zeta.quant.TernaryLinear`) are swapped, while tracing, for a
+stand-in computing the same function from a dense float32 matrix ``W = T * s`` (``s`` the
+effective scale: ``1 / weight_scale`` for "divide", ``weight_scale`` for "multiply"); the
+lowering recognises that constant and emits ``constexpr_lut_to_dense`` with uint2 indices
+``T + 1`` and the LUT ``{-s, 0, +s, 0}`` (0.25 bytes per weight).
+"""
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .lower import capture, lower_graph
+
+__all__ = ["export_coreml", "to_mil", "ternary_standins", "save_atomically"]
+
+_TARGETS = ("iOS18", "macOS15")
+
+
+def _standin(layer):
+    """(stand-in module, dense W, codes, s) for one TernaryLinear."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_zeta.quant.bitlinear import quantize_activations
+    from mlx_zeta.quant.packing import unpack_2bit, unpack_base3
+
+    q = unpack_2bit(layer.packed, layer.out_features) if layer.packing == "2bit" else \
+        unpack_base3(layer.packed, layer.in_features)
+    sigma = float(layer.weight_scale.item())
+    s = 1.0 / sigma if layer.scale_convention == "divide" else sigma
+    codes = (np.array(q) + 1).astype(np.uint8)
+    dense = mx.array(np.array(q).astype(np.float32) * np.float32(s))
+    bias = None
+    if "bias" in layer:
+        bias = layer.bias if layer.scale_convention == "divide" else layer.bias * layer.weight_scale
+
+    class TernaryStandIn(nn.Module):
+        """Traces as ``x_q @ W.T / s_x + b`` (int8 activations) or ``x @ W.T + b`` (float)."""
+
+        def __call__(self, x):
+            dtype = x.dtype
+            x = layer._prepare(x)
+            if layer.activation == "int8":
+                q_x, s_x = quantize_activations(x, layer.quant_eps)
+                y = (q_x.astype(mx.float32) @ dense.T) / s_x
+            else:
+                y = x.astype(mx.float32) @ dense.T
+            return (y + bias if bias is not None else y).astype(dtype)
+
+    return TernaryStandIn(), (np.array(dense), codes, np.float32(s))
+
+
+@contextmanager
+def ternary_standins(model):
+    """Swap every TernaryLinear in ``model`` for its traced stand-in; yields the LUT weights
+    ``[(dense, codes, s)]`` for :func:`~.lower.lower_graph`; restores the layers on exit."""
+    import mlx.nn as nn
+    from mlx_zeta.quant import TernaryLinear
+
+    swapped, luts = [], []
+
+    def walk(container, keys):
+        for k in keys:
+            child = container[k]
+            if isinstance(child, TernaryLinear):
+                standin, lut = _standin(child)
+                swapped.append((container, k, child))
+                luts.append(lut)
+                container[k] = standin
+            elif isinstance(child, nn.Module):
+                walk(child, list(child.keys()))
+            elif isinstance(child, list):
+                walk(child, range(len(child)))
+
+    if isinstance(model, TernaryLinear):
+        standin, lut = _standin(model)
+        yield standin, [lut]
+        return
+    if isinstance(model, nn.Module):
+        walk(model, list(model.keys()))
+    try:
+        yield model, luts
+    finally:
+        for container, k, child in reversed(swapped):
+            container[k] = child
+
+
+def _as_tuple(example_inputs):
+    import mlx.core as mx
+    if isinstance(example_inputs, mx.array):
+        return (example_inputs,)
+    return tuple(mx.array(np.asarray(a)) if not isinstance(a, mx.array) else a for a in example_inputs)
+
+
+def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] = None,
+           output_names: Optional[Sequence[str]] = None, precision: str = "float16", ternary: str = "lut",
+           fuse_attention: bool = True, channels_first: Sequence[int] = (), minimum_deployment_target="iOS18",
+           states=None, return_stats: bool = False):
+    """Trace ``model_or_fn(*example_inputs)`` and lower it: a coremltools MIL ``Program`` (not
+    optimized by coremltools' passes; see :func:`export_coreml`). ``ternary="dense"`` keeps
+    ternary weights as plain fp16/fp32 consts instead of ``constexpr_lut_to_dense``.
+    With ``return_stats`` also returns ``{"fused_attention": n, "nodes": n}``."""
+    import coremltools as ct
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if precision not in ("float16", "float32"):
+        raise ValueError(f"[export_coreml] expected precision 'float16' or 'float32', got {precision!r}")
+    if ternary not in ("lut", "dense"):
+        raise ValueError(f"[export_coreml] expected ternary 'lut' or 'dense', got {ternary!r}")
+    if minimum_deployment_target not in _TARGETS:
+        raise ValueError(f"[export_coreml] expected minimum_deployment_target in {_TARGETS} "
+                         f"(scaled_dot_product_attention and constexpr_lut_to_dense need them), "
+                         f"got {minimum_deployment_target!r}")
+    args = _as_tuple(example_inputs)
+    name = type(model_or_fn).__name__ if isinstance(model_or_fn, nn.Module) else \
+        getattr(model_or_fn, "__name__", "function")
+    if isinstance(model_or_fn, nn.Module):
+        mx.eval(model_or_fn.parameters())  # lazy initialisers would otherwise be traced
+    with ternary_standins(model_or_fn) as (fn, luts):
+        graph = capture(fn, *args)
+    prog, stats = lower_graph(graph, precision, luts if ternary == "lut" else (), input_names, output_names,
+                              name, fuse_attention, getattr(ct.target, minimum_deployment_target), states,
+                              channels_first)
+    return (prog, stats) if return_stats else prog
+
+
+def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Sequence[str]] = None,
+                  output_names: Optional[Sequence[str]] = None, precision: str = "float16",
+                  minimum_deployment_target: str = "iOS18", image_input: Optional[dict] = None,
+                  compress: Optional[str] = None) -> Path:
+    """Export to a Core ML ML Program ``path`` (``.mlpackage``) and return the path.
+
+    Args:
+        model_or_fn: an ``nn.Module`` or a function of arrays returning arrays.
+        example_inputs: array or tuple of arrays; shapes are fixed to these.
+        input_names, output_names: Core ML feature names (default ``input_i`` / ``output_i``).
+        precision: ``"float16"`` (fp16 weights and activations, fp32 statistics; see
+            :mod:`.lower`) or ``"float32"``.
+        minimum_deployment_target: ``"iOS18"`` or ``"macOS15"``.
+        image_input: for vision models, ``{"index": 0, "scale": float, "bias": [r, g, b],
+            "color_layout": "RGB" | "BGR" | "G"}`` (all keys but ``index`` required): the NHWC
+            input becomes a Core ML image (NCHW inside); Core ML computes ``scale * pixel + bias``.
+        compress: ``None`` (ternary layers as 2-bit LUTs, other weights in ``precision``) or
+            ``"ternary-dense"`` (ternary weights as plain consts, for comparison).
+
+    Raises:
+        ValueError: an unknown primitive (named with the model), bad options. Nothing is
+        left at ``path`` on failure.
+    """
+    import coremltools as ct
+
+    if compress not in (None, "ternary-dense"):
+        raise ValueError(f"[export_coreml] expected compress None or 'ternary-dense', got {compress!r}")
+    inputs, channels_first = None, ()
+    if image_input is not None:
+        missing = {"scale", "bias", "color_layout"} - set(image_input)
+        if missing:
+            raise ValueError(f"[export_coreml] image_input needs explicit {sorted(missing)}")
+        channels_first = (image_input.get("index", 0),)
+    prog = to_mil(model_or_fn, example_inputs, input_names=input_names, output_names=output_names,
+                  precision=precision, ternary="dense" if compress else "lut", channels_first=channels_first,
+                  minimum_deployment_target=minimum_deployment_target)
+    if image_input is not None:
+        func = prog.functions["main"]
+        names = list(func.inputs)
+        inputs = []
+        for i, n in enumerate(names):
+            shape = func.inputs[n].shape
+            if i in channels_first:
+                inputs.append(ct.ImageType(name=n, shape=shape, scale=image_input["scale"], bias=image_input["bias"],
+                                           color_layout=getattr(ct.colorlayout, image_input["color_layout"]),
+                                           channel_first=True))
+            else:
+                inputs.append(ct.TensorType(name=n, shape=shape))
+    model = ct.convert(prog, convert_to="mlprogram", inputs=inputs,
+                       minimum_deployment_target=getattr(ct.target, minimum_deployment_target),
+                       compute_precision=ct.precision.FLOAT32)  # fp16 already chosen op by op
+    return save_atomically(path, lambda staged: model.save(str(staged)))
+
+
+def save_atomically(path, write) -> Path:
+    """``write(staged)`` a package at a path in a temporary folder beside ``path``; move it to
+    ``path`` (replacing what was there) only when ``write`` returned. Returns ``Path(path)``."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent if path.parent.exists() else None))
+    try:
+        staged = tmp / path.name
+        write(staged)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

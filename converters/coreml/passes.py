@@ -1,0 +1,206 @@
+"""Graph rewrites on a captured MLX :class:`~mlx_zeta.converters.coreml.lower.Graph`, run by
+:func:`~mlx_zeta.converters.coreml.lower.lower_graph` before emitting MIL. Each keeps the
+function's values; they exist to give Core ML its fused ops (attention, pooling), to keep
+every tensor at rank <= 5 (Core ML's limit) and to keep constants small.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+
+from .lower import MASK_CLAMP, SHAPE_OPS, Graph, Node
+
+ELEMENTWISE = ("Add", "Subtract", "Multiply", "Divide", "Maximum", "Minimum")
+
+
+def _scalar_const(graph: Graph, name: str, prod: Dict[str, Node]) -> Optional[float]:
+    """The value of ``name`` if it is a constant with a single distinct value (through Broadcast)."""
+    while name in prod and prod[name].name == "Broadcast":
+        name = prod[name].inputs[0]
+    v = graph.constants.get(name)
+    if v is None or v.size == 0 or not np.all(v == v.flat[0]):
+        return None
+    return float(v.flat[0])
+
+
+def fuse_attention(graph: Graph) -> int:
+    r"""Rewrite ``Matmul(Softmax(Select(m, Matmul(c \cdot q, K^T), fill) | Matmul(..) + M), V)``
+    into one ``SDPA`` node (MIL ``scaled_dot_product_attention``), in place; returns the count.
+
+    Exactness conditions: every intermediate (scaled q, scores, masked scores, probabilities,
+    ``K^T``) has one consumer; ``K^T`` is a Transpose swapping the last two axes (optionally
+    Broadcast after); the scale is a scalar constant reached through shape ops only; a Select
+    fill is a constant at or below ``-MASK_CLAMP`` (so it is the bool mask's "no attention").
+    The q scale is kept in ``attrs["scale"]`` (applied as ``q * scale * sqrt(D)`` when it is not
+    ``1/sqrt(D)``); the shape ops between the scale Multiply and the Matmul are rewired onto q.
+    """
+    prod, uses = graph.producers(), graph.consumers()
+    one = lambda n: uses.get(n, 0) == 1  # noqa: E731
+    fused = 0
+    for node in graph.nodes:
+        if node.name != "Matmul" or node.in_shapes[0][-1] != node.in_shapes[1][-2]:
+            continue
+        p = prod.get(node.inputs[0])
+        if p is None or p.name != "Softmax" or not one(p.outputs[0]):
+            continue
+        s, mask, kind = prod.get(p.inputs[0]), None, None
+        if s is not None and s.name == "Select" and one(s.outputs[0]):
+            fill = _scalar_const(graph, s.inputs[2], prod)
+            if fill is None or fill > -MASK_CLAMP or s.in_dtypes[0] != "bool":
+                continue
+            mask, kind, s = s.inputs[0], "bool", prod.get(s.inputs[1])
+        elif s is not None and s.name == "Add" and one(s.outputs[0]):
+            a, b = (prod.get(i) for i in s.inputs)
+            k = 0 if a is not None and a.name == "Matmul" else 1 if b is not None and b.name == "Matmul" else None
+            if k is None:
+                continue
+            mask, kind, s = s.inputs[1 - k], "add", (a, b)[k]
+        if s is None or s.name != "Matmul" or not one(s.outputs[0]):
+            continue
+        kt = s.inputs[1]
+        while prod.get(kt) is not None and prod[kt].name == "Broadcast" and one(kt):
+            kt = prod[kt].inputs[0]
+        t = prod.get(kt)
+        r = len(s.in_shapes[1])
+        if t is None or t.name != "Transpose" or not one(kt) or not _swaps_last_two(t.args[0], r):
+            continue
+        # the scale: a scalar Multiply on q, possibly before shape ops
+        scale, chain, q = 1.0, [], s.inputs[0]
+        while prod.get(q) is not None and prod[q].name in SHAPE_OPS and one(q):
+            chain.append(prod[q])
+            q = prod[q].inputs[0]
+        m = prod.get(q)
+        if m is not None and m.name == "Multiply" and one(q):
+            for j in (0, 1):
+                c = _scalar_const(graph, m.inputs[j], prod)
+                if c is not None:
+                    scale, unscaled = c, m.inputs[1 - j]
+                    (chain[-1].inputs if chain else s.inputs)[0] = unscaled
+                    break
+        v = node.inputs[1]
+        while prod.get(v) is not None and prod[v].name == "Broadcast" and one(v):
+            v = prod[v].inputs[0]
+        inputs = [s.inputs[0], t.inputs[0], v] + ([mask] if mask is not None else [])
+        shapes = {n: sh for n2 in graph.nodes for n, sh in zip(n2.outputs, n2.out_shapes)}
+        shapes.update({n: sh for n, sh, _ in graph.inputs})
+        shapes.update({n: c.shape for n, c in graph.constants.items()})
+        node.name, node.inputs, node.args = "SDPA", inputs, []
+        node.in_shapes = [tuple(shapes[i]) for i in inputs]
+        node.in_dtypes = [node.out_dtypes[0]] * 3 + (["bool" if kind == "bool" else node.out_dtypes[0]] if mask else [])
+        node.attrs = {"scale": scale, "mask": kind}
+        fused += 1
+        prod, uses = graph.producers(), graph.consumers()
+    return fused
+
+
+def _swaps_last_two(perm, rank: int) -> bool:
+    return list(perm) == list(range(rank - 2)) + [rank - 1, rank - 2]
+
+
+def absorb_transposes(graph: Graph) -> None:
+    """``Matmul(x, Transpose(w))`` / ``AddMM`` with a last-two-axes swap read ``w`` with
+    ``transpose_y`` (weights, LUT-compressed ones included, are never transposed at run time)."""
+    prod = graph.producers()
+    for node in graph.nodes:
+        t = prod.get(node.inputs[1]) if node.name in ("Matmul", "AddMM") else None
+        if t is not None and t.name == "Transpose" and _swaps_last_two(t.args[0], len(t.in_shapes[0])):
+            node.inputs[1], node.in_shapes[1] = t.inputs[0], t.in_shapes[0]
+            node.attrs["transpose_y"] = True
+
+
+def prune(graph: Graph) -> None:
+    """Drop nodes no output depends on (``Depends`` keeps only its first input alive)."""
+    live = {o[0] for o in graph.outputs}
+    keep = []
+    for node in reversed(graph.nodes):
+        if any(o in live for o in node.outputs):
+            keep.append(node)
+            live.update(node.inputs[:1] if node.name == "Depends" else node.inputs)
+    graph.nodes = keep[::-1]
+
+
+def _single_consumer_chain(graph: Graph, start: Node, names) -> Optional[list]:
+    """``start`` followed by nodes named ``names`` in order, each the only consumer of the previous."""
+    uses = graph.consumers()
+    by_input: Dict[str, list] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            by_input.setdefault(i, []).append(n)
+    chain = [start]
+    for name in names:
+        out = chain[-1].outputs[0]
+        nxt = by_input.get(out, [])
+        if uses.get(out) != 1 or len(nxt) != 1 or nxt[0].name != name:
+            return None
+        chain.append(nxt[0])
+    return chain
+
+
+def fold_pooling_windows(graph: Graph) -> int:
+    """MLX traces ``MaxPool2d(k, stride=k)`` on (N, H, W, C) as Reshape to the rank-6
+    (N, H/kh, kh, W/kw, kw, C), Transpose (0, 1, 3, 2, 4, 5), Reduce max over the window axes,
+    Squeeze; that chain becomes one ``MaxPool2d`` node (MIL ``max_pool``), in place. Returns
+    the count."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.name != "Reshape" or len(node.in_shapes[0]) != 4 or len(node.out_shapes[0]) != 6:
+            continue
+        n, h, w, c = node.in_shapes[0]
+        n2, ho, kh, wo, kw, c2 = node.out_shapes[0]
+        if (n2, c2, ho * kh, wo * kw) != (n, c, h, w):
+            continue
+        chain = _single_consumer_chain(graph, node, ("Transpose", "Reduce", "Squeeze"))
+        if chain is None:
+            continue
+        _, t, r, sq = chain
+        if (list(t.args[0]) != [0, 1, 3, 2, 4, 5] or r.args[0] != 5 or sorted(r.args[1]) != [3, 4]
+                or sq.out_shapes[0] != (n, ho, wo, c)):
+            continue
+        pool = Node("MaxPool2d", [kh, kw], [node.inputs[0]], sq.outputs, [node.in_shapes[0]], sq.out_shapes,
+                    node.in_dtypes, sq.out_dtypes)
+        graph.nodes[graph.nodes.index(node)] = pool
+        for dead in (t, r, sq):
+            graph.nodes.remove(dead)
+        count += 1
+    return count
+
+
+def squeeze_gathers(graph: Graph) -> None:
+    """A ``Gather`` of single-element slices has MLX's output (*index, *slice) (rank 7 for a
+    bilinear upsample of an NHWC image) and is followed by a ``Squeeze`` of the slice axes; the
+    gather takes the squeezed shape itself, so no tensor above rank 5 is ever emitted."""
+    for node in list(graph.nodes):
+        if node.name != "Gather":
+            continue
+        chain = _single_consumer_chain(graph, node, ("Squeeze",))
+        if chain is not None:
+            sq = chain[1]
+            node.outputs, node.out_shapes = sq.outputs, sq.out_shapes
+            graph.nodes.remove(sq)
+
+
+def _constant_names(graph: Graph) -> set:
+    """Names whose values depend on constants only (weights, Arange/Full and what they feed)."""
+    known = set(graph.constants)
+    for node in graph.nodes:
+        if all(i in known for i in node.inputs):
+            known.update(node.outputs)
+    return known
+
+
+def unbroadcast_constants(graph: Graph) -> None:
+    """An elementwise op reading a ``Broadcast`` of a constant whose other operand already has
+    the output shape reads the constant itself (MIL broadcasts like numpy); otherwise the
+    broadcast constant would be folded into a weight of the full activation size (a bias
+    becoming batch x seq x width bytes in ``weight.bin``)."""
+    prod, const = graph.producers(), _constant_names(graph)
+    for node in graph.nodes:
+        if node.name not in ELEMENTWISE or len(node.inputs) != 2:
+            continue
+        for i in (0, 1):
+            b = prod.get(node.inputs[i])
+            if (b is not None and b.name == "Broadcast" and b.inputs[0] in const
+                    and node.in_shapes[1 - i] == node.out_shapes[0]):
+                node.inputs[i], node.in_shapes[i] = b.inputs[0], b.in_shapes[0]
