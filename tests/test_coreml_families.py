@@ -11,6 +11,8 @@ Tolerances are for fp16 activations through a few layers, not a bit-exact emulat
 GPU/ANE (see the evaluator's docstring).
 """
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -26,6 +28,8 @@ from mlx_zeta.converters.coreml import EMITTERS, export_coreml  # noqa: E402
 
 REL_OF_MAX = 1e-2  # fp16: max abs error relative to the largest |reference|
 MIN_PSNR_DB = 35.0
+ON_MAC = sys.platform == "darwin"  # Core ML's own runtime (MLModel.predict) exists only on macOS
+NO_RUNTIME = "MLModel.predict needs macOS (Core ML runtime); on Linux the numpy evaluator checks the saved packages"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -53,6 +57,10 @@ def roundtrip(fn, args, path, *, names=None, feeds=None, **kw):
         feeds = {n: np.array(a) for n, a in zip(names, args)}
     out = evaluate(package, feeds)
     assert len(out) == len(ref)
+    if ON_MAC:  # the real runtime as well, against the same MLX reference
+        predicted = ct.models.MLModel(str(package)).predict(feeds)
+        for name, r in zip(out, ref):
+            assert errors(predicted[name], r)["rel"] <= 4 * REL_OF_MAX, f"MLModel.predict output {name}"
     findings = lint(package)
     assert findings == [], "\n".join(map(str, findings))
     return package, list(zip(out.values(), ref))
@@ -280,3 +288,47 @@ def test_broken_transpose_emitter_is_caught_by_the_evaluator(tmp_path, monkeypat
     report("BERT with a broken Transpose emitter", err)
     assert broken_calls, "the broken emitter was never used"
     assert err["rel"] > 10 * REL_OF_MAX
+
+
+@pytest.mark.skipif(not ON_MAC, reason=NO_RUNTIME)
+def test_core_ml_runtime_loads_and_predicts(tmp_path):
+    """On macOS every family test above also runs MLModel.predict; this one states it on its own:
+    a tiny package compiles and predicts what the evaluator computes."""
+    from mlx_zeta.nn import FeedForward
+
+    ff = FeedForward(16, 16, 2)
+    x = mx.random.normal((2, 16))
+    package, pairs = roundtrip(ff, (x,), tmp_path / "ff.mlpackage")
+    for got, ref in pairs:
+        assert errors(got, ref)["rel"] <= REL_OF_MAX
+
+
+def test_ios17_target_without_fused_attention(tmp_path):
+    """iOS 17 / macOS 14 where the ops allow: the decoder exports with attention left as
+    matmul-softmax-matmul (no iOS 18 SDPA op) and matches MLX; ternary LUTs are refused there."""
+    from mlx_zeta.structs import Decoder, Transformer
+
+    mx.random.seed(0)
+    model = Transformer(num_tokens=64, max_seq_len=32,
+                        attn_layers=Decoder(dim=32, depth=2, heads=4, rotary_pos_emb=True, attn_kv_heads=2))
+    ids = mx.random.randint(0, 64, (1, 8)).astype(mx.int32)
+    package, pairs = roundtrip(model, (ids,), tmp_path / "lm17.mlpackage", minimum_deployment_target="iOS17")
+    types = {op.op_type for f in load_program(package).functions.values() for op in f.operations}
+    assert "scaled_dot_product_attention" not in types and "softmax" in types
+    for got, ref in pairs:
+        assert errors(got, ref)["rel"] <= REL_OF_MAX
+    lm, _ = ternary_lm("float")
+    with pytest.raises(ValueError, match=r"2-bit LUTs need iOS18/macOS15; got 'iOS17'"):
+        export_coreml(lm, (ids,), tmp_path / "t17.mlpackage", minimum_deployment_target="iOS17")
+    assert not (tmp_path / "t17.mlpackage").exists()
+
+
+@pytest.mark.parametrize("precision", ["float16", "float32"])
+def test_constant_pad_in_both_precisions(tmp_path, precision):
+    """mx.pad with a fill value: MIL wants the fill in x's dtype (fp16 programs included)."""
+    fn = lambda x: mx.pad(x, [(0, 0), (1, 2)], constant_values=-3.0) * 2.0  # noqa: E731
+    x = mx.random.normal((2, 3))
+    package = export_coreml(fn, (x,), tmp_path / f"pad-{precision}.mlpackage", input_names=["x"],
+                            precision=precision)
+    (got,) = evaluate(package, {"x": np.array(x)}).values()
+    np.testing.assert_allclose(got, np.array(fn(x)), rtol=2e-3, atol=2e-3)

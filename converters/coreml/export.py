@@ -24,7 +24,8 @@ from .lower import capture, lower_graph
 
 __all__ = ["export_coreml", "to_mil", "ternary_standins", "save_atomically"]
 
-_TARGETS = ("iOS18", "macOS15")
+_TARGETS = ("iOS18", "macOS15", "iOS17", "macOS14")
+_BEFORE_18 = ("iOS17", "macOS14")  # no scaled_dot_product_attention, no iOS 18 constexpr_lut_to_dense
 
 
 def _standin(layer):
@@ -120,7 +121,7 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
         raise ValueError(f"[export_coreml] expected ternary 'lut' or 'dense', got {ternary!r}")
     if minimum_deployment_target not in _TARGETS:
         raise ValueError(f"[export_coreml] expected minimum_deployment_target in {_TARGETS} "
-                         f"(scaled_dot_product_attention and constexpr_lut_to_dense need them), "
+                         f"(iOS17/macOS14 without fused attention or ternary LUTs), "
                          f"got {minimum_deployment_target!r}")
     args = _as_tuple(example_inputs)
     name = type(model_or_fn).__name__ if isinstance(model_or_fn, nn.Module) else \
@@ -129,6 +130,11 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
         mx.eval(model_or_fn.parameters())  # lazy initialisers would otherwise be traced
     with ternary_standins(model_or_fn) as (fn, luts):
         graph = capture(fn, *args)
+    if minimum_deployment_target in _BEFORE_18:
+        fuse_attention = False  # attention stays matmul / softmax / matmul
+        if luts and ternary == "lut":
+            raise ValueError(f"[export_coreml] ternary layers as 2-bit LUTs need iOS18/macOS15; got "
+                             f"{minimum_deployment_target!r} (export_coreml: compress='ternary-dense' for plain fp16 weights)")
     prog, stats = lower_graph(graph, precision, luts if ternary == "lut" else (), input_names, output_names,
                               name, fuse_attention, getattr(ct.target, minimum_deployment_target), states,
                               channels_first)
@@ -147,7 +153,9 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         input_names, output_names: Core ML feature names (default ``input_i`` / ``output_i``).
         precision: ``"float16"`` (fp16 weights and activations, fp32 statistics; see
             :mod:`.lower`) or ``"float32"``.
-        minimum_deployment_target: ``"iOS18"`` or ``"macOS15"``.
+        minimum_deployment_target: ``"iOS18"`` / ``"macOS15"`` (default), or ``"iOS17"`` /
+            ``"macOS14"`` where the ops allow: attention is then not fused and ternary LUTs are
+            refused (stateful decoders need iOS 18).
         image_input: for vision models, ``{"index": 0, "scale": float, "bias": [r, g, b],
             "color_layout": "RGB" | "BGR" | "G"}`` (all keys but ``index`` required): the NHWC
             input becomes a Core ML image (NCHW inside); Core ML computes ``scale * pixel + bias``.

@@ -242,7 +242,8 @@ def _pad(ctx, node):
         pad[2 * a], pad[2 * a + 1] = lo, hi
     value = _scalar_const(ctx.graph, node.inputs[1], ctx.graph.producers())
     (x, _), compute, out = ctx.floats(node)
-    return _finish(ctx, ctx.mb.pad(x=x, pad=pad, mode="constant", constant_val=float(value or 0.0)), out)
+    fill = np.float16(value or 0.0) if compute == "fp16" else np.float32(value or 0.0)  # MIL: same dtype as x
+    return _finish(ctx, ctx.mb.pad(x=x, pad=pad, mode="constant", constant_val=fill), out)
 
 
 @register_emitter("Convolution")
