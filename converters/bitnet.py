@@ -83,13 +83,10 @@ class ModelArgs(llama.ModelArgs):
     hidden_act: str = "relu2"
     quantization_config: Optional[Dict[str, Any]] = None
 
+    HIDDEN_ACT = "relu2"
+
     def __post_init__(self):
-        if self.hidden_act != "relu2":
-            raise _error(f"expected hidden_act 'relu2', got {self.hidden_act!r}")
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__()  # hidden_act, KV heads and head_dim defaults
         q = self.quantization_config
         if not isinstance(q, dict) or q.get("quant_method") != "bitnet":
             found = q.get("quant_method") if isinstance(q, dict) else q

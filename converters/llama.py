@@ -55,9 +55,12 @@ class ModelArgs(TransformerArgs):
     use_sliding_window: bool = False
     hidden_act: str = "silu"
 
+    HIDDEN_ACT = "silu"  # the one activation the converter builds (subclasses set theirs)
+
     def __post_init__(self):
-        if self.hidden_act != "silu":
-            raise ValueError(f"[{self.model_type} converter] expected hidden_act 'silu', got {self.hidden_act!r}")
+        if self.hidden_act != self.HIDDEN_ACT:
+            raise ValueError(f"[{self.model_type} converter] expected hidden_act {self.HIDDEN_ACT!r}, "
+                             f"got {self.hidden_act!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:

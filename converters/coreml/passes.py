@@ -121,18 +121,23 @@ def prune(graph: Graph) -> None:
     graph.nodes = keep[::-1]
 
 
-def _single_consumer_chain(graph: Graph, start: Node, names) -> Optional[list]:
-    """``start`` followed by nodes named ``names`` in order, each the only consumer of the previous."""
-    uses = graph.consumers()
-    by_input: Dict[str, list] = {}
+def _readers(graph: Graph) -> Dict[str, list]:
+    """Nodes reading each value (graph outputs count as one more reader, as unknown)."""
+    readers: Dict[str, list] = {}
     for n in graph.nodes:
         for i in n.inputs:
-            by_input.setdefault(i, []).append(n)
+            readers.setdefault(i, []).append(n)
+    for o in graph.outputs:
+        readers.setdefault(o[0], []).append(None)
+    return readers
+
+
+def _single_consumer_chain(readers: Dict[str, list], start: Node, names) -> Optional[list]:
+    """``start`` followed by nodes named ``names`` in order, each the only reader of the previous."""
     chain = [start]
     for name in names:
-        out = chain[-1].outputs[0]
-        nxt = by_input.get(out, [])
-        if uses.get(out) != 1 or len(nxt) != 1 or nxt[0].name != name:
+        nxt = readers.get(chain[-1].outputs[0], [])
+        if len(nxt) != 1 or nxt[0] is None or nxt[0].name != name:
             return None
         chain.append(nxt[0])
     return chain
@@ -143,7 +148,7 @@ def fold_pooling_windows(graph: Graph) -> int:
     (N, H/kh, kh, W/kw, kw, C), Transpose (0, 1, 3, 2, 4, 5), Reduce max over the window axes,
     Squeeze; that chain becomes one ``MaxPool2d`` node (MIL ``max_pool``), in place. Returns
     the count."""
-    count = 0
+    count, readers = 0, _readers(graph)
     for node in list(graph.nodes):
         if node.name != "Reshape" or len(node.in_shapes[0]) != 4 or len(node.out_shapes[0]) != 6:
             continue
@@ -151,7 +156,7 @@ def fold_pooling_windows(graph: Graph) -> int:
         n2, ho, kh, wo, kw, c2 = node.out_shapes[0]
         if (n2, c2, ho * kh, wo * kw) != (n, c, h, w):
             continue
-        chain = _single_consumer_chain(graph, node, ("Transpose", "Reduce", "Squeeze"))
+        chain = _single_consumer_chain(readers, node, ("Transpose", "Reduce", "Squeeze"))
         if chain is None:
             continue
         _, t, r, sq = chain
@@ -171,10 +176,11 @@ def squeeze_gathers(graph: Graph) -> None:
     """A ``Gather`` of single-element slices has MLX's output (*index, *slice) (rank 7 for a
     bilinear upsample of an NHWC image) and is followed by a ``Squeeze`` of the slice axes; the
     gather takes the squeezed shape itself, so no tensor above rank 5 is ever emitted."""
+    readers = _readers(graph)
     for node in list(graph.nodes):
         if node.name != "Gather":
             continue
-        chain = _single_consumer_chain(graph, node, ("Squeeze",))
+        chain = _single_consumer_chain(readers, node, ("Squeeze",))
         if chain is not None:
             sq = chain[1]
             node.outputs, node.out_shapes = sq.outputs, sq.out_shapes
