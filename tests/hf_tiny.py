@@ -71,6 +71,18 @@ def to_numpy(x) -> np.ndarray:
     return x.detach().float().numpy()
 
 
+def assert_grads_close(grads: dict, pairs, rel: float = 1e-4, floor: float = 1.0) -> None:
+    """Each ``(our parameter name, torch gradient)`` pair: max |diff| <= ``rel * max(scale, floor)``
+    with ``scale`` the reference gradient's largest entry (``floor=0``: relative to it alone, which
+    must then be non-zero)."""
+    for name, ref in pairs:
+        ref = to_numpy(ref)
+        scale = float(np.abs(ref).max())
+        err = float(np.abs(to_numpy(grads[name]) - ref).max())
+        assert scale > 0 or floor > 0, f"{name}: the reference gradient is zero"
+        assert err <= rel * max(scale, floor), f"{name}: max |diff| {err:.3g} vs grad scale {scale:.3g}"
+
+
 def assert_close(ours, ref, dtype: str = "float32", what: str = "output") -> float:
     """Max abs difference within the tolerance for ``dtype``; returns it (for the report)."""
     a, b = to_numpy(ours), to_numpy(ref)

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 import mlx_zeta  # noqa: E402
 from mlx_zeta.converters import bert as bert_conv  # noqa: E402
 from mlx_zeta.converters import load_state_dict  # noqa: E402
-from hf_tiny import assert_close, check_sanitize, lift_init, save_hf, seeded  # noqa: E402
+from hf_tiny import assert_close, assert_grads_close, check_sanitize, lift_init, save_hf, seeded  # noqa: E402
 
 BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=100,
             max_position_embeddings=32, type_vocab_size=2)
@@ -214,16 +214,13 @@ def test_gradients_match_torch_autograd(tmp_path):
     assert abs(loss.item() - loss_ref.item()) <= 1e-4 * max(1.0, abs(loss_ref.item()))
     g = dict(tree_flatten(grads))
     layer = hf.encoder.layer[0]
-    for name, ref in [("encoder.layers.0.attn.to_q.weight", layer.attention.self.query.weight),
-                      ("encoder.layers.0.attn.to_k.bias", layer.attention.self.key.bias),
-                      ("encoder.layers.0.attn_norm.weight", layer.attention.output.LayerNorm.weight),
-                      ("encoder.layers.1.ff.proj_in.weight", hf.encoder.layer[1].intermediate.dense.weight),
-                      ("embeddings.token_type.weight", hf.embeddings.token_type_embeddings.weight),
-                      ("embeddings.position.weight", hf.embeddings.position_embeddings.weight),
-                      ("pooler.weight", hf.pooler.dense.weight)]:
-        scale = float(ref.grad.abs().max())
-        err = float(np.abs(np.array(g[name]) - ref.grad.numpy()).max())
-        assert err <= 1e-4 * max(scale, 1.0), f"{name}: max |diff| {err:.3g} vs grad scale {scale:.3g}"
+    assert_grads_close(g, [("encoder.layers.0.attn.to_q.weight", layer.attention.self.query.weight.grad),
+                           ("encoder.layers.0.attn.to_k.bias", layer.attention.self.key.bias.grad),
+                           ("encoder.layers.0.attn_norm.weight", layer.attention.output.LayerNorm.weight.grad),
+                           ("encoder.layers.1.ff.proj_in.weight", hf.encoder.layer[1].intermediate.dense.weight.grad),
+                           ("embeddings.token_type.weight", hf.embeddings.token_type_embeddings.weight.grad),
+                           ("embeddings.position.weight", hf.embeddings.position_embeddings.weight.grad),
+                           ("pooler.weight", hf.pooler.dense.weight.grad)])
     pad = hf.config.pad_token_id
     word_ref = np.delete(hf.embeddings.word_embeddings.weight.grad.numpy(), pad, axis=0)
     word = np.delete(np.array(g["embeddings.word.weight"]), pad, axis=0)

@@ -16,7 +16,7 @@ import mlx_zeta  # noqa: E402
 from mlx_zeta.converters import gpt2 as gpt2_conv  # noqa: E402
 from mlx_zeta.converters import load_state_dict  # noqa: E402
 from mlx_zeta.structs import AutoregressiveWrapper, Transformer  # noqa: E402
-from hf_tiny import assert_close, check_sanitize, lift_init, save_hf, seeded  # noqa: E402
+from hf_tiny import assert_close, assert_grads_close, check_sanitize, lift_init, save_hf, seeded  # noqa: E402
 
 BASE = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=120, n_positions=64, bos_token_id=0, eos_token_id=0)
 CASES = {
@@ -148,10 +148,7 @@ def test_loss_gradients_match_transformers(tmp_path):
               ("attn_layers.layers.1.attn_norm.weight", block.ln_1.weight.grad),
               ("pos_emb.emb.weight", hf.transformer.wpe.weight.grad),
               ("token_emb.weight", hf.transformer.wte.weight.grad)]  # tied: input and output paths summed
-    for ours, ref in checks:
-        scale = float(ref.abs().max())
-        err = float(np.abs(np.array(g[ours]) - ref.numpy()).max())
-        assert 0 < scale and err <= GRAD_TOL * scale, f"{ours}: {err} vs grad scale {scale}"
+    assert_grads_close(g, checks, rel=GRAD_TOL, floor=0.0)
 
 
 # --------------------------------------------------------------------------- errors

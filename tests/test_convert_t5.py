@@ -21,7 +21,7 @@ import mlx_zeta  # noqa: E402
 from mlx_zeta.converters import load_state_dict  # noqa: E402
 from mlx_zeta.converters import t5 as t5_conv  # noqa: E402
 from mlx_zeta.nn.positional import RelativePositionBias  # noqa: E402
-from hf_tiny import assert_close, check_sanitize, save_hf, seeded  # noqa: E402
+from hf_tiny import assert_close, assert_grads_close, check_sanitize, save_hf, seeded  # noqa: E402
 
 VOCAB, D_MODEL = 120, 64
 BASE = dict(vocab_size=VOCAB, d_model=D_MODEL, d_kv=12, d_ff=96, num_layers=2, num_decoder_layers=3, num_heads=4,
@@ -225,10 +225,7 @@ def test_loss_gradients_match_torch_autograd(case, tmp_path):
              ("decoder.final_norm.weight", hf.decoder.final_layer_norm.weight.grad)]
     if case == UNTIED:
         pairs.append(("lm_head.weight", hf.lm_head.weight.grad))
-    for ours, ref in pairs:
-        scale = float(ref.abs().max())
-        err = float(np.abs(np.array(g[ours]) - ref.numpy()).max())
-        assert err <= 1e-4 * max(scale, 1.0), f"{ours}: {err} vs grad scale {scale}"
+    assert_grads_close(g, pairs)
 
 
 # --------------------------------------------------------------------------- errors

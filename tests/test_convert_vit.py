@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 import mlx_zeta  # noqa: E402
 from mlx_zeta.converters import load_state_dict  # noqa: E402
 from mlx_zeta.converters import vit as vit_conv  # noqa: E402
-from hf_tiny import assert_close, check_sanitize, lift_init, save_hf, seeded  # noqa: E402
+from hf_tiny import assert_close, assert_grads_close, check_sanitize, lift_init, save_hf, seeded  # noqa: E402
 
 BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32,
             patch_size=8, num_labels=5)
@@ -151,10 +151,7 @@ def test_loss_gradients_match_transformers(tmp_path):
               ("encoder.layers.0.attn.to_v.weight", layer.attention.v_proj.weight.grad),
               ("encoder.layers.0.ff_norm.bias", layer.layernorm_after.bias.grad),
               ("classifier.weight", hf.classifier.weight.grad)]
-    for ours, ref in checks:
-        scale = float(ref.abs().max())
-        err = float(np.abs(np.array(g[ours]) - ref.numpy()).max())
-        assert 0 < scale and err <= GRAD_TOL * scale, f"{ours}: {err} vs grad scale {scale}"
+    assert_grads_close(g, checks, rel=GRAD_TOL, floor=0.0)
 
 
 # --------------------------------------------------------------------------- errors
