@@ -22,8 +22,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_zeta.kernels import fused_attention, gpu_backend, t5_relative_buckets, ternary_matmul
-from mlx_zeta.nn.positional import AlibiPositionalBias, PositionBias
-from mlx_zeta.quant.packing import pack_2bit
+from mlx_zeta.kernels import PositionBias
+from mlx_zeta.nn.positional import AlibiPositionalBias
+from mlx_zeta.kernels.packing import pack_2bit
 from ternary import cpu_model, median_seconds  # benchmarks/ternary.py: the same timer
 
 HEADS, DIM_HEAD = 8, 128

@@ -171,7 +171,7 @@ def ternary_lm(activation):
 
 def trained_matrix(layer) -> np.ndarray:
     """The frozen layer's weight ``T * s`` (``s = 1 / weight_scale`` for "divide") in fp16."""
-    from mlx_zeta.quant.packing import unpack_2bit, unpack_base3
+    from mlx_zeta.kernels.packing import unpack_2bit, unpack_base3
 
     t = unpack_2bit(layer.packed, layer.out_features) if layer.packing == "2bit" else \
         unpack_base3(layer.packed, layer.in_features)

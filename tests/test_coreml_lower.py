@@ -144,7 +144,7 @@ def _ternary_model(activation="int8", in_features=256, out_features=128):
 
 @pytest.mark.parametrize("activation", ["int8", "float"])
 def test_ternary_lut_decodes_exactly_and_matches(activation):
-    from mlx_zeta.quant.packing import unpack_2bit
+    from mlx_zeta.kernels.packing import unpack_2bit
 
     layer = _ternary_model(activation)
     x = (mx.random.normal((4, 256)),)

@@ -5,12 +5,14 @@ custom function; planted bugs that the comparison must catch; FlashAttention's r
 Tolerances (max |kernel - reference|, both in float32 from the same inputs): float32 1e-5;
 float16 and bfloat16 1 unit in the last place of the output (rtol = atol = 1e-3 / 8e-3)."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
 import mlx.core as mx
 
-from mlx_zeta.kernels import KernelSource, load_source
+from mlx_zeta.kernels import KernelSource, load_source, t5_relative_buckets, use_kernels
 from mlx_zeta.kernels import attention as fa
 from mlx_zeta.kernels.emulate import compiler, emulate
 from mlx_zeta.nn.attention import FlashAttention
@@ -35,7 +37,7 @@ def features(name, b, hq, lq, lk, seed=1):
     additive = rng.standard_normal((1, hq, lq, lk)).astype(np.float32)
     additive[:, :, :, 0] = -np.inf
     t5 = dict(t5_table=mx.array(rng.standard_normal((8, hq)).astype(np.float32)),
-              t5_buckets=fa.t5_relative_buckets(lq, lk, num_buckets=8, max_distance=16))
+              t5_buckets=t5_relative_buckets(lq, lk, num_buckets=8, max_distance=16))
     table = {
         "plain": {}, "causal": dict(causal=True), "window": dict(window=4), "causal_window": dict(causal=True, window=3),
         "softcap": dict(softcap=1.5, scale=0.5), "alibi": dict(alibi_slopes=mx.array(AlibiPositionalBias._get_slopes(hq))),
@@ -47,23 +49,20 @@ def features(name, b, hq, lq, lk, seed=1):
     return table[name]
 
 
-def fake_gpu(monkeypatch) -> list:
-    """Pretend a GPU backend is present and let fused_attention run the emulated Metal text;
-    returns the list that records the keyword arguments of every routed call."""
-    from mlx_zeta.kernels import source
-    from mlx_zeta.structs import attention_layers
-
+@contextlib.contextmanager
+def emulated_kernels(monkeypatch):
+    """Select the emulated kernels process-wide (``use_kernels("emulate")``, as a user would on a
+    machine without a GPU) and record the keyword arguments of every call routed to fused_attention."""
     calls = []
     real = fa.fused_attention
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
-        return real(*args, **{**kwargs, "use_kernel": "emulate"})
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(source, "gpu_backend", lambda: "metal")
-    monkeypatch.setattr(attention_layers, "gpu_backend", lambda: "metal")
-    monkeypatch.setattr(fa, "fused_attention", spy)
-    return calls
+    monkeypatch.setattr(fa, "fused_attention", spy)  # observes the routing; selects nothing
+    with use_kernels("emulate"):
+        yield calls
 
 
 def check(q, k, v, mode="emulate", **kw):
@@ -139,9 +138,9 @@ def test_biases_match_the_positional_modules():
     q, k, v = make_qkv(1, 4, 4, 5, 9, 64)
     alibi = AlibiPositionalBias(heads=4)
     rel = RelativePositionBias(bidirectional=False, num_buckets=8, max_distance=16, num_heads=4)
-    buckets = fa.t5_relative_buckets(5, 9, bidirectional=False, num_buckets=8, max_distance=16, step=4)
+    buckets = t5_relative_buckets(5, 9, bidirectional=False, num_buckets=8, max_distance=16, step=4)
     bias = alibi(5, 9)[None] + rel.compute_bias(5, 9, step=4)
-    got = fa.fused_attention(q, k, v, alibi_slopes=alibi._slopes, t5_table=rel.relative_attention_bias.weight,
+    got = fa.fused_attention(q, k, v, alibi_slopes=alibi.position_bias().alibi_slopes, t5_table=rel.relative_attention_bias.weight,
                              t5_buckets=buckets, use_kernel=False)
     want = FlashAttention(flash=False)(q, k, v, attn_bias=bias)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
@@ -201,21 +200,25 @@ def test_planted_bugs_are_caught(bug, monkeypatch):
 
 
 def test_flash_attention_routes_causal_with_mask_to_the_kernel(monkeypatch):
-    """With a GPU backend FlashAttention sends causal + mask (and q_len > k_len) to fused_attention;
-    here the GPU is faked and the kernel emulated. Without one (this machine) nothing changes."""
+    """With a kernel path live FlashAttention sends causal + mask (and q_len > k_len) to fused_attention;
+    here the kernels are emulated (use_kernels("emulate")). Without one (this machine) nothing changes."""
     q, k, v = make_qkv(2, 4, 2, 17, 9, 64)
     pad = mx.array(np.random.default_rng(0).random((2, 9)) > 0.3)
     attend = FlashAttention(causal=True)
     assert not attend._fused_applies(q, k, v, pad, None, True)
     want = [attend(q, k, v, mask=pad), attend(q, k, v)]
-    calls = fake_gpu(monkeypatch)
-    got = [attend(q, k, v, mask=pad), attend(q, k, v)]
-    assert len(calls) == 2 and all(c["causal"] for c in calls)  # q_len 17 > k_len 9 routes too
-    assert calls[1]["mask"] is None
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=1e-5)
-    attend(q[:, :, :9], k, v)  # plain causal with q_len <= k_len stays on mx.fast
-    assert len(calls) == 2
+    with emulated_kernels(monkeypatch) as calls:
+        assert attend._fused_applies(q, k, v, pad, None, True)
+        got = [attend(q, k, v, mask=pad), attend(q, k, v)]
+        assert len(calls) == 2 and all(c["causal"] for c in calls)  # q_len 17 > k_len 9 routes too
+        assert calls[1]["mask"] is None
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=1e-5)
+        attend(q[:, :, :9], k, v)  # plain causal with q_len <= k_len stays on mx.fast
+        assert len(calls) == 2
+        assert not FlashAttention(causal=True, flash=False)._fused_applies(q, k, v, pad, None, True)
+    with use_kernels("off"):
+        assert not attend._fused_applies(q, k, v, pad, None, True)
 
 
 def test_errors_name_the_function_and_expectation():
@@ -240,7 +243,7 @@ def test_errors_name_the_function_and_expectation():
 
 @pytest.mark.parametrize("case", ["alibi-partial", "t5-encoder", "t5-decoder"])
 def test_attention_layers_send_position_biases_as_o_l_data(case, monkeypatch):
-    """With a (faked) GPU backend, AttentionLayers hands ALiBi slopes or the T5 table and buckets to
+    """With a kernel path live (here emulated), AttentionLayers hands ALiBi slopes or the T5 table and buckets to
     the fused kernel (PositionBias) instead of an (n, k_len) bias; outputs and parameter gradients
     (T5 table included, through the custom VJP) equal the CPU path that materialises the bias."""
     import mlx.nn as nn
@@ -261,8 +264,8 @@ def test_attention_layers_send_position_biases_as_o_l_data(case, monkeypatch):
 
     want, want_grads = nn.value_and_grad(layers, loss)(layers)
     want_grads = dict(tree_flatten(want_grads))
-    calls = fake_gpu(monkeypatch)
-    got, grads = nn.value_and_grad(layers, loss)(layers)
+    with emulated_kernels(monkeypatch) as calls:
+        got, grads = nn.value_and_grad(layers, loss)(layers)
     assert len(calls) == 2  # one per layer
     assert all(c["mask"] is None for c in calls)  # no (n, k_len) array went in
     key = "alibi_slopes" if case.startswith("alibi") else "t5_buckets"

@@ -11,8 +11,9 @@ import mlx.core as mx
 
 from mlx_zeta.kernels import fused_attention, gpu_backend, t5_relative_buckets, ternary_matmul
 from mlx_zeta.kernels.ternary import ternary_matmul_reference
-from mlx_zeta.nn.positional import AlibiPositionalBias, PositionBias
-from mlx_zeta.quant.packing import pack_2bit
+from mlx_zeta.kernels import PositionBias
+from mlx_zeta.nn.positional import AlibiPositionalBias
+from mlx_zeta.kernels.packing import pack_2bit
 
 pytestmark = pytest.mark.skipif(
     gpu_backend() is None,

@@ -12,11 +12,11 @@ import pytest
 import mlx.core as mx
 
 import mlx_zeta.quant.ternary as ternary_layer
-from mlx_zeta.kernels import KernelSource, load_source
+from mlx_zeta.kernels import KernelSource, load_source, use_kernels
 from mlx_zeta.kernels.emulate import compiler, emulate
 from mlx_zeta.kernels.ternary import kernel_launch, ternary_matmul, ternary_matmul_reference
 from mlx_zeta.quant import BitLinear
-from mlx_zeta.quant.packing import pack_2bit
+from mlx_zeta.kernels.packing import pack_2bit
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler (g++) to run the kernel emulator")
 
@@ -26,6 +26,13 @@ NS = [4, 64, 100]  # one packed row; a whole 16-packed-row GEMM tile; 25 packed 
 # float32, so for every input dtype the difference is summation order only (|A| <~ 60 here).
 FLOAT_TOL = {mx.float32: dict(rtol=1e-5, atol=1e-4), mx.float16: dict(rtol=1e-5, atol=1e-4),
              mx.bfloat16: dict(rtol=1e-5, atol=1e-4)}
+
+
+@pytest.fixture
+def emulated():
+    """The emulated kernels selected process-wide, as MLX_ZETA_KERNELS=emulate would."""
+    with use_kernels("emulate"):
+        yield
 
 
 def _case(seed, M, K, N, dtype=mx.int8):
@@ -162,8 +169,7 @@ def test_vjp_matches_the_reference(M):
 
 
 @pytest.mark.parametrize("activation", ["int8", "float"])
-def test_ternary_linear_fused_equals_unpack(monkeypatch, activation):
-    monkeypatch.setattr(ternary_layer, "FUSED_USE_KERNEL", "emulate")
+def test_ternary_linear_fused_equals_unpack(emulated, activation):
     rng = np.random.default_rng(6)
     bit = BitLinear(100, 33, bias=True)
     bit.weight = mx.array(rng.standard_normal((33, 100)).astype(np.float32) * 0.1)
@@ -187,23 +193,23 @@ def test_ternary_linear_fused_equals_unpack(monkeypatch, activation):
 
 def test_auto_picks_fused_only_with_a_gpu(monkeypatch):
     calls = []
-    import mlx_zeta.kernels.ternary as kt
-
-    real = kt.ternary_matmul
-    monkeypatch.setattr(kt, "ternary_matmul", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = ternary_layer.ternary_matmul
+    monkeypatch.setattr(ternary_layer, "ternary_matmul", lambda *a, **k: calls.append(k) or real(*a, **k))  # a spy
     layer = ternary_layer.TernaryLinear.from_packed(pack_2bit(np.eye(8, 16, dtype=np.int8)), 1.0, kernel="auto")
     x = mx.ones((2, 16))
     cpu = np.array(layer(x))
     assert calls == []  # CPU only: today's affine/unpack choice
-    monkeypatch.setattr(ternary_layer, "gpu_backend", lambda: "metal")
-    monkeypatch.setattr(ternary_layer, "FUSED_USE_KERNEL", "emulate")
-    assert np.array_equal(np.array(layer(x)), cpu) and calls == [dict(use_kernel="emulate")]
-    base3 = ternary_layer.TernaryLinear(16, 8, packing="base3", kernel="auto")
-    mx.eval(base3(x))  # base-3 bytes stay on the unpack/affine paths
+    with use_kernels("emulate"):  # a kernel path live, as on a GPU
+        assert np.array_equal(np.array(layer(x)), cpu) and calls == [{}]
+        base3 = ternary_layer.TernaryLinear(16, 8, packing="base3", kernel="auto")
+        mx.eval(base3(x))  # base-3 bytes stay on the unpack/affine paths
+        assert len(calls) == 1
+        base3.kernel = "fused"
+        with pytest.raises(ValueError, match="kernel='fused' reads the 2-bit layout"):
+            base3(x)
+    with use_kernels("off"):
+        mx.eval(layer(x))
     assert len(calls) == 1
-    base3.kernel = "fused"
-    with pytest.raises(ValueError, match="kernel='fused' reads the 2-bit layout"):
-        base3(x)
 
 
 def test_errors():

@@ -1,4 +1,4 @@
-"""mlx_zeta.quant.packing: exact round trips of the 2-bit (Hugging Face BitNet) and base-3
+"""mlx_zeta.kernels.packing: exact round trips of the 2-bit (Hugging Face BitNet) and base-3
 (1.6-bit) formats over arbitrary shapes, hand-drawn layouts, storage cost, byte-for-byte
 agreement with transformers' ``pack_weights``/``unpack_weights``, and the errors."""
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_zeta.quant.packing import bytes_per_weight, pack_2bit, pack_base3, unpack_2bit, unpack_base3
+from mlx_zeta.kernels.packing import bytes_per_weight, pack_2bit, pack_base3, unpack_2bit, unpack_base3
 
 EDGE_SHAPES = [(1, 1), (1, 7), (5, 1), (3, 4), (4, 5), (7, 11), (9, 10), (6, 2)]
 

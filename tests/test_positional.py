@@ -23,6 +23,7 @@ from reference.positional import (
     xpos_scale,
 )
 
+from mlx_zeta.kernels import relative_position_bucket
 from mlx_zeta.nn.positional import (
     AbsolutePositionalEmbedding,
     AlibiPositionalBias,
@@ -277,7 +278,7 @@ def test_t5_buckets_match_transformers_and_reference(bidirectional, num_buckets,
 
     rel = np.arange(-300, 301)  # well past max_distance on both sides
     ours = np.array(
-        RelativePositionBias._relative_position_bucket(mx.array(rel), bidirectional, num_buckets, max_distance)
+        relative_position_bucket(mx.array(rel), bidirectional, num_buckets, max_distance)
     )
     hf = T5Attention._relative_position_bucket(torch.from_numpy(rel), bidirectional, num_buckets, max_distance)
     np.testing.assert_array_equal(ours, hf.numpy())
@@ -290,10 +291,10 @@ def test_t5_bucket_hand_values():
     # 8 + floor(ln(20/8) / ln(128/8) * 8) = 8 + floor(0.9163 / 2.7726 * 8 = 2.64) = 10 -> 26.
     # r = -20 -> 10; r = +3 -> 16 + 3; r = -3 -> 3; r = -1000 -> capped at 15.
     rel = mx.array([20, -20, 3, -3, -1000, 0])
-    np.testing.assert_array_equal(np.array(RelativePositionBias._relative_position_bucket(rel)), [26, 10, 19, 3, 15, 0])
+    np.testing.assert_array_equal(np.array(relative_position_bucket(rel)), [26, 10, 19, 3, 15, 0])
     # Unidirectional, 32 buckets: keys after the query -> 0; r = -20: 16 exact, so
     # 16 + floor(ln(20/16) / ln(128/16) * 16) = 16 + floor(0.2231 / 2.0794 * 16 = 1.72) = 17.
-    uni = RelativePositionBias._relative_position_bucket(mx.array([5, -20]), bidirectional=False)
+    uni = relative_position_bucket(mx.array([5, -20]), bidirectional=False)
     np.testing.assert_array_equal(np.array(uni), [0, 17])
 
 
@@ -429,3 +430,42 @@ def test_rotary_keeps_input_dtype():
     assert apply_rotary_pos_emb(t, freqs, mx.array(2.0)).dtype == mx.float16
     with pytest.raises(ValueError, match=r"\[apply_rotary_pos_emb\] expected scale \(>= 4, 8\), got \(4, 6\)"):
         apply_rotary_pos_emb(t, freqs, scale[:, :6])
+
+
+@pytest.mark.parametrize("total_heads", [4, 6])
+def test_alibi_position_bias_is_the_same_bias_as_o_h_data(total_heads):
+    """AlibiPositionalBias.position_bias() (slopes, zero for heads without ALiBi) materialises to the
+    module's own (heads, i, j) bias, for queries aligned to the end of the keys."""
+    alibi = AlibiPositionalBias(heads=4, total_heads=total_heads)
+    data = alibi.position_bias()
+    assert data.alibi_slopes.shape == (total_heads,) and data.t5_table is None
+    for i, j in [(1, 1), (3, 7), (7, 7)]:
+        np.testing.assert_array_equal(np.array(data.materialize(i, j)), np.array(alibi(i, j)))
+    # hand-derived: 4 heads have slopes 2^-2, 2^-4, 2^-6, 2^-8; head 0, query 0 of 1, key 0 of 3: -(1/4) * 2
+    assert data.materialize(1, 3)[0, 0, 0].item() == -0.5
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_relative_position_bias_is_the_same_bias_as_o_l_data(bidirectional, dtype):
+    """RelativePositionBias.position_bias() (table + buckets of the q_len + k_len - 1 offsets)
+    materialises to compute_bias()[0] in the table's dtype, with the same gradient for the table."""
+    rel = RelativePositionBias(bidirectional=bidirectional, num_buckets=8, max_distance=16, num_heads=3)
+    rel.set_dtype(dtype)
+    for q_len, k_len, step in [(1, 9, 8), (5, 5, 0), (4, 11, 7)]:
+        data = rel.position_bias(q_len, k_len, step=step)
+        assert data.t5_buckets.shape == (q_len + k_len - 1,)
+        got, want = data.materialize(q_len, k_len), rel.compute_bias(q_len, k_len, step=step)[0]
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+    w = mx.random.normal((4, 11, 3))
+
+    def via(fn):
+        def loss(params):
+            rel.update(params)
+            return (fn().astype(mx.float32) * w.transpose(2, 0, 1)).sum()
+        return mx.grad(loss)(rel.trainable_parameters())["relative_attention_bias"]["weight"]
+
+    g_data = via(lambda: rel.position_bias(4, 11, step=7).materialize(4, 11))
+    g_mod = via(lambda: rel.compute_bias(4, 11, step=7)[0])
+    np.testing.assert_allclose(np.array(g_data.astype(mx.float32)), np.array(g_mod.astype(mx.float32)), rtol=1e-2)

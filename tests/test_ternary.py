@@ -12,7 +12,7 @@ from parity import assert_close
 
 import mlx_zeta.quant.ternary as ternary
 from mlx_zeta.quant import BitLinear, quantize_activations, ternarize
-from mlx_zeta.quant.packing import pack_2bit, pack_base3
+from mlx_zeta.kernels.packing import pack_2bit, pack_base3
 from mlx_zeta.quant.ternary import TernaryLinear
 
 ROWS = [1, 3, 8, 33]  # kernel="auto": 1 row takes the affine path, more rows the unpack path

@@ -33,7 +33,7 @@ def _standin(layer):
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_zeta.quant.bitlinear import quantize_activations
-    from mlx_zeta.quant.packing import unpack_2bit, unpack_base3
+    from mlx_zeta.kernels.packing import unpack_2bit, unpack_base3
 
     q = unpack_2bit(layer.packed, layer.out_features) if layer.packing == "2bit" else \
         unpack_base3(layer.packed, layer.in_features)

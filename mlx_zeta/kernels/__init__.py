@@ -6,16 +6,26 @@ pure-MLX reference beside each as the definition of correctness.
 - :func:`ternary_matmul`: W1.58A8 (exact int32 accumulation) and W1.58A16 products on the
   packed 2-bit layout (GEMV for up to 8 rows, tiled GEMM above).
 
-``use_kernel``: ``None`` picks the kernel where Metal or CUDA is present and the reference
-path elsewhere; ``True`` requires a kernel; ``False`` forces the reference; ``"emulate"``
-(``"emulate-cuda"``) runs the shipped Metal (CUDA) text on the CPU
-(:mod:`mlx_zeta.kernels.emulate`, for tests and for checking a kernel on Linux). Every
-kernel is an ``mx.custom_function`` whose gradient comes from the reference path.
+Which path a call takes (device kernel, reference, CPU emulation) is decided in one place,
+:mod:`mlx_zeta.kernels.dispatch`: a per-call ``use_kernel`` (``None`` follows the process-wide
+mode, ``True``, ``False``, or a mode string) and a process-wide mode (:func:`use_kernels`
+context, or ``MLX_ZETA_KERNELS=auto|off|emulate|emulate-cuda``). Every kernel is an
+``mx.custom_function`` whose gradient comes from the reference path (:func:`with_reference_vjp`).
+
+This package is the lowest compute layer: it imports nothing from ``nn``, ``structs``,
+``quant``, ``models`` or ``converters``. The math it shares with them (the 2-bit ternary
+layout in :mod:`.packing`, T5 buckets and :class:`PositionBias` in :mod:`.positions`) lives
+here and the upper layers import it.
 """
 
-from mlx_zeta.kernels.source import Kernel, KernelSource, backend, gpu_backend, load_source
-from mlx_zeta.kernels.attention import fused_attention, t5_relative_buckets  # noqa: E402
-from mlx_zeta.kernels.ternary import ternary_matmul  # noqa: E402
+from mlx_zeta.kernels.dispatch import (ENV_VAR, MODES, gpu_backend, kernel_mode, kernels_active, resolve,
+                                       use_kernels, with_reference_vjp)
+from mlx_zeta.kernels.source import KernelSource, load_source
+from mlx_zeta.kernels.launch import Kernel
+from mlx_zeta.kernels.positions import PositionBias, relative_position_bucket, t5_relative_buckets
+from mlx_zeta.kernels.attention import fused_attention
+from mlx_zeta.kernels.ternary import ternary_matmul
 
-__all__ = ["Kernel", "KernelSource", "backend", "gpu_backend", "load_source", "fused_attention",
-           "t5_relative_buckets", "ternary_matmul"]
+__all__ = ["ENV_VAR", "MODES", "gpu_backend", "kernel_mode", "kernels_active", "resolve", "use_kernels",
+           "with_reference_vjp", "Kernel", "KernelSource", "load_source", "PositionBias", "relative_position_bucket",
+           "t5_relative_buckets", "fused_attention", "ternary_matmul"]

@@ -32,10 +32,11 @@ from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
-from mlx_zeta.kernels.source import Kernel, backend
-from mlx_zeta.nn.positional import PositionBias, RelativePositionBias
+from mlx_zeta.kernels.dispatch import resolve, with_reference_vjp
+from mlx_zeta.kernels.positions import PositionBias
+from mlx_zeta.kernels.launch import Kernel
 
-__all__ = ["fused_attention", "t5_relative_buckets", "kernel_supports", "HEAD_DIMS", "DTYPES", "DECODE_MAX_QUERIES"]
+__all__ = ["fused_attention", "kernel_supports", "HEAD_DIMS", "DTYPES", "DECODE_MAX_QUERIES"]
 
 HEAD_DIMS = (64, 80, 96, 128, 192, 256)
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -56,16 +57,6 @@ class _Config(NamedTuple):
     extras: Tuple[str, ...]  # which of _EXTRAS are passed, in that order
     mode: str
     num_splits: Optional[int]
-
-
-def t5_relative_buckets(q_len: int, k_len: int, *, bidirectional: bool = True, num_buckets: int = 32,
-                        max_distance: int = 128, step: int = 0) -> mx.array:
-    """T5 buckets for :func:`fused_attention`: an int32 array of length ``q_len + k_len - 1`` whose
-    entry ``n`` is the bucket of the key-minus-query offset ``j - i = n - (q_len - 1)`` for queries at
-    positions ``step + i``, by :class:`~mlx_zeta.nn.positional.RelativePositionBias`'s own bucket
-    function, so ``t5_table[buckets[j - i + q_len - 1], h]`` equals its ``compute_bias(q_len, k_len, step)``."""
-    rel = mx.arange(-(q_len - 1), k_len, dtype=mx.int32) - step
-    return RelativePositionBias._relative_position_bucket(rel, bidirectional, num_buckets, max_distance).astype(mx.int32)
 
 
 def kernel_supports(q: mx.array, k: mx.array, v: mx.array) -> bool:
@@ -173,27 +164,10 @@ def _fused(cfg: _Config):
     def reference(q, k, v, *extras):
         return _reference(q, k, v, **dict(zip(cfg.extras, extras)), **opts)
 
-    @mx.custom_function
-    def fused(q, k, v, *extras):
+    def forward(q, k, v, *extras):
         return _kernel_forward(q, k, v, dict(zip(cfg.extras, extras)), cfg)
 
-    @fused.vjp
-    def fused_vjp(primals, cotangent, output):
-        wrt = [n for n, x in enumerate(primals) if mx.issubdtype(x.dtype, mx.floating)]
-
-        def f(*xs):
-            args = list(primals)
-            for n, x in zip(wrt, xs):
-                args[n] = x
-            return reference(*args)
-
-        _, grads = mx.vjp(f, [primals[n] for n in wrt], [cotangent])
-        out = [mx.zeros_like(x) for x in primals]
-        for n, g in zip(wrt, grads):
-            out[n] = g
-        return tuple(out)
-
-    return fused
+    return with_reference_vjp(forward, reference)
 
 
 def _check(q, k, v, window, softcap, alibi_slopes, t5_table, t5_buckets, mask, num_splits) -> None:
@@ -260,8 +234,9 @@ def fused_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: Optional[fl
         mask (array, optional): boolean keep-mask (True = attend) or additive float mask, shape
             broadcastable to :math:`(B, H_q, L_q, L_k)` (2-D to 4-D); broadcast axes cost no memory.
         num_splits (int, optional): key chunks of the decode kernel (:math:`L_q \le 8`). Default: by size.
-        use_kernel: ``None`` (kernel on Metal / CUDA, reference on the CPU), ``True``, ``False``
-            (reference), ``"emulate"`` / ``"emulate-cuda"`` (the shipped Metal / CUDA text on the CPU).
+        use_kernel: ``None`` (follow the process-wide mode: kernel on Metal / CUDA, reference on the
+            CPU), ``True``, ``False`` (reference), or a mode such as ``"emulate"`` / ``"emulate-cuda"``
+            (the shipped Metal / CUDA text on the CPU); see :mod:`mlx_zeta.kernels.dispatch`.
 
     Returns:
         array: :math:`(B, H_q, L_q, D)` in q's dtype; rows with no visible key are 0.
@@ -275,7 +250,7 @@ def fused_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: Optional[fl
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     opts = dict(scale=scale, causal=bool(causal), window=window or 0, softcap=float(softcap or 0.0))
     given = dict(zip(_EXTRAS, (alibi_slopes, t5_table, t5_buckets, mask)))
-    mode = "emulate-cuda" if use_kernel == "emulate-cuda" else backend(use_kernel)
+    mode = resolve(use_kernel)
     if mode != "reference" and not kernel_supports(q, k, v):
         if use_kernel is None:
             mode = "reference"

@@ -14,7 +14,7 @@ Each (source, template) instantiation is compiled once into a small program cach
 inputs to a temporary folder, runs the program and reads the outputs back.
 
 Every input is declared ``const device T*``: MLX would declare one of fewer than 8 elements
-``constant``, which :class:`~mlx_zeta.kernels.source.Kernel` prevents by padding small inputs.
+``constant``, which :class:`~mlx_zeta.kernels.launch.Kernel` prevents by padding small inputs.
 Limits: uniform grids only (the grid a multiple of the threadgroup, as our kernels launch);
 at most 1024 threads per group; no atomics; ``threadgroup``/``__shared__`` only on array
 declarations inside the body.
@@ -34,8 +34,10 @@ import numpy as np
 
 import mlx.core as mx
 
+from mlx_zeta.kernels.source import device_sized, load_source
+
 if TYPE_CHECKING:
-    from mlx_zeta.kernels.source import Kernel
+    from mlx_zeta.kernels.launch import Kernel
 
 __all__ = ["emulate", "compiler"]
 
@@ -161,8 +163,6 @@ def emulate(kernel: "Kernel", inputs: Sequence[mx.array], *, template, grid, thr
 
     Raises ``RuntimeError`` naming the kernel when compilation fails, the program crashes,
     or it runs past ``timeout`` seconds (a barrier some thread never reaches)."""
-    from mlx_zeta.kernels.source import load_source
-
     src = source if source is not None else load_source(kernel.family, dialect)
     if kernel.name not in src.bodies:
         raise ValueError(f"[emulate] {src.path} has no kernel {kernel.name!r}; it has {sorted(src.bodies)}")
@@ -170,9 +170,7 @@ def emulate(kernel: "Kernel", inputs: Sequence[mx.array], *, template, grid, thr
     if any(g % t for g, t in zip(grid, threadgroup)) or np.prod(threadgroup) > 1024:
         raise ValueError(f"[emulate] {kernel.name}: expected a grid that is a multiple of a threadgroup of at most "
                          f"1024 threads, got grid {grid}, threadgroup {threadgroup}")
-    from mlx_zeta.kernels.source import _device_sized
-
-    inputs = [_device_sized(mx.array(x)) for x in inputs]
+    inputs = [device_sized(mx.array(x)) for x in inputs]
     program = _program(kernel, dialect, src.header, src.bodies[kernel.name], [x.dtype for x in inputs],
                        list(output_dtypes), list(template))
     exe = _build(program)

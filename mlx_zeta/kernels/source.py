@@ -1,5 +1,5 @@
-"""Kernel sources and their launch: one file per kernel family in ``metal/`` (installed as
-``mlx_zeta.metal``), Metal bodies in ``<family>.metal`` and CUDA twins in ``<family>.cu``.
+"""Kernel sources: one file per kernel family in ``metal/`` (installed as ``mlx_zeta.metal``),
+Metal bodies in ``<family>.metal`` and CUDA twins in ``<family>.cu``.
 
 A source file holds a header and named kernel bodies, separated by marker lines::
 
@@ -8,11 +8,9 @@ A source file holds a header and named kernel bodies, separated by marker lines:
     // ==== kernel: ternary_gemv ====
     ... the body of the kernel: MLX generates the signature ...
 
-:class:`Kernel` describes one kernel (its inputs, outputs and template parameters) and
-launches it on the backend at hand: ``mx.fast.metal_kernel`` on a Mac,
-``mx.fast.cuda_kernel`` on an NVIDIA GPU, or the CPU emulation of the same text
-(:mod:`mlx_zeta.kernels.emulate`) for tests on Linux. Compiled kernels are cached per
-source, so each file is read and each kernel built once.
+:func:`load_source` parses a file once (cached); :func:`device_sized` is the input convention
+every launch follows (:mod:`mlx_zeta.kernels.launch` on the GPU, :mod:`mlx_zeta.kernels.emulate`
+on the CPU).
 """
 
 from __future__ import annotations
@@ -20,14 +18,13 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict
 
 import mlx.core as mx
 
-__all__ = ["Kernel", "KernelSource", "load_source", "backend", "gpu_backend"]
+__all__ = ["KernelSource", "load_source", "device_sized", "CONSTANT_LIMIT"]
 
 _MARKER = re.compile(r"^// ==== (header|kernel: (\w+)) ====\s*$", re.M)
-TemplateArg = Tuple[str, Union[mx.Dtype, int, bool]]
 
 
 @dataclass(frozen=True)
@@ -60,65 +57,10 @@ def load_source(family: str, dialect: str) -> KernelSource:
     return KernelSource(name, header, bodies)
 
 
-def gpu_backend() -> str | None:
-    """``"metal"``, ``"cuda"`` or ``None`` (CPU only)."""
-    if mx.metal.is_available():
-        return "metal"
-    cuda = getattr(mx, "cuda", None)
-    if cuda is not None and cuda.is_available():
-        return "cuda"
-    return None
-
-
-def backend(use_kernel: bool | str | None) -> str:
-    """Resolve a ``use_kernel`` switch: ``None`` (kernel where a GPU backend exists), ``True``
-    (kernel required), ``False`` (reference path), or ``"emulate"`` (CPU emulation of the
-    shipped Metal text, for tests) -> ``"metal" | "cuda" | "reference" | "emulate"``."""
-    if use_kernel == "emulate":
-        return "emulate"
-    if use_kernel is False:
-        return "reference"
-    gpu = gpu_backend()
-    if gpu is None and use_kernel is True:
-        raise ValueError("[mlx_zeta.kernels] use_kernel=True needs Metal or CUDA; this MLX runs on the CPU "
-                         "(use_kernel=None picks the reference path here, 'emulate' runs the Metal text on the CPU)")
-    if use_kernel not in (None, True):
-        raise ValueError(f"[mlx_zeta.kernels] use_kernel must be None, True, False or 'emulate', got {use_kernel!r}")
-    return gpu or "reference"
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """One kernel of a family: names of its inputs and outputs, in signature order."""
-
-    family: str
-    name: str
-    input_names: Tuple[str, ...]
-    output_names: Tuple[str, ...]
-
-    def __call__(self, inputs: Sequence[mx.array], *, template: Sequence[TemplateArg], grid: Tuple[int, int, int],
-                 threadgroup: Tuple[int, int, int], output_shapes: Sequence[Sequence[int]],
-                 output_dtypes: Sequence[mx.Dtype], init_value: float | None = None,
-                 mode: str = "metal") -> List[mx.array]:
-        """Launch on ``mode``: ``"metal"``, ``"cuda"``, or ``"emulate"`` / ``"emulate-cuda"`` (the
-        Metal / CUDA text run on the CPU). MLX's conventions: the grid counts threads, every input
-        is passed row-contiguous; inputs of fewer than 8 elements are padded (:func:`_device_sized`)."""
-        inputs = [_device_sized(x) for x in inputs]
-        kwargs = dict(template=list(template), grid=grid, threadgroup=threadgroup,
-                      output_shapes=[tuple(s) for s in output_shapes], output_dtypes=list(output_dtypes))
-        if init_value is not None:
-            kwargs["init_value"] = init_value
-        if mode in ("emulate", "emulate-cuda"):
-            from mlx_zeta.kernels.emulate import emulate
-
-            return emulate(self, list(inputs), dialect="metal" if mode == "emulate" else "cuda", **kwargs)
-        return _compiled(self, mode)(inputs=list(inputs), **kwargs)
-
-
 CONSTANT_LIMIT = 8  # MLX passes inputs of fewer elements in Metal's constant address space
 
 
-def _device_sized(x: mx.array) -> mx.array:
+def device_sized(x: mx.array) -> mx.array:
     """MLX declares an input of fewer than 8 elements ``const constant T*`` instead of
     ``const device T*``; a body that hands it to a helper taking a device pointer would not
     compile on a Mac (the CPU emulator erases address spaces and cannot tell). Our bodies index
@@ -127,14 +69,3 @@ def _device_sized(x: mx.array) -> mx.array:
     if x.size >= CONSTANT_LIMIT:
         return x
     return mx.concatenate([x.reshape(-1), mx.zeros((CONSTANT_LIMIT - x.size,), x.dtype)])
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(kernel: Kernel, mode: str):
-    src = load_source(kernel.family, mode)
-    body = src.bodies.get(kernel.name)
-    if body is None:
-        raise ValueError(f"[mlx_zeta.kernels] {src.path} has no kernel {kernel.name!r}; it has {sorted(src.bodies)}")
-    make = mx.fast.metal_kernel if mode == "metal" else mx.fast.cuda_kernel
-    return make(name=f"mlx_zeta_{kernel.family}_{kernel.name}", input_names=list(kernel.input_names),
-                output_names=list(kernel.output_names), source=body, header=src.header)

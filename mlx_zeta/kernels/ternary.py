@@ -1,7 +1,7 @@
 r"""Ternary (1.58-bit) matmul on packed 2-bit weights: custom kernels and their reference.
 
 For activations :math:`x \in \mathbb{R}^{M \times K}` (or int8) and ternary weights
-:math:`W \in \{-1, 0, 1\}^{N \times K}` packed by :func:`~mlx_zeta.quant.pack_2bit` into
+:math:`W \in \{-1, 0, 1\}^{N \times K}` packed by :func:`~mlx_zeta.kernels.packing.pack_2bit` into
 ``packed`` uint8 ``(P, K)``, :math:`P = \lceil N / 4 \rceil` (byte ``packed[p, k]`` holds
 :math:`W_{p + jP, k} + 1` in bits :math:`2j, 2j+1`), :func:`ternary_matmul` returns the raw
 
@@ -17,7 +17,7 @@ multiplies ``A`` by its activation and weight scales in MLX, one elementwise pas
 ``(M, N)``, which keeps the kernels independent of the scale convention and lets the int8
 result be compared bit for bit.
 
-Paths (``use_kernel``, resolved by :func:`mlx_zeta.kernels.backend`): the Metal or CUDA
+Paths (``use_kernel``, resolved by :func:`mlx_zeta.kernels.dispatch.resolve`): the Metal or CUDA
 kernels of ``metal/ternary.metal`` / ``metal/ternary.cu`` — ``ternary_gemv`` for
 :math:`M \le 8` (decode: a SIMD group per packed row, lanes over K) and ``ternary_gemm``
 otherwise (prefill: 32 x 64 output tiles staged through threadgroup memory) — the CPU
@@ -37,8 +37,9 @@ from typing import Dict, Tuple
 
 import mlx.core as mx
 
-from mlx_zeta.kernels.source import Kernel, backend
-from mlx_zeta.quant.packing import unpack_2bit
+from mlx_zeta.kernels.dispatch import resolve, with_reference_vjp
+from mlx_zeta.kernels.packing import unpack_2bit
+from mlx_zeta.kernels.launch import Kernel
 
 __all__ = ["ternary_matmul", "ternary_matmul_reference", "kernel_launch", "GEMV_MAX_ROWS"]
 
@@ -135,24 +136,16 @@ def _kernel_forward(x: mx.array, packed: mx.array, n_out: int, mode: str) -> mx.
 
 @functools.lru_cache(maxsize=None)
 def _differentiable(n_out: int, mode: str):
-    """``f(x, packed) -> A`` on ``mode``, with the reference's VJP in x (one per n_out and mode)."""
+    """``f(x, packed) -> A`` on ``mode``, with the reference's VJP in x (one per n_out and mode);
+    the packed integers (and an int8 x) get zero cotangents."""
 
-    @mx.custom_function
-    def f(x, packed):
-        if mode == "reference":
-            return ternary_matmul_reference(x, packed, n_out)
-        return _kernel_forward(x, packed, n_out, mode)
+    def reference(x, packed):
+        return ternary_matmul_reference(x, packed, n_out)
 
-    @f.vjp
-    def f_vjp(primals, cotangent, output):
-        x, packed = primals
-        if x.dtype == mx.int8:  # integer inputs carry no gradient
-            dx = mx.zeros_like(x)
-        else:
-            _, (dx,) = mx.vjp(lambda x_: ternary_matmul_reference(x_, packed, n_out), [x], [cotangent])
-        return dx, mx.zeros_like(packed)  # frozen packed integers: no gradient
+    def forward(x, packed):
+        return reference(x, packed) if mode == "reference" else _kernel_forward(x, packed, n_out, mode)
 
-    return f
+    return with_reference_vjp(forward, reference, frozen=(1,))
 
 
 def ternary_matmul(x: mx.array, packed: mx.array, n_out: int, *, use_kernel=None) -> mx.array:
@@ -160,11 +153,12 @@ def ternary_matmul(x: mx.array, packed: mx.array, n_out: int, *, use_kernel=None
 
     Args:
         x (array): ``(..., K)`` activations, int8 (W1.58A8) or float32/float16/bfloat16 (W1.58A16).
-        packed (array): uint8 ``(ceil(n_out / 4), K)``, :func:`~mlx_zeta.quant.pack_2bit` layout.
+        packed (array): uint8 ``(ceil(n_out / 4), K)``, :func:`~mlx_zeta.kernels.packing.pack_2bit` layout.
         n_out (int): output features N (the padding slots of a ragged last packed row are dropped).
-        use_kernel: ``None`` (the Metal/CUDA kernel where present, else the reference), ``True``
-            (a kernel, or ``ValueError``), ``False`` (reference), ``"emulate"`` (the shipped Metal
-            text on the CPU). GEMV for at most ``GEMV_MAX_ROWS`` rows of ``x``, else GEMM.
+        use_kernel: ``None`` (follow the process-wide mode: the Metal/CUDA kernel where present, else
+            the reference), ``True`` (a kernel, or ``ValueError``), ``False`` (reference), or a mode
+            such as ``"emulate"`` (the shipped Metal text on the CPU); see
+            :mod:`mlx_zeta.kernels.dispatch`. GEMV for at most ``GEMV_MAX_ROWS`` rows of ``x``, else GEMM.
 
     Returns:
         ``(..., n_out)``: int32 for int8 ``x`` (exact), float32 otherwise.
@@ -174,5 +168,4 @@ def ternary_matmul(x: mx.array, packed: mx.array, n_out: int, *, use_kernel=None
         ``packed``, ``n_out`` not matching ``packed``'s rows, or an unknown ``use_kernel``.
     """
     _check(x, packed, n_out)
-    mode = backend(use_kernel)
-    return _differentiable(n_out, mode)(x, packed)
+    return _differentiable(n_out, resolve(use_kernel))(x, packed)

@@ -6,9 +6,12 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.kernels import attention as fused_kernels
+from mlx_zeta.kernels.dispatch import kernels_active
+from mlx_zeta.kernels.positions import PositionBias
 from mlx_zeta.nn.feedforward import affine
 from mlx_zeta.nn.kv_cache import KVCache
-from mlx_zeta.nn.positional import PositionBias, apply_rotary_pos_emb
+from mlx_zeta.nn.positional import apply_rotary_pos_emb
 
 __all__ = ["FlashAttention", "Attention", "MultiheadAttention", "MultiQueryAttention", "MultiGroupedQueryAttn", "KVCache",
            "attention_heads"]
@@ -56,15 +59,18 @@ class FlashAttention(nn.Module):
     Args:
         causal (bool): bottom-right causal masking. Default: ``False``.
         dropout (float): dropout on attention probabilities in training. Default: ``0.0``.
-        flash (bool): use the fused ``mx.fast`` kernel where it applies. Default: ``True``.
+        flash (bool): fused kernels where they apply: MLX's ``mx.fast`` SDPA, and our fused
+            kernels (:func:`mlx_zeta.kernels.fused_attention`) for position biases and causal masks
+            with a mask beside them when the kernel dispatcher has a kernel path live
+            (:mod:`mlx_zeta.kernels.dispatch`). ``False``: the explicit softmax. Default: ``True``.
         scale (float, optional): score scale. Default: ``1 / sqrt(dim)``.
 
     Shape:
         - q: :math:`(B, H, L_q, D)`; k: :math:`(B, H_{kv}, L_k, D)`; v: :math:`(B, H_{kv}, L_k, D_v)`.
         - mask: :math:`(B, L_k)` or broadcastable to :math:`(B, H, L_q, L_k)`.
         - attn_bias: broadcastable to :math:`(B, H, L_q, L_k)`, e.g. ALiBi :math:`(H, L_q, L_k)`; or a
-          :class:`~mlx_zeta.nn.positional.PositionBias` (ALiBi slopes / T5 table and buckets), which the
-          fused kernels compute in place on Metal / CUDA and which is materialised elsewhere.
+          :class:`~mlx_zeta.kernels.PositionBias` (ALiBi slopes / T5 table and buckets), which the
+          fused kernels compute in place where a kernel path is live and which is materialised elsewhere.
         - output: :math:`(B, H, L_q, D_v)`.
 
     Example:
@@ -110,10 +116,8 @@ class FlashAttention(nn.Module):
         mask, keep = self._build_mask(q, k, mask, attn_bias, causal and not fused)
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         if fused:  # causal masking and position biases applied in the kernel: no (q_len, k_len) array
-            from mlx_zeta.kernels.attention import fused_attention
-
             p = position or PositionBias()
-            out, weights = fused_attention(q, k, v, scale=scale, causal=causal, mask=mask, alibi_slopes=p.alibi_slopes,
+            out, weights = fused_kernels.fused_attention(q, k, v, scale=scale, causal=causal, mask=mask, alibi_slopes=p.alibi_slopes,
                                            t5_table=p.t5_table, t5_buckets=p.t5_buckets), None
         elif need_weights or drop > 0:
             out, weights = self._explicit(q, k, v, scale, mask, drop)
@@ -125,22 +129,19 @@ class FlashAttention(nn.Module):
         return out, weights
 
     def _fused_applies(self, q: mx.array, k: mx.array, v: mx.array, mask, attn_bias, causal: bool) -> bool:
-        """Route to :func:`mlx_zeta.kernels.attention.fused_attention` where it adds something and
-        only on Metal / CUDA with shapes the kernels take: a :class:`PositionBias` (computed in the
-        kernel), or causal attention with a mask or bias beside it or ``q_len > k_len`` (mx.fast
-        needs a combined ``(q_len, k_len)`` mask there)."""
+        """Route to :func:`mlx_zeta.kernels.fused_attention` where it adds something, when the
+        kernel dispatcher has a kernel path live (:func:`~mlx_zeta.kernels.kernels_active`: Metal,
+        CUDA, or their CPU emulation) and the kernels take these shapes: a :class:`PositionBias`
+        (computed in the kernel), or causal attention with a mask or bias beside it or
+        ``q_len > k_len`` (mx.fast needs a combined ``(q_len, k_len)`` mask there)."""
         if not self.flash:
             return False
         adds = isinstance(attn_bias, PositionBias) or (
             causal and (mask is not None or attn_bias is not None or q.shape[2] > k.shape[2]))
-        if not adds:
-            return False
-        from mlx_zeta.kernels import attention, source
-
-        return source.gpu_backend() is not None and attention.kernel_supports(q, k, v)
+        return adds and kernels_active() and fused_kernels.kernel_supports(q, k, v)
 
     def _dispatch(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
-        """The one place that picks a kernel (later: custom Metal / CUDA kernels)."""
+        """Everything the fused kernels do not take: MLX's own fused SDPA, or the explicit softmax."""
         if self.flash:
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         return self._explicit(q, k, v, scale, mask, 0.0)[0]

@@ -4,10 +4,12 @@ position buckets, learned absolute and scaled sinusoidal embeddings."""
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_zeta.kernels.positions import PositionBias, relative_position_bucket, t5_relative_buckets
 
 __all__ = [
     "RotaryEmbedding", "rotate_half", "apply_rotary_pos_emb", "AlibiPositionalBias",
@@ -252,6 +254,14 @@ class AlibiPositionalBias(nn.Module):
             bias = mx.concatenate([bias, mx.zeros((pad, i, j), dtype=bias.dtype)], axis=0)
         return bias
 
+    def position_bias(self) -> PositionBias:
+        """The same bias as :math:`O(H)` data: :class:`~mlx_zeta.kernels.PositionBias` with the
+        slopes of the ``heads`` ALiBi heads and zeros for the other ``total_heads - heads``;
+        ``position_bias().materialize(i, j)`` equals ``self(i, j)``."""
+        pad = self.total_heads - self.heads
+        slopes = mx.concatenate([self._slopes, mx.zeros((pad,))]) if pad else self._slopes
+        return PositionBias(alibi_slopes=slopes)
+
 
 class RelativePositionBias(nn.Module):
     r"""T5's learned relative position bias over log-spaced buckets.
@@ -306,26 +316,6 @@ class RelativePositionBias(nn.Module):
         self.num_heads = num_heads
         self.relative_attention_bias = nn.Embedding(num_buckets, num_heads)
 
-    @staticmethod
-    def _relative_position_bucket(
-        relative_position: mx.array, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
-    ) -> mx.array:
-        """Bucket index (int32) of each key-minus-query offset."""
-        n = -relative_position.astype(mx.int32)
-        ret = mx.zeros_like(n)
-        if bidirectional:
-            num_buckets //= 2
-            ret = ret + (n < 0).astype(mx.int32) * num_buckets
-            n = mx.abs(n)
-        else:
-            n = mx.maximum(n, 0)
-        max_exact = num_buckets // 2
-        # Clamp keeps log() finite where the exact branch is taken anyway.
-        n_large = mx.maximum(n, max_exact).astype(mx.float32)
-        scaled = mx.log(n_large / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-        val_if_large = mx.minimum(max_exact + scaled.astype(mx.int32), num_buckets - 1)
-        return ret + mx.where(n < max_exact, n, val_if_large)
-
     def compute_bias(self, qlen: int, klen: int, step: Optional[int] = None) -> mx.array:
         """Bias of shape (1, num_heads, qlen, klen)."""
         _check_int("RelativePositionBias", "qlen", qlen, 1)
@@ -335,49 +325,23 @@ class RelativePositionBias(nn.Module):
         context = mx.arange(step, step + qlen)[:, None]
         memory = mx.arange(klen)[None, :]
         rel = memory - context  # (qlen, klen)
-        buckets = self._relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+        buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
         values = self.relative_attention_bias(buckets)  # (qlen, klen, heads)
         return values.transpose(2, 0, 1)[None]
+
+    def position_bias(self, qlen: int, klen: int, step: Optional[int] = None) -> PositionBias:
+        """The same bias as :math:`O(L)` data: :class:`~mlx_zeta.kernels.PositionBias` with this
+        layer's table and the buckets of the ``qlen + klen - 1`` offsets;
+        ``position_bias(qlen, klen, step).materialize(qlen, klen)`` equals ``compute_bias(...)[0]``."""
+        step = 0 if step is None else step
+        buckets = t5_relative_buckets(qlen, klen, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                                      max_distance=self.max_distance, step=step)
+        return PositionBias(t5_table=self.relative_attention_bias.weight, t5_buckets=buckets)
 
     def __call__(self, batch_size: int, qlen: int, klen: int, step: Optional[int] = None) -> mx.array:
         _check_int("RelativePositionBias", "batch_size", batch_size, 1)
         bias = self.compute_bias(qlen, klen, step)
         return mx.broadcast_to(bias, (batch_size, self.num_heads, qlen, klen))
-
-
-class PositionBias(NamedTuple):
-    r"""An additive attention-score bias given by :math:`O(L)` data instead of an
-    :math:`(L_q, L_k)` array, so the fused kernels (:mod:`mlx_zeta.kernels.attention`) compute
-    it in place; :meth:`materialize` builds the array where no kernel runs. With
-    :math:`i' = i + L_k - L_q` (queries aligned to the end of the keys):
-
-    .. math::
-
-        B_{hij} = -m_h\,|j - i'| \ \ (\text{ALiBi}) \;+\; T_{\beta[j - i + L_q - 1],\, h} \ \ (\text{T5})
-
-    Fields: ``alibi_slopes`` :math:`m` (H,) (zero for heads without ALiBi), ``t5_table``
-    :math:`T` (num_buckets, H) and ``t5_buckets`` :math:`\beta` (L_q + L_k - 1,) int32 (see
-    :func:`mlx_zeta.kernels.attention.t5_relative_buckets`). Either part may be None.
-    """
-
-    alibi_slopes: Optional[mx.array] = None
-    t5_table: Optional[mx.array] = None
-    t5_buckets: Optional[mx.array] = None
-
-    def materialize(self, q_len: int, k_len: int) -> Optional[mx.array]:
-        """The bias as an array of shape (H, q_len, k_len) (float32), or None when empty;
-        equal to :class:`AlibiPositionalBias` / :meth:`RelativePositionBias.compute_bias`."""
-        q_pos = mx.arange(q_len)[:, None] + (k_len - q_len)  # i'
-        k_pos = mx.arange(k_len)[None, :]
-        bias = None
-        if self.alibi_slopes is not None:
-            dist = mx.abs(k_pos - q_pos).astype(mx.float32)
-            bias = -self.alibi_slopes.astype(mx.float32)[:, None, None] * dist
-        if self.t5_table is not None:
-            offsets = k_pos - mx.arange(q_len)[:, None] + (q_len - 1)  # (q_len, k_len) into t5_buckets
-            t5 = self.t5_table.astype(mx.float32)[self.t5_buckets[offsets]].transpose(2, 0, 1)
-            bias = t5 if bias is None else bias + t5
-        return bias
 
 
 def _seq_len_of(owner: str, x: mx.array) -> int:

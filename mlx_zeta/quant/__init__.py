@@ -1,5 +1,5 @@
 """Ternary (1.58-bit) layers: BitNet b1.58 quantization-aware training (bitlinear),
-packed ternary formats (packing) and the inference layer (ternary), model-wide
+packed ternary formats (:mod:`mlx_zeta.kernels.packing`, re-exported) and the inference layer (ternary), model-wide
 swaps (model), the MatMul-free LM (matmulfree) and Keras-MatMulLess's layer set
 on BitLinear (mmless)."""
 
@@ -10,7 +10,7 @@ from mlx_zeta.quant.matmulfree import (GLUChannelMixer, MatMulFreeBlock, MatMulF
 from mlx_zeta.quant.mmless import (GLU, AFTBlock, BilinearGLU, BitGRU, BitLRU, GeGLU, PatchEmbedding, ReGLU, SeGLU,
                                    SwiGLU, TokenEmbedding)
 from mlx_zeta.quant.model import freeze_model, quantize_model
-from mlx_zeta.quant.packing import bytes_per_weight, pack_2bit, pack_base3, unpack_2bit, unpack_base3
+from mlx_zeta.kernels.packing import bytes_per_weight, pack_2bit, pack_base3, unpack_2bit, unpack_base3
 from mlx_zeta.quant.ternary import TernaryLinear
 
 __all__ = [

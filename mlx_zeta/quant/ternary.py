@@ -1,7 +1,8 @@
 r"""Inference layer on packed ternary weights: BitNet b1.58 W1.58A8 (int8 activations)
 and W1.58A16 (float activations), in Hugging Face's two scale conventions.
 
-Compute paths on MLX's CPU backend, until custom kernels exist (``kernel=``):
+Compute paths (``kernel=``); whether a device kernel is live is asked of
+:mod:`mlx_zeta.kernels.dispatch`, the one place that decides it:
 
 * ``"unpack"`` (default): decode the packed codes to float32 in slabs of ``SLAB_ELEMENTS``
   weights and multiply each slab with BLAS (``x @ slab.T``), each slab chained behind the
@@ -17,11 +18,13 @@ Compute paths on MLX's CPU backend, until custom kernels exist (``kernel=``):
   ``packed``). Its time grows linearly with the rows of ``x``: it ties with ``"unpack"``
   for one row (18.6 vs 18.7 ms) and loses from two rows on (36 vs 24 ms; 50-100x at 256).
 * ``"fused"``: :func:`mlx_zeta.kernels.ternary_matmul` on the 2-bit packed bytes as they are
-  (no decoded copy): the Metal/CUDA kernels where a GPU backend is present, exact int32
-  accumulation for int8 activations; on the CPU its reference path (unpack + matmul).
-  ``FUSED_USE_KERNEL`` is passed as its ``use_kernel`` (tests set ``"emulate"``). 2-bit only.
-* ``"auto"``: ``"fused"`` when a GPU backend (Metal or CUDA) is present and the packing is
-  2-bit; otherwise ``"affine"`` for at most ``AFFINE_MAX_ROWS`` rows, else ``"unpack"``.
+  (no decoded copy), on the path the dispatcher resolves: the Metal/CUDA kernels where a GPU
+  backend is present, the CPU emulation of their text under ``use_kernels("emulate")`` /
+  ``MLX_ZETA_KERNELS=emulate``, else its reference (unpack + matmul); exact int32
+  accumulation for int8 activations. 2-bit only.
+* ``"auto"``: ``"fused"`` when the dispatcher has a kernel path live
+  (:func:`~mlx_zeta.kernels.kernels_active`) and the packing is 2-bit; otherwise ``"affine"``
+  for at most ``AFFINE_MAX_ROWS`` rows, else ``"unpack"``.
 
 See BENCHMARKS.md ("Packed ternary layers") for the measurements behind these choices.
 """
@@ -33,9 +36,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_zeta.kernels.source import gpu_backend
-from mlx_zeta.quant.bitlinear import quantize_activations, ternarize
-from mlx_zeta.quant.packing import TRITS_PER_BYTE, _base3_codes, pack_2bit, pack_base3
+from mlx_zeta.kernels.dispatch import kernels_active
+from mlx_zeta.kernels.packing import TRITS_PER_BYTE, base3_codes, pack_2bit, pack_base3
+from mlx_zeta.kernels.ternary import ternary_matmul
+from mlx_zeta.quant.quantizers import quantize_activations, ternarize
 
 __all__ = ["TernaryLinear"]
 
@@ -46,7 +50,6 @@ AFFINE_MAX_ROWS = 1  # "auto" uses the affine path up to this many rows of x
 # c = w + 1 <= 2 and subtracts sum(q_x), so it stays exact up to half of that.
 EXACT_IN_FEATURES = (1 << 24) // 128  # 131072: "unpack" splits longer inputs into exact chunks
 EXACT_IN_FEATURES_AFFINE = (1 << 24) // 256  # 65536: beyond it int8 mode uses "unpack"
-FUSED_USE_KERNEL = None  # use_kernel for kernel="fused" (None: GPU kernel where present, else reference)
 
 _ACTIVATIONS = ("int8", "float")
 _CONVENTIONS = ("divide", "multiply")
@@ -239,7 +242,7 @@ class TernaryLinear(nn.Module):
                     yield (chained(packed[r:r + step]) >> (2 * slot)) & 3
         else:
             for r in range(0, self.out_features, step):
-                yield _base3_codes(chained(packed[r:r + step]), self.in_features)
+                yield base3_codes(chained(packed[r:r + step]), self.in_features)
 
     def _unpack_matmul(self, x: mx.array, exact: bool) -> mx.array:
         """x (M, in) float32 -> x @ T^T (M, out) float32, slab by slab; ``exact`` chunks long inputs."""
@@ -290,17 +293,15 @@ class TernaryLinear(nn.Module):
 
     def _fused_matmul(self, x: mx.array, exact: bool) -> mx.array:
         """The packed-byte kernels: int8 codes (``exact``: x holds the int8 values) or float32 x."""
-        from mlx_zeta.kernels.ternary import ternary_matmul
-
         if self.packing != "2bit":
             raise ValueError("[TernaryLinear] kernel='fused' reads the 2-bit layout; this layer packs 'base3'")
         x = x.astype(mx.int8) if exact else x
-        return ternary_matmul(x, self.packed, self.out_features, use_kernel=FUSED_USE_KERNEL).astype(mx.float32)
+        return ternary_matmul(x, self.packed, self.out_features).astype(mx.float32)
 
     def _matmul(self, x: mx.array, exact: bool) -> mx.array:
         """x (M, in) float32 -> x @ T^T (M, out) float32 on the chosen path."""
         kernel = _choice("kernel", self.kernel, _KERNELS)
-        if kernel == "auto" and self.packing == "2bit" and gpu_backend() is not None:
+        if kernel == "auto" and self.packing == "2bit" and kernels_active():
             kernel = "fused"
         elif kernel == "auto":
             kernel = "affine" if x.shape[0] <= AFFINE_MAX_ROWS else "unpack"

@@ -11,9 +11,7 @@ from mlx_zeta.nn.attention import Attention
 from mlx_zeta.nn.feedforward import FeedForward
 from mlx_zeta.nn.kv_cache import KVCache, StaticKVCache
 from mlx_zeta.nn.norms import RMSNorm, ScaleNorm
-from mlx_zeta.kernels.attention import t5_relative_buckets
-from mlx_zeta.kernels.source import gpu_backend
-from mlx_zeta.nn.positional import AlibiPositionalBias, PositionBias, RelativePositionBias, RotaryEmbedding
+from mlx_zeta.nn.positional import AlibiPositionalBias, RelativePositionBias, RotaryEmbedding
 from mlx_zeta.structs.cache import RotatingKVCache
 
 __all__ = ["AttentionLayers", "Encoder", "Decoder", "CrossAttender"]
@@ -302,12 +300,11 @@ class AttentionLayers(nn.Module):
                 kept = (cache[0].size if isinstance(cache[0], RotatingKVCache) else cache[0].offset) if cache else 0
                 k_len = kept + n
                 self_mask = self._self_mask(mask, b, n, offset, k_len)
-            if ("alibi" in self or "rel_pos" in self) and gpu_backend() is not None:
-                attn_bias = self._position_bias(n, k_len)  # O(L) data for the fused kernels
-            elif "alibi" in self:
-                attn_bias = self.alibi(n, k_len)  # (heads, n, k_len)
+            # position biases travel as O(L) data; FlashAttention fuses or materialises them
+            if "alibi" in self:
+                attn_bias = self.alibi.position_bias()
             elif "rel_pos" in self:
-                attn_bias = self.rel_pos.compute_bias(n, k_len, step=k_len - n)  # (1, heads, n, k_len)
+                attn_bias = self.rel_pos.position_bias(n, k_len, step=k_len - n)
             if "rotary" in self:
                 rotary = self.rotary(n, offset=offset, center=0 if self.rotary_xpos else None)
         elif mask is not None:
@@ -319,18 +316,6 @@ class AttentionLayers(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer(x, self_mask, attn_bias, rotary, context, context_mask, cache[i] if cache else None)
         return self.final_norm(x) if self.pre_norm else x
-
-    def _position_bias(self, n: int, k_len: int) -> PositionBias:
-        """The stack's ALiBi or T5 bias as :class:`PositionBias` (slopes, or table and buckets), which
-        Metal / CUDA compute inside the fused attention kernel instead of an (n, k_len) array."""
-        if "alibi" in self:
-            slopes = self.alibi._slopes
-            pad = self.alibi.total_heads - self.alibi.heads
-            return PositionBias(alibi_slopes=mx.concatenate([slopes, mx.zeros((pad,))]) if pad else slopes)
-        rel = self.rel_pos
-        buckets = t5_relative_buckets(n, k_len, bidirectional=rel.bidirectional, num_buckets=rel.num_buckets,
-                                      max_distance=rel.max_distance, step=k_len - n)
-        return PositionBias(t5_table=rel.relative_attention_bias.weight, t5_buckets=buckets)
 
     def _self_mask(self, mask: Optional[mx.array], b: int, n: int, offset: int, k_len: int) -> Optional[mx.array]:
         """Key padding and sliding window as one boolean mask over the k_len keys, or None."""

@@ -13,6 +13,9 @@ Two formats, both storing the code :math:`c = w + 1 \in \{0, 1, 2\}`:
 All functions take an ``mx.array`` or a numpy array, are vectorised MLX ops, and
 return ``mx.array``. A per-tensor scale (:func:`~mlx_zeta.quant.ternarize`) is
 stored beside the codes by the layers that use them.
+
+The layout lives in the kernel layer because :func:`~mlx_zeta.kernels.ternary_matmul` reads
+it; :mod:`mlx_zeta.quant` re-exports these functions for users.
 """
 
 from typing import Sequence, Tuple, Union
@@ -20,7 +23,7 @@ from typing import Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["pack_2bit", "unpack_2bit", "pack_base3", "unpack_base3", "bytes_per_weight"]
+__all__ = ["pack_2bit", "unpack_2bit", "pack_base3", "unpack_base3", "base3_codes", "bytes_per_weight", "TRITS_PER_BYTE"]
 
 ArrayLike = Union[mx.array, np.ndarray]
 
@@ -167,10 +170,10 @@ def unpack_base3(packed: ArrayLike, in_features: Union[int, Sequence[int]]) -> m
                          f"row, but the packed array has {groups} (shape {tuple(packed.shape)})")
     if mx.max(packed).item() > _MAX_BASE3_BYTE:
         raise ValueError(f"[unpack_base3] found a byte above {_MAX_BASE3_BYTE}, which 5 trits cannot encode")
-    return _base3_codes(packed, in_features).astype(mx.int8) - 1
+    return base3_codes(packed, in_features).astype(mx.int8) - 1
 
 
-def _base3_codes(packed: mx.array, in_features: int) -> mx.array:
+def base3_codes(packed: mx.array, in_features: int) -> mx.array:
     """uint8 codes (w + 1) of shape (rows, in_features) from base-3 bytes (rows, ceil(in / 5))."""
     rows = packed.shape[0]
     digits = (packed[..., None] // mx.array(_POW3, dtype=mx.uint8)) % 3  # (rows, groups, 5)

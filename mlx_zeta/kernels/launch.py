@@ -1,0 +1,57 @@
+"""Launching one kernel of a family on the path :mod:`mlx_zeta.kernels.dispatch` chose:
+``mx.fast.metal_kernel`` on a Mac, ``mx.fast.cuda_kernel`` on an NVIDIA GPU, or the CPU
+emulation of the same text (:mod:`mlx_zeta.kernels.emulate`) for tests on Linux. Compiled
+kernels are cached, so each kernel is built once per backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
+
+import mlx.core as mx
+
+from mlx_zeta.kernels.emulate import emulate
+from mlx_zeta.kernels.source import device_sized, load_source
+
+__all__ = ["Kernel"]
+
+TemplateArg = Tuple[str, Union[mx.Dtype, int, bool]]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel of a family: names of its inputs and outputs, in signature order."""
+
+    family: str
+    name: str
+    input_names: Tuple[str, ...]
+    output_names: Tuple[str, ...]
+
+    def __call__(self, inputs: Sequence[mx.array], *, template: Sequence[TemplateArg], grid: Tuple[int, int, int],
+                 threadgroup: Tuple[int, int, int], output_shapes: Sequence[Sequence[int]],
+                 output_dtypes: Sequence[mx.Dtype], init_value: float | None = None,
+                 mode: str = "metal") -> List[mx.array]:
+        """Launch on ``mode``: ``"metal"``, ``"cuda"``, or ``"emulate"`` / ``"emulate-cuda"`` (the
+        Metal / CUDA text run on the CPU). MLX's conventions: the grid counts threads, every input
+        is passed row-contiguous; inputs of fewer than 8 elements are padded (:func:`device_sized`)."""
+        inputs = [device_sized(x) for x in inputs]
+        kwargs = dict(template=list(template), grid=grid, threadgroup=threadgroup,
+                      output_shapes=[tuple(s) for s in output_shapes], output_dtypes=list(output_dtypes))
+        if init_value is not None:
+            kwargs["init_value"] = init_value
+        if mode in ("emulate", "emulate-cuda"):
+            return emulate(self, list(inputs), dialect="metal" if mode == "emulate" else "cuda", **kwargs)
+        return _compiled(self, mode)(inputs=list(inputs), **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(kernel: Kernel, mode: str):
+    src = load_source(kernel.family, mode)
+    body = src.bodies.get(kernel.name)
+    if body is None:
+        raise ValueError(f"[mlx_zeta.kernels] {src.path} has no kernel {kernel.name!r}; it has {sorted(src.bodies)}")
+    make = mx.fast.metal_kernel if mode == "metal" else mx.fast.cuda_kernel
+    return make(name=f"mlx_zeta_{kernel.family}_{kernel.name}", input_names=list(kernel.input_names),
+                output_names=list(kernel.output_names), source=body, header=src.header)
