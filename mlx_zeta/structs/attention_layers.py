@@ -308,7 +308,7 @@ class Encoder(AttentionLayers):
     r""":class:`AttentionLayers` with bidirectional self-attention (``causal=False``).
 
     Example:
-        >>> Encoder(dim=64, depth=2, heads=4, rel_pos_bias=True)(mx.random.normal((2, 10, 64))).shape
+        >>> Encoder(dim=64, depth=2, heads=4, position="t5")(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
     """
 
@@ -322,7 +322,7 @@ class Decoder(AttentionLayers):
     r""":class:`AttentionLayers` with causal self-attention (``causal=True``).
 
     Example:
-        >>> Decoder(dim=64, depth=2, heads=4, rotary_pos_emb=True)(mx.random.normal((2, 10, 64))).shape
+        >>> Decoder(dim=64, depth=2, heads=4, position="rotary")(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
     """
 

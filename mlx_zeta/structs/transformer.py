@@ -57,7 +57,7 @@ class Transformer(nn.Module):
 
     Example:
         >>> model = Transformer(num_tokens=256, max_seq_len=128,
-        ...                     attn_layers=Decoder(dim=64, depth=2, heads=4, rotary_pos_emb=True))
+        ...                     attn_layers=Decoder(dim=64, depth=2, heads=4, position="rotary"))
         >>> model(mx.zeros((2, 10), dtype=mx.int32)).shape
         (2, 10, 256)
 
