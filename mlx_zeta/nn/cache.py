@@ -13,7 +13,13 @@ A layer asks a cache four questions and never checks its type:
   ``"causal"`` (bottom-right aligned causal masking, which
   :class:`~mlx_zeta.nn.FlashAttention` applies itself) or a boolean ``(n, key_length)`` array;
 - :meth:`~Cache.key_mask`: the caller's key-padding mask laid over the returned keys
-  (caches that mask by position refuse one).
+  (caches that mask by position refuse one);
+- ``static``: whether shapes are independent of the position (``offset`` is then an array
+  that cannot be read on the host without a sync, e.g. to check a length limit).
+
+The caches: :class:`KVCache` (grows), :class:`RotatingKVCache` (keeps a window),
+:class:`StaticKVCache` (fixed capacity, position as an array). Any object answering these
+questions works with :class:`~mlx_zeta.nn.Attention` and the stacks of :mod:`mlx_zeta.structs`.
 """
 
 from typing import Optional, Tuple, Union
