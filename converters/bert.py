@@ -176,7 +176,7 @@ class BertEncoder(nn.Module):
                                          args.layer_norm_eps)
         self.encoder = Encoder(dim=d, depth=args.num_hidden_layers, heads=args.num_attention_heads, attn_bias=True,
                                ff_inner_dim=args.intermediate_size, ff_custom_act=ACTIVATIONS[args.hidden_act],
-                               pre_norm=False, norm_factory=lambda n: nn.LayerNorm(n, eps=args.layer_norm_eps))
+                               pre_norm=False, norm=lambda n: nn.LayerNorm(n, eps=args.layer_norm_eps))
         if args.has_pooler:
             self.pooler = nn.Linear(d, d)
 

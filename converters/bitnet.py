@@ -180,7 +180,7 @@ def build(args: ModelArgs) -> Transformer:
         ff_glu=True, ff_relu_squared=True, ff_inner_dim=inner, ff_no_bias=True,
         rotary_pos_emb=True, rotary_emb_dim=args.head_dim, rotary_base=float(args.rope["rope_theta"]),
         rotary_inv_freq=inv_freq, rotary_interpolation_factor=interpolation,
-        norm_factory=lambda d: nn.RMSNorm(d, eps=args.rms_norm_eps), sliding_window=args.window,
+        norm=lambda d: nn.RMSNorm(d, eps=args.rms_norm_eps), sliding_window=args.window,
     )
     q_out, kv_out = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     for layer in layers.layers:  # the float Linear layers built above are never evaluated

@@ -94,7 +94,7 @@ def build(args: ModelArgs) -> Transformer:
         dim=args.n_embd, depth=args.n_layer, heads=args.n_head, attn_bias=True,
         attn_scale=None if args.scale_attn_weights else 1.0,
         ff_inner_dim=args.n_inner, ff_custom_act=ACTIVATIONS[args.activation_function],
-        norm_factory=lambda d: nn.LayerNorm(d, eps=eps),
+        norm=lambda d: nn.LayerNorm(d, eps=eps),
     )
     model = Transformer(num_tokens=args.vocab_size, max_seq_len=args.n_positions, attn_layers=layers,
                         tie_embedding=args.tie_word_embeddings, use_abs_pos_emb=True)

@@ -131,7 +131,7 @@ def build(args: ModelArgs) -> Transformer:
         ff_swiglu=True, ff_inner_dim=args.intermediate_size, ff_no_bias=not args.mlp_bias,
         rotary_pos_emb=True, rotary_emb_dim=args.head_dim, rotary_base=float(args.rope["rope_theta"]),
         rotary_inv_freq=inv_freq, rotary_interpolation_factor=interpolation,
-        norm_factory=lambda d: nn.RMSNorm(d, eps=args.rms_norm_eps), sliding_window=args.window,
+        norm=lambda d: nn.RMSNorm(d, eps=args.rms_norm_eps), sliding_window=args.window,
     )
     return Transformer(num_tokens=args.vocab_size, max_seq_len=args.max_position_embeddings, attn_layers=layers,
                        tie_embedding=args.tie_word_embeddings, use_abs_pos_emb=False)

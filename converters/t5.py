@@ -169,7 +169,7 @@ class T5Model(nn.Module):
                      ff_inner_dim=args.d_ff, ff_no_bias=True, ff_glu=args.gated, ff_custom_act=args.activation,
                      rel_pos_bias=True, rel_pos_num_buckets=args.relative_attention_num_buckets,
                      rel_pos_max_distance=args.relative_attention_max_distance,
-                     norm_factory=lambda d: nn.RMSNorm(d, eps=args.layer_norm_epsilon))
+                     norm=lambda d: nn.RMSNorm(d, eps=args.layer_norm_epsilon))
         self.shared = nn.Embedding(args.vocab_size, args.d_model)
         self.encoder = Encoder(depth=args.num_layers, **stack)
         self.decoder = Decoder(depth=args.num_decoder_layers, cross_attend=True, **stack)

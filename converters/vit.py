@@ -151,7 +151,7 @@ class PretrainedViT(nn.Module):
         self.encoder = Encoder(
             dim=dim, depth=args.num_hidden_layers, heads=args.num_attention_heads,
             attn_bias=args.qkv_bias, attn_out_bias=True, ff_inner_dim=args.intermediate_size,
-            ff_custom_act=ACTIVATIONS[args.hidden_act], norm_factory=lambda d: nn.LayerNorm(d, eps=eps),
+            ff_custom_act=ACTIVATIONS[args.hidden_act], norm=lambda d: nn.LayerNorm(d, eps=eps),
         )
         if args.add_pooling_layer:
             self.pooler = nn.Linear(dim, args.pooler_output_size)

@@ -8,7 +8,7 @@ from mlx_zeta.nn.attention import (
     MultiQueryAttention,
 )
 from mlx_zeta.nn.feedforward import FeedForward, ReluSquared
-from mlx_zeta.nn.kv_cache import KVCache, StaticKVCache
+from mlx_zeta.nn.cache import Cache, KVCache, RotatingKVCache, StaticKVCache
 from mlx_zeta.nn.norms import LayerNorm, RMSNorm, ScaleNorm, SimpleRMSNorm
 from mlx_zeta.nn.positional import (
     AbsolutePositionalEmbedding,
@@ -30,7 +30,9 @@ __all__ = [
     "Attention",
     "FeedForward",
     "FlashAttention",
+    "Cache",
     "KVCache",
+    "RotatingKVCache",
     "StaticKVCache",
     "LayerNorm",
     "MultiGroupedQueryAttn",

@@ -10,7 +10,7 @@ from mlx_zeta.kernels import attention as fused_kernels
 from mlx_zeta.kernels.dispatch import kernels_active
 from mlx_zeta.kernels.positions import PositionBias
 from mlx_zeta.nn.feedforward import affine
-from mlx_zeta.nn.kv_cache import KVCache
+from mlx_zeta.nn.cache import Cache, KVCache
 from mlx_zeta.nn.positional import apply_rotary_pos_emb
 
 __all__ = ["FlashAttention", "Attention", "MultiheadAttention", "MultiQueryAttention", "MultiGroupedQueryAttn", "KVCache",
@@ -223,9 +223,20 @@ class FlashAttention(nn.Module):
         return mx.where(keep, mask, 0), keep
 
 
+def _and_cache_mask(mask: Optional[mx.array], implied: mx.array) -> mx.array:
+    """The caller's mask (key padding, broadcastable boolean or additive) restricted to the
+    keys a cache's ``(n, k_len)`` boolean mask lets each query see; (B or 1, H or 1, n, k_len)."""
+    implied = implied[None, None]
+    if mask is None:
+        return implied
+    if mask.ndim == 2:
+        mask = mask[:, None, None, :]
+    return mask & implied if mask.dtype == mx.bool_ else mx.where(implied, mask, -mx.inf)
+
+
 def attention_heads(p: Mapping, q: mx.array, k: mx.array, v: mx.array, *, heads: int, kv_heads: int, dim_head: int,
                     attend: "FlashAttention", mask: Optional[mx.array] = None, attn_bias: Optional[mx.array] = None,
-                    cache: Optional[KVCache] = None,
+                    cache: Optional[Cache] = None,
                     rotary_pos_emb: Optional[Tuple[mx.array, Union[mx.array, float]]] = None,
                     qk_norm_eps: float = 1e-5) -> mx.array:
     """:class:`Attention`'s math from projected ``q`` (B, L, H*D), ``k``, ``v`` (B, L_k, H_kv*D)
@@ -243,11 +254,12 @@ def attention_heads(p: Mapping, q: mx.array, k: mx.array, v: mx.array, *, heads:
         freqs, scale = rotary_pos_emb
         q = apply_rotary_pos_emb(q, freqs, scale)
         k = apply_rotary_pos_emb(k, freqs, scale**-1)
+    causal = None  # the block's own (bottom-right aligned) causal masking
     if cache is not None:
+        implied = cache.make_mask(n, causal=attend.causal)  # asked before the update moves the offset
         k, v = cache.update_and_fetch(k, v)
-    # a StaticKVCache returns capacity-long buffers: positions are masked by the layer's mask, not by
-    # bottom-right causal alignment
-    causal = False if getattr(cache, "masks_positions", False) else None
+        if isinstance(implied, mx.array):  # the cache masks by position: its mask replaces the alignment
+            mask, causal = _and_cache_mask(mask, implied), False
     out = attend(q, k, v, mask=mask, attn_bias=attn_bias, causal=causal)  # (b, heads, n, dim_head)
     return affine(p["to_out"], out.transpose(0, 2, 1, 3).reshape(b, n, -1))
 
@@ -264,9 +276,11 @@ class Attention(nn.Module):
     ``qk_norm`` every query and key head is RMS-normalized over the head dimension
     before the scores.
 
-    Incremental decoding: pass a :class:`KVCache`; the new keys/values are appended
-    to it in place and the queries attend to all cached positions (with ``causal``,
-    bottom-right aligned, so token-by-token decoding equals a full causal forward).
+    Incremental decoding: pass a cache (:class:`KVCache`, :class:`~mlx_zeta.nn.RotatingKVCache`,
+    :class:`~mlx_zeta.nn.StaticKVCache`); the new keys/values are stored in it in place and
+    the queries attend to the keys it returns, masked as its
+    :meth:`~mlx_zeta.nn.cache.Cache.make_mask` says (with ``causal``, bottom-right aligned
+    or by position, so token-by-token decoding equals a full causal forward).
 
     Rotary positions: ``rotary_pos_emb=(freqs, scale)`` from
     :class:`~mlx_zeta.nn.RotaryEmbedding` for the new positions rotates the query
@@ -332,7 +346,7 @@ class Attention(nn.Module):
         self.attend = FlashAttention(causal=causal, dropout=dropout, flash=flash, scale=scale)
 
     def __call__(self, x: mx.array, context: Optional[mx.array] = None, mask: Optional[mx.array] = None,
-                 attn_bias: Optional[mx.array] = None, cache: Optional[KVCache] = None,
+                 attn_bias: Optional[mx.array] = None, cache: Optional[Cache] = None,
                  rotary_pos_emb: Optional[Tuple[mx.array, Union[mx.array, float]]] = None) -> mx.array:
         name = type(self).__name__
         for what, t in (("x", x), ("context", context)):

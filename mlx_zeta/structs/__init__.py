@@ -3,10 +3,12 @@ Transformer wrapper and their caches (x-transformers style), re-exported by name
 """
 
 from mlx_zeta.structs.attention_layers import AttentionLayers, CrossAttender, Decoder, Encoder
-from mlx_zeta.structs.cache import RotatingKVCache
+from mlx_zeta.nn.cache import RotatingKVCache
+from mlx_zeta.structs.layer_options import Alibi, Rotary, T5Bias
 from mlx_zeta.structs.transformer import Transformer
 
-__all__ = ["AttentionLayers", "CrossAttender", "Decoder", "Encoder", "RotatingKVCache", "Transformer"]
+__all__ = ["Alibi", "AttentionLayers", "CrossAttender", "Decoder", "Encoder", "Rotary", "RotatingKVCache", "T5Bias",
+           "Transformer"]
 from mlx_zeta.structs.vit import ViTransformerWrapper  # noqa: E402
 
 __all__ += ["ViTransformerWrapper"]

@@ -6,8 +6,9 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.nn.cache import Cache
 from mlx_zeta.nn.positional import AbsolutePositionalEmbedding
-from mlx_zeta.structs.attention_layers import AttentionLayers, Cache
+from mlx_zeta.structs.attention_layers import AttentionLayers
 
 __all__ = ["Transformer"]
 
@@ -56,7 +57,7 @@ class Transformer(nn.Module):
 
     Example:
         >>> model = Transformer(num_tokens=256, max_seq_len=128,
-        ...                     attn_layers=Decoder(dim=64, depth=2, heads=4, rotary_pos_emb=True))
+        ...                     attn_layers=Decoder(dim=64, depth=2, heads=4, position="rotary"))
         >>> model(mx.zeros((2, 10), dtype=mx.int32)).shape
         (2, 10, 256)
 
@@ -114,15 +115,15 @@ class Transformer(nn.Module):
                                  f"got shape {tuple(prepend_embeds.shape)}")
             p = prepend_embeds.shape[1]
         offset = cache[0].offset if cache else 0
-        traced = isinstance(offset, mx.array)  # a StaticKVCache: the position is an array
-        if mask is not None and traced:
-            raise ValueError("[Transformer] expected no mask with a StaticKVCache (it masks by position)")
+        static = bool(cache) and cache[0].static  # the position is a traced array (no host sync to check it)
+        if mask is not None and static:
+            cache[0].key_mask(mask, n, b, "Transformer")  # a cache that masks by position refuses a mask
         if mask is not None and (mask.ndim != 2 or mask.shape[0] != b or mask.shape[1] not in (n, offset + n)):
             raise ValueError(f"[Transformer] expected mask of shape ({b}, {n}) over the tokens or ({b}, {offset + n}) "
                              f"over every position so far, got shape {tuple(mask.shape)}")
         h = self.token_emb(x)  # (b, n, emb_dim)
         if "pos_emb" in self:
-            if not traced and offset + p + n > self.max_seq_len:
+            if not static and offset + p + n > self.max_seq_len:
                 raise ValueError(f"[Transformer] expected at most max_seq_len={self.max_seq_len} positions with absolute "
                                  f"position embedding, got {offset + p + n} (cached {offset}, prefix {p}, tokens {n})")
             h = h + self.pos_emb(x, pos=offset + p + mx.arange(n)).astype(h.dtype)
