@@ -279,3 +279,27 @@ def test_errors(rng):
     layer.packed = layer.packed.astype(mx.float32)  # e.g. float weights loaded into a packed layer
     with pytest.raises(ValueError, match=r"packed must be uint8 of shape \(2, 6\)"):
         layer(mx.zeros((1, 6)))
+
+
+@pytest.mark.parametrize("packing", ["2bit", "base3"])
+@pytest.mark.parametrize("convention", ["divide", "multiply"])
+@pytest.mark.parametrize("activation", ["int8", "float"])
+def test_dense_form_matches_the_forward(rng, activation, convention, packing):
+    """dense_weight decodes the trained ternary matrix (ternarize of the BitLinear weight), its
+    effective scale and bias; dense_forward on W = s T (what Core ML export traces) equals the
+    packed forward."""
+    bit = _bitlinear(rng, 70, 33, bias=True, norm=True)
+    layer = TernaryLinear.from_bitlinear(bit, activation=activation, scale_convention=convention, packing=packing)
+    t, s, b = layer.dense_weight()
+    q, s_w = ternarize(bit.weight, bit.quant_eps)
+    assert t.dtype == mx.float32 and t.shape == (33, 70)
+    assert np.array_equal(np.array(t), np.array(q).astype(np.float32))
+    # both conventions: W = s T is the trained T / s_w ("multiply" stores sigma = 1 / s_w in float32)
+    np.testing.assert_allclose(s, 1.0 / float(s_w.item()), rtol=2e-7)
+    assert_close(b, bit.bias)  # "multiply" stores bias * s_w and scales it back by sigma
+    w = t * s
+    for shape in ((1, 70), (2, 4, 70)):
+        x = _x(rng, *shape)
+        assert_close(layer.dense_forward(x, w, b), layer(x), what=f"{shape}")
+    x16 = _x(rng, 3, 70).astype(mx.float16)
+    assert layer.dense_forward(x16, w, b).dtype == mx.float16

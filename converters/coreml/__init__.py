@@ -2,16 +2,21 @@
 
 ``export_coreml(model, example_inputs, path)`` saves a package; ``to_mil`` returns the MIL
 program; ``export_decoder(model, path, capacity=, prefill_len=)`` saves a decoder LM as one
-stateful package with ``prefill`` and ``decode`` functions (:mod:`.stateful`). :mod:`.lower`
-holds the graph passes (attention fusion, fp16 safety) and :mod:`.ops` the emitters registered
-in its table (``EMITTERS``, ``register_emitter``). coremltools is imported inside the functions.
+stateful package with ``prefill`` and ``decode`` functions (:mod:`.stateful`).
+
+Modules, each importing only those before it: :mod:`.graph` (graph types, the emitter table
+``EMITTERS``/``register_emitter``, the lowering context and precision policy), :mod:`.passes`
+(graph rewrites: attention fusion, pooling, ...), :mod:`.ops` (the emitters), :mod:`.lower`
+(the driver: ``capture``, ``lower_graph``), :mod:`.export`, :mod:`.stateful`; :mod:`.evaluate`
+and :mod:`.lint` read saved programs. coremltools is imported inside the functions.
 """
 
+from .evaluate import Evaluator, evaluate
 from .export import export_coreml, ternary_standins, to_mil
+from .graph import EMITTERS, MASK_FILL, LoweringError, register_emitter
+from .lint import Finding, lint
+from .lower import capture, lower_graph
 from .stateful import export_decoder, package_summary
-from .lower import EMITTERS, MASK_FILL, LoweringError, capture, lower_graph, register_emitter
-from .evaluate import Evaluator, evaluate  # noqa: E402
-from .lint import Finding, lint  # noqa: E402
 
 __all__ = ["export_coreml", "export_decoder", "package_summary", "to_mil", "ternary_standins", "EMITTERS",
            "MASK_FILL", "LoweringError", "capture", "lower_graph", "register_emitter",

@@ -6,7 +6,8 @@
 
 Ternary layers (:class:`~mlx_zeta.quant.TernaryLinear`) are swapped, while tracing, for a
 stand-in computing the same function from a dense float32 matrix ``W = T * s`` (``s`` the
-effective scale: ``1 / weight_scale`` for "divide", ``weight_scale`` for "multiply"); the
+effective scale: ``1 / weight_scale`` for "divide", ``weight_scale`` for "multiply"), the
+layer's own :meth:`~mlx_zeta.quant.TernaryLinear.dense_weight` / ``dense_forward``; the
 lowering recognises that constant and emits ``constexpr_lut_to_dense`` with uint2 indices
 ``T + 1`` and the LUT ``{-s, 0, +s, 0}`` (0.25 bytes per weight).
 """
@@ -22,43 +23,31 @@ import numpy as np
 
 from .lower import capture, lower_graph
 
-__all__ = ["export_coreml", "to_mil", "ternary_standins", "save_atomically"]
+__all__ = ["export_coreml", "to_mil", "ternary_standins", "save_atomically", "TARGETS"]
 
-_TARGETS = ("iOS18", "macOS15", "iOS17", "macOS14")
+TARGETS = ("iOS18", "macOS15", "iOS17", "macOS14")  # minimum_deployment_target values accepted
 _BEFORE_18 = ("iOS17", "macOS14")  # no scaled_dot_product_attention, no iOS 18 constexpr_lut_to_dense
 
 
 def _standin(layer):
-    """(stand-in module, dense W, codes, s) for one TernaryLinear."""
+    """(stand-in module, (dense W, codes, s)) for one TernaryLinear: the stand-in calls the layer's
+    :meth:`~mlx_zeta.quant.TernaryLinear.dense_forward` with ``W = s T`` computed here, once."""
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx_zeta.quant.bitlinear import quantize_activations
-    from mlx_zeta.kernels.packing import unpack_2bit, unpack_base3
 
-    q = unpack_2bit(layer.packed, layer.out_features) if layer.packing == "2bit" else \
-        unpack_base3(layer.packed, layer.in_features)
-    sigma = float(layer.weight_scale.item())
-    s = 1.0 / sigma if layer.scale_convention == "divide" else sigma
-    codes = (np.array(q) + 1).astype(np.uint8)
-    dense = mx.array(np.array(q).astype(np.float32) * np.float32(s))
-    bias = None
-    if "bias" in layer:
-        bias = layer.bias if layer.scale_convention == "divide" else layer.bias * layer.weight_scale
+    t, s, bias = layer.dense_weight()
+    s = np.float32(s)
+    codes = (np.array(t) + 1).astype(np.uint8)
+    dense = np.array(t) * s
+    weight = mx.array(dense)
 
     class TernaryStandIn(nn.Module):
         """Traces as ``x_q @ W.T / s_x + b`` (int8 activations) or ``x @ W.T + b`` (float)."""
 
         def __call__(self, x):
-            dtype = x.dtype
-            x = layer._prepare(x)
-            if layer.activation == "int8":
-                q_x, s_x = quantize_activations(x, layer.quant_eps)
-                y = (q_x.astype(mx.float32) @ dense.T) / s_x
-            else:
-                y = x.astype(mx.float32) @ dense.T
-            return (y + bias if bias is not None else y).astype(dtype)
+            return layer.dense_forward(x, weight, bias)
 
-    return TernaryStandIn(), (np.array(dense), codes, np.float32(s))
+    return TernaryStandIn(), (dense, codes, s)
 
 
 @contextmanager
@@ -119,8 +108,8 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
         raise ValueError(f"[export_coreml] expected precision 'float16' or 'float32', got {precision!r}")
     if ternary not in ("lut", "dense"):
         raise ValueError(f"[export_coreml] expected ternary 'lut' or 'dense', got {ternary!r}")
-    if minimum_deployment_target not in _TARGETS:
-        raise ValueError(f"[export_coreml] expected minimum_deployment_target in {_TARGETS} "
+    if minimum_deployment_target not in TARGETS:
+        raise ValueError(f"[export_coreml] expected minimum_deployment_target in {TARGETS} "
                          f"(iOS17/macOS14 without fused attention or ternary LUTs), "
                          f"got {minimum_deployment_target!r}")
     args = _as_tuple(example_inputs)
@@ -152,7 +141,7 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         example_inputs: array or tuple of arrays; shapes are fixed to these.
         input_names, output_names: Core ML feature names (default ``input_i`` / ``output_i``).
         precision: ``"float16"`` (fp16 weights and activations, fp32 statistics; see
-            :mod:`.lower`) or ``"float32"``.
+            :mod:`.graph`) or ``"float32"``.
         minimum_deployment_target: ``"iOS18"`` / ``"macOS15"`` (default), or ``"iOS17"`` /
             ``"macOS14"`` where the ops allow: attention is then not fused and ternary LUTs are
             refused (stateful decoders need iOS 18).

@@ -1,13 +1,15 @@
-"""The emitters of :mod:`.lower`: one function per MLX primitive (or family), registered into
-:data:`~.lower.EMITTERS` with :func:`~.lower.register_emitter` when this module is imported
-(:mod:`.lower` imports it). Each takes ``(ctx, node)`` and returns one MIL var per MLX output;
-float inputs go through ``ctx.floats`` so the precision policy of :mod:`.lower` holds."""
+"""The emitters: one function per MLX primitive (or family), registered into
+:data:`~.graph.EMITTERS` with :func:`~.graph.register_emitter` when this module is imported
+(the driver, :mod:`.lower`, imports it). Each takes ``(ctx, node)`` and returns one MIL var per
+MLX output; float inputs go through ``ctx.floats`` so the precision policy of :mod:`.graph` holds.
+
+``BINARY`` and ``UNARY`` map the elementwise MLX primitives to the MIL ops they become."""
 
 import numpy as np
 
-from .lower import REDUCE, Context, LoweringError, Node, register_emitter
-from .lower import _mil_dtype
-from .passes import _scalar_const
+from .graph import REDUCE, Context, LoweringError, Node, mil_dtype, register_emitter, scalar_const
+
+__all__ = ["BINARY", "UNARY"]
 
 
 def _finish(ctx: Context, var, out: str):
@@ -16,21 +18,21 @@ def _finish(ctx: Context, var, out: str):
     return var if keep else ctx.mb.cast(x=var, dtype=out)
 
 
-_BINARY = {"Add": "add", "Subtract": "sub", "Multiply": "mul", "Divide": "real_div", "Maximum": "maximum",
-           "Minimum": "minimum", "Power": "pow", "Remainder": "mod", "Equal": "equal", "NotEqual": "not_equal",
-           "Less": "less", "LessEqual": "less_equal", "Greater": "greater", "GreaterEqual": "greater_equal",
-           "LogicalAnd": "logical_and", "LogicalOr": "logical_or"}
-_UNARY = {"Exp": "exp", "Log": "log", "Sin": "sin", "Cos": "cos", "Tanh": "tanh", "Erf": "erf", "Abs": "abs",
-          "Floor": "floor", "Ceil": "ceil", "Round": "round", "Sign": "sign", "Sigmoid": "sigmoid", "Tan": "tan",
-          "LogicalNot": "logical_not"}
+BINARY = {"Add": "add", "Subtract": "sub", "Multiply": "mul", "Divide": "real_div", "Maximum": "maximum",
+          "Minimum": "minimum", "Power": "pow", "Remainder": "mod", "Equal": "equal", "NotEqual": "not_equal",
+          "Less": "less", "LessEqual": "less_equal", "Greater": "greater", "GreaterEqual": "greater_equal",
+          "LogicalAnd": "logical_and", "LogicalOr": "logical_or"}
+UNARY = {"Exp": "exp", "Log": "log", "Sin": "sin", "Cos": "cos", "Tanh": "tanh", "Erf": "erf", "Abs": "abs",
+         "Floor": "floor", "Ceil": "ceil", "Round": "round", "Sign": "sign", "Sigmoid": "sigmoid", "Tan": "tan",
+         "LogicalNot": "logical_not"}
 
 
-@register_emitter(*_BINARY)
+@register_emitter(*BINARY)
 def _binary(ctx, node):
     (a, b), compute, out = ctx.floats(node)
     if node.in_dtypes[0] == "bool" and node.name in ("Equal", "NotEqual"):
         a, b = ctx.mb.cast(x=a, dtype="int32"), ctx.mb.cast(x=b, dtype="int32")
-    return _finish(ctx, getattr(ctx.mb, _BINARY[node.name])(x=a, y=b), out)
+    return _finish(ctx, getattr(ctx.mb, BINARY[node.name])(x=a, y=b), out)
 
 
 @register_emitter("BitwiseBinary")
@@ -41,7 +43,7 @@ def _bitwise(ctx, node):
     return getattr(ctx.mb, op)(x=ctx.get(node.inputs[0]), y=ctx.get(node.inputs[1]))
 
 
-@register_emitter(*_UNARY, "Negative", "Square", "Sqrt", "Log1p", "Expm1")
+@register_emitter(*UNARY, "Negative", "Square", "Sqrt", "Log1p", "Expm1")
 def _unary(ctx, node):
     mb = ctx.mb
     (x,), compute, out = ctx.floats(node, stats=node.name == "Square")
@@ -56,7 +58,7 @@ def _unary(ctx, node):
     elif node.name == "Expm1":
         y = mb.sub(x=mb.exp(x=x), y=ctx.const(np.array(1.0), compute))
     else:
-        y = getattr(mb, _UNARY[node.name])(x=x)
+        y = getattr(mb, UNARY[node.name])(x=x)
     return _finish(ctx, y, out)
 
 
@@ -173,8 +175,8 @@ def _identity(ctx, node):
 @register_emitter("AsType")
 def _astype(ctx, node):
     x = ctx.get(node.inputs[0])
-    want = _mil_dtype(node.out_dtypes[0])
-    if want in ("fp16", "fp32"):  # compile-time values stay fp32 (module docstring)
+    want = mil_dtype(node.out_dtypes[0])
+    if want in ("fp16", "fp32"):  # compile-time values stay fp32 (precision policy, :mod:`.graph`)
         want = "fp32" if ctx.is_const(node.inputs[0]) else ctx.float
     return x if ctx.mb_dtype(x) == want else ctx.mb.cast(x=x, dtype=want)
 
@@ -240,7 +242,7 @@ def _pad(ctx, node):
     pad = [0] * (2 * len(node.in_shapes[0]))
     for a, lo, hi in zip(axes, low, high):
         pad[2 * a], pad[2 * a + 1] = lo, hi
-    value = _scalar_const(ctx.graph, node.inputs[1], ctx.graph.producers())
+    value = scalar_const(ctx.graph, node.inputs[1], ctx.graph.producers())
     (x, _), compute, out = ctx.floats(node)
     fill = np.float16(value or 0.0) if compute == "fp16" else np.float32(value or 0.0)  # MIL: same dtype as x
     return _finish(ctx, ctx.mb.pad(x=x, pad=pad, mode="constant", constant_val=fill), out)

@@ -1,4 +1,4 @@
-"""Graph rewrites on a captured MLX :class:`~mlx_zeta.converters.coreml.lower.Graph`, run by
+"""Graph rewrites on a captured MLX :class:`~mlx_zeta.converters.coreml.graph.Graph`, run by
 :func:`~mlx_zeta.converters.coreml.lower.lower_graph` before emitting MIL. Each keeps the
 function's values; they exist to give Core ML its fused ops (attention, pooling), to keep
 every tensor at rank <= 5 (Core ML's limit) and to keep constants small.
@@ -6,23 +6,14 @@ every tensor at rank <= 5 (Core ML's limit) and to keep constants small.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
-import numpy as np
+from .graph import MASK_CLAMP, SHAPE_OPS, Graph, Node, scalar_const
 
-from .lower import MASK_CLAMP, SHAPE_OPS, Graph, Node
+__all__ = ["fuse_attention", "absorb_transposes", "prune", "fold_pooling_windows", "squeeze_gathers",
+           "unbroadcast_constants", "ELEMENTWISE"]
 
 ELEMENTWISE = ("Add", "Subtract", "Multiply", "Divide", "Maximum", "Minimum")
-
-
-def _scalar_const(graph: Graph, name: str, prod: Dict[str, Node]) -> Optional[float]:
-    """The value of ``name`` if it is a constant with a single distinct value (through Broadcast)."""
-    while name in prod and prod[name].name == "Broadcast":
-        name = prod[name].inputs[0]
-    v = graph.constants.get(name)
-    if v is None or v.size == 0 or not np.all(v == v.flat[0]):
-        return None
-    return float(v.flat[0])
 
 
 def fuse_attention(graph: Graph) -> int:
@@ -37,62 +28,92 @@ def fuse_attention(graph: Graph) -> int:
     ``1/sqrt(D)``); the shape ops between the scale Multiply and the Matmul are rewired onto q.
     """
     prod, uses = graph.producers(), graph.consumers()
-    one = lambda n: uses.get(n, 0) == 1  # noqa: E731
     fused = 0
     for node in graph.nodes:
-        if node.name != "Matmul" or node.in_shapes[0][-1] != node.in_shapes[1][-2]:
+        match = _match_attention(graph, node, prod, uses)
+        if match is None:
             continue
-        p = prod.get(node.inputs[0])
-        if p is None or p.name != "Softmax" or not one(p.outputs[0]):
-            continue
-        s, mask, kind = prod.get(p.inputs[0]), None, None
-        if s is not None and s.name == "Select" and one(s.outputs[0]):
-            fill = _scalar_const(graph, s.inputs[2], prod)
-            if fill is None or fill > -MASK_CLAMP or s.in_dtypes[0] != "bool":
-                continue
-            mask, kind, s = s.inputs[0], "bool", prod.get(s.inputs[1])
-        elif s is not None and s.name == "Add" and one(s.outputs[0]):
-            a, b = (prod.get(i) for i in s.inputs)
-            k = 0 if a is not None and a.name == "Matmul" else 1 if b is not None and b.name == "Matmul" else None
-            if k is None:
-                continue
-            mask, kind, s = s.inputs[1 - k], "add", (a, b)[k]
-        if s is None or s.name != "Matmul" or not one(s.outputs[0]):
-            continue
-        kt = s.inputs[1]
-        while prod.get(kt) is not None and prod[kt].name == "Broadcast" and one(kt):
-            kt = prod[kt].inputs[0]
-        t = prod.get(kt)
-        r = len(s.in_shapes[1])
-        if t is None or t.name != "Transpose" or not one(kt) or not _swaps_last_two(t.args[0], r):
-            continue
-        # the scale: a scalar Multiply on q, possibly before shape ops
-        scale, chain, q = 1.0, [], s.inputs[0]
-        while prod.get(q) is not None and prod[q].name in SHAPE_OPS and one(q):
-            chain.append(prod[q])
-            q = prod[q].inputs[0]
-        m = prod.get(q)
-        if m is not None and m.name == "Multiply" and one(q):
-            for j in (0, 1):
-                c = _scalar_const(graph, m.inputs[j], prod)
-                if c is not None:
-                    scale, unscaled = c, m.inputs[1 - j]
-                    (chain[-1].inputs if chain else s.inputs)[0] = unscaled
-                    break
-        v = node.inputs[1]
-        while prod.get(v) is not None and prod[v].name == "Broadcast" and one(v):
-            v = prod[v].inputs[0]
-        inputs = [s.inputs[0], t.inputs[0], v] + ([mask] if mask is not None else [])
-        shapes = {n: sh for n2 in graph.nodes for n, sh in zip(n2.outputs, n2.out_shapes)}
-        shapes.update({n: sh for n, sh, _ in graph.inputs})
-        shapes.update({n: c.shape for n, c in graph.constants.items()})
-        node.name, node.inputs, node.args = "SDPA", inputs, []
-        node.in_shapes = [tuple(shapes[i]) for i in inputs]
-        node.in_dtypes = [node.out_dtypes[0]] * 3 + (["bool" if kind == "bool" else node.out_dtypes[0]] if mask else [])
-        node.attrs = {"scale": scale, "mask": kind}
+        scores, transpose, mask, kind = match
+        scale = _take_scale(graph, scores, prod, uses)  # rewires q first: read scores.inputs after it
+        v = _through_broadcasts(node.inputs[1], prod, uses)
+        _to_sdpa(graph, node, [scores.inputs[0], transpose.inputs[0], v], mask, kind, scale)
         fused += 1
         prod, uses = graph.producers(), graph.consumers()
     return fused
+
+
+def _through_broadcasts(name: str, prod: Dict[str, Node], uses: Dict[str, int]) -> str:
+    """``name`` followed back through single-use Broadcast nodes."""
+    while prod.get(name) is not None and prod[name].name == "Broadcast" and uses.get(name, 0) == 1:
+        name = prod[name].inputs[0]
+    return name
+
+
+def _match_masked_scores(graph: Graph, probs: Node, prod: Dict[str, Node], uses: Dict[str, int]):
+    """``(scores Matmul or None, mask name or None, "bool" | "add" | None)`` under a Softmax."""
+    s = prod.get(probs.inputs[0])
+    if s is not None and s.name == "Select" and uses.get(s.outputs[0], 0) == 1:
+        fill = scalar_const(graph, s.inputs[2], prod)
+        if fill is None or fill > -MASK_CLAMP or s.in_dtypes[0] != "bool":
+            return None, None, None
+        return prod.get(s.inputs[1]), s.inputs[0], "bool"
+    if s is not None and s.name == "Add" and uses.get(s.outputs[0], 0) == 1:
+        a, b = (prod.get(i) for i in s.inputs)
+        k = 0 if a is not None and a.name == "Matmul" else 1 if b is not None and b.name == "Matmul" else None
+        if k is None:
+            return None, None, None
+        return (a, b)[k], s.inputs[1 - k], "add"
+    return s, None, None
+
+
+def _match_attention(graph: Graph, node: Node, prod: Dict[str, Node],
+                     uses: Dict[str, int]) -> Optional[Tuple[Node, Node, Optional[str], Optional[str]]]:
+    """``(scores Matmul, K^T Transpose, mask, mask kind)`` if ``node`` is the ``P @ V`` Matmul of
+    an attention pattern meeting the exactness conditions of :func:`fuse_attention`, else None."""
+    one = lambda n: uses.get(n, 0) == 1  # noqa: E731
+    if node.name != "Matmul" or node.in_shapes[0][-1] != node.in_shapes[1][-2]:
+        return None
+    p = prod.get(node.inputs[0])
+    if p is None or p.name != "Softmax" or not one(p.outputs[0]):
+        return None
+    s, mask, kind = _match_masked_scores(graph, p, prod, uses)
+    if s is None or s.name != "Matmul" or not one(s.outputs[0]):
+        return None
+    kt = _through_broadcasts(s.inputs[1], prod, uses)
+    t = prod.get(kt)
+    if t is None or t.name != "Transpose" or not one(kt) or not _swaps_last_two(t.args[0], len(s.in_shapes[1])):
+        return None
+    return s, t, mask, kind
+
+
+def _take_scale(graph: Graph, scores: Node, prod: Dict[str, Node], uses: Dict[str, int]) -> float:
+    """The scalar constant multiplying q (through single-use shape ops) in ``scores = q @ K^T``,
+    or 1.0; when found, the Multiply is bypassed (its unscaled input rewired into the chain)."""
+    chain, q = [], scores.inputs[0]
+    while prod.get(q) is not None and prod[q].name in SHAPE_OPS and uses.get(q, 0) == 1:
+        chain.append(prod[q])
+        q = prod[q].inputs[0]
+    m = prod.get(q)
+    if m is None or m.name != "Multiply" or uses.get(q, 0) != 1:
+        return 1.0
+    for j in (0, 1):
+        c = scalar_const(graph, m.inputs[j], prod)
+        if c is not None:
+            (chain[-1].inputs if chain else scores.inputs)[0] = m.inputs[1 - j]
+            return c
+    return 1.0
+
+
+def _to_sdpa(graph: Graph, node: Node, qkv: list, mask: Optional[str], kind: Optional[str], scale: float) -> None:
+    """Turn ``node`` into the ``SDPA`` node reading ``q, k, v`` (and ``mask``)."""
+    inputs = qkv + ([mask] if mask is not None else [])
+    shapes = {n: sh for n2 in graph.nodes for n, sh in zip(n2.outputs, n2.out_shapes)}
+    shapes.update({n: sh for n, sh, _ in graph.inputs})
+    shapes.update({n: c.shape for n, c in graph.constants.items()})
+    node.name, node.inputs, node.args = "SDPA", inputs, []
+    node.in_shapes = [tuple(shapes[i]) for i in inputs]
+    node.in_dtypes = [node.out_dtypes[0]] * 3 + (["bool" if kind == "bool" else node.out_dtypes[0]] if mask else [])
+    node.attrs = {"scale": scale, "mask": kind}
 
 
 def _swaps_last_two(perm, rank: int) -> bool:

@@ -27,7 +27,7 @@ from typing import List, Tuple
 
 import mlx.nn as nn
 
-from .export import _TARGETS, save_atomically, to_mil
+from .export import TARGETS, save_atomically, to_mil
 
 __all__ = ["export_decoder", "package_summary", "DecoderStep", "FUNCTIONS"]
 
@@ -101,8 +101,8 @@ def export_decoder(model, path, *, capacity: int, prefill_len: int, batch: int =
     from coremltools.converters.mil.mil import Builder as mb, types
 
     _check(model, capacity, prefill_len, batch)
-    if minimum_deployment_target not in _TARGETS:
-        raise ValueError(f"[export_decoder] expected minimum_deployment_target in {_TARGETS}, "
+    if minimum_deployment_target not in TARGETS:
+        raise ValueError(f"[export_decoder] expected minimum_deployment_target in {TARGETS}, "
                          f"got {minimum_deployment_target!r}")
     mx.eval(model.parameters())
     kshapes, vshapes = cache_shapes(model, capacity, batch)

@@ -354,3 +354,38 @@ class TernaryLinear(nn.Module):
             total += sum(a.nbytes for a in self._affine_cache[1:4])
         return total
 
+
+    # ---------------------------------------------------------------- dense form (Core ML export)
+    def dense_weight(self) -> Tuple[mx.array, float, Optional[mx.array]]:
+        r"""The layer as a dense ternary matrix: ``(T, s, b)`` such that :math:`W = s\,T` and
+        :math:`y = Q_x W^{\top} / s_x + b` (int8) or :math:`x W^{\top} + b` (float) is the forward.
+
+        ``T``: float32 (out, in) in {-1, 0, 1}, decoded from ``packed``. ``s`` (Python float):
+        :math:`1/\sigma` for "divide", :math:`\sigma` for "multiply". ``b``: ``bias`` ("divide"),
+        :math:`\sigma \cdot` ``bias`` ("multiply"), or None without a bias.
+        """
+        codes = mx.concatenate(list(self._codes()), axis=0)[:self.out_features]
+        sigma = float(self.weight_scale.item())
+        divide = self.scale_convention == "divide"
+        bias = None
+        if "bias" in self:
+            bias = self.bias if divide else self.bias * self.weight_scale
+        return codes.astype(mx.float32) - 1, (1.0 / sigma if divide else sigma), bias
+
+    def dense_forward(self, x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx.array:
+        r"""The forward in plain MLX ops on a dense ``weight`` :math:`W = s\,T` (out, in) and the
+        effective ``bias`` of :meth:`dense_weight`: :math:`Q_x W^{\top} / s_x + b` (int8) or
+        :math:`x W^{\top} + b` (float), after the input norm(s). Equals ``self(x)`` up to float32
+        rounding. Core ML export traces it with ``W`` computed once, so the traced graph holds
+        ``W`` as one constant (stored as a 2-bit LUT) instead of the unpacking ops.
+
+        Shape: ``x`` :math:`(*, in)` -> :math:`(*, out)`, in ``x``'s dtype.
+        """
+        dtype = x.dtype
+        x = self._prepare(x)
+        if self.activation == "int8":
+            q_x, s_x = quantize_activations(x, self.quant_eps)
+            y = (q_x.astype(mx.float32) @ weight.T) / s_x
+        else:
+            y = x.astype(mx.float32) @ weight.T
+        return (y + bias if bias is not None else y).astype(dtype)
