@@ -132,7 +132,7 @@ def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="model folder (or Hub repo id) that mlx_zeta.from_pretrained loads")
     p.add_argument("dst", type=Path, help="output .mlpackage (written atomically)")
     p.add_argument("--task", choices=[name for name, _, _ in _EXPORTS.values()] + ["auto"], default="auto",
-                   help="what to export (default: auto, from the model type)")
+                   help="what to export (default: auto, from the TASK its architecture declares)")
     p.add_argument("--capacity", type=int, metavar="N", help="lm: KV-cache positions (default: 512)")
     p.add_argument("--prefill-len", type=int, metavar="N", 
                    help="lm: tokens per prefill call (default: min(64, capacity))")

@@ -226,3 +226,24 @@ def test_registry_errors_and_unregistering(checkpoints):
     finally:
         unregister_architecture("llama")
     assert get_architecture("llama") is llama
+
+
+def test_each_model_has_one_home_and_old_paths_still_resolve():
+    """Model classes are defined in mlx_zeta.models; the converter modules (and quant, for the
+    MatMul-free LM) only re-export them, and importing the models imports no converter module."""
+    import subprocess
+
+    from mlx_zeta import models
+    from mlx_zeta.converters import bert, t5, vit
+
+    assert bert.BertEncoder is models.BertEncoder and bert.mean_pool is models.mean_pool
+    assert t5.T5Model is models.T5Model and vit.PretrainedViT is models.PretrainedViT
+    assert {c.__module__ for c in (models.BertEncoder, models.T5Model, models.PretrainedViT, models.MatMulFreeLM)} == {
+        "mlx_zeta.models.bert", "mlx_zeta.models.t5", "mlx_zeta.models.vit", "mlx_zeta.models.matmulfree"}
+    with pytest.warns(DeprecationWarning, match="moved to mlx_zeta.models.MatMulFreeLM"):
+        from mlx_zeta.quant import MatMulFreeLM
+    assert MatMulFreeLM is models.MatMulFreeLM
+    code = ("import sys, mlx_zeta.models; print(sorted(m for m in sys.modules if m.startswith('mlx_zeta.converters.')"
+            " and m.split('.')[-1] not in ('pretrained', 'io', 'common')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out  # (mlx_zeta/__init__ itself loads pretrained, io and common)
