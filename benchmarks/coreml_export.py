@@ -82,7 +82,7 @@ def vit(dim, depth, heads):
     from mlx_zeta.converters import vit as vit_conv
 
     mx.random.seed(0)
-    return vit_conv.PretrainedViT(vit_conv.ModelArgs(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
+    return vit_conv.build(vit_conv.ModelArgs(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
                                                      intermediate_size=4 * dim, image_size=224, patch_size=16,
                                                      num_labels=1000, architectures=["ViTForImageClassification"]))
 

@@ -11,7 +11,8 @@ from .io import CheckpointFormatError, check_keys, load_state_dict, save_state_d
 
 __all__ += ["CheckpointFormatError", "check_keys", "load_state_dict", "save_state_dict"]
 from .pretrained import (  # noqa: E402
-    ARCHITECTURES, BaseModelArgs, PretrainedInfo, from_pretrained, get_architecture, resolve, save_pretrained)
+    ARCHITECTURES, TASKS, BaseModelArgs, PretrainedInfo, from_pretrained, get_architecture, register_architecture,
+    resolve, save_pretrained, task_of, unregister_architecture)
 
-__all__ += ["ARCHITECTURES", "BaseModelArgs", "PretrainedInfo", "from_pretrained", "get_architecture", "resolve",
-            "save_pretrained"]
+__all__ += ["ARCHITECTURES", "TASKS", "BaseModelArgs", "PretrainedInfo", "from_pretrained", "get_architecture",
+            "register_architecture", "resolve", "save_pretrained", "task_of", "unregister_architecture"]

@@ -60,12 +60,14 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_zeta.quant import TernaryLinear, pack_2bit, ternarize
+from mlx_zeta.quant import StackedProjection, SubNormTernaryLinear, TernaryLinear, pack_2bit, ternarize
 from mlx_zeta.structs import Decoder, Transformer
 
 from . import llama
+from .common import rename
 
 MODEL_TYPES = ("bitnet",)
+TASK = "causal-lm"
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 QUANTIZATION_MODES = ("offline", "online")
 
@@ -131,45 +133,6 @@ class ModelArgs(llama.ModelArgs):
                    scale_convention=self.scale_convention, **kwargs)
 
 
-class SubNormTernaryLinear(TernaryLinear):
-    r"""A :class:`TernaryLinear` behind an RMSNorm ``sub_norm`` (BitNet's ``attn_sub_norm`` before
-    ``o_proj``, ``ffn_sub_norm`` before ``down_proj``): :math:`y = \mathrm{TernaryLinear}(\mathrm{RMSNorm}(x))`.
-
-    The sub-norm comes first, then the layer's own ``norm`` (if ``norm=True``), as in transformers
-    (the sub-norm module, then BitLinear's ``rms_norm``). ``sub_norm_eps``: the sub-norm's epsilon;
-    other arguments as :class:`TernaryLinear`. Shape: :math:`(*, in) \to (*, out)`.
-    """
-
-    def __init__(self, in_features: int, out_features: int, sub_norm_eps: float = 1e-5, **kwargs: Any):
-        super().__init__(in_features, out_features, **kwargs)
-        self.sub_norm = nn.RMSNorm(in_features, eps=sub_norm_eps)
-        self.freeze()
-
-    def _prepare(self, x: mx.array) -> mx.array:
-        if x.ndim and x.shape[-1] == self.in_features:  # other shapes: TernaryLinear's error
-            x = self.sub_norm(x)
-        return super()._prepare(x)
-
-    def _extra_repr(self) -> str:
-        return f"{super()._extra_repr()}, sub_norm_eps={self.sub_norm.eps}"
-
-
-class StackedProjection(nn.Module):
-    r"""Two projections of one input with their outputs stacked: :math:`[up(x); gate(x)]`.
-
-    The input projection of a GLU :class:`~mlx_zeta.nn.FeedForward` (value half first, gate half
-    second) made of two separately packed ternary layers, each with its own scale.
-    Shape: :math:`(*, in) \to (*, out_{up} + out_{gate})`.
-    """
-
-    def __init__(self, up: nn.Module, gate: nn.Module):
-        super().__init__()
-        self.up, self.gate = up, gate
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.concatenate([self.up(x), self.gate(x)], axis=-1)
-
-
 def build(args: ModelArgs) -> Transformer:
     """An mlx_zeta ``Transformer`` with the checkpoint's shapes and ternary projections (zero weights)."""
     inv_freq, interpolation = llama.rope_inv_freq(args.head_dim, args.rope)
@@ -233,8 +196,8 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
     becomes a float32 scalar; float weights are packed as the ``quantization_config`` says.
     Pure and idempotent (mlx_zeta names, e.g. from ``save_pretrained``, pass through).
     """
-    renamed = llama.sanitize({llama.rename(k, _RENAMES): v for k, v in weights.items()}, args)
-    source = {llama.rename(llama.rename(k, _RENAMES)): k for k in weights}  # for error messages
+    renamed = llama.sanitize({rename(k, _RENAMES): v for k, v in weights.items()}, args)
+    source = {rename(rename(k, _RENAMES), llama.RENAMES): k for k in weights}  # for error messages
     out: Dict[str, mx.array] = {}
     for name, value in renamed.items():
         m = _TERNARY.match(name)

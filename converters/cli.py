@@ -16,8 +16,10 @@ error DST is left as it was.
 a decoder LM (``Transformer``) as a stateful package with ``prefill``/``decode`` functions and
 the KV cache as state (:func:`~mlx_zeta.converters.coreml.export_decoder`); a BERT encoder as
 ``input_ids``/``attention_mask`` (B, seq-len) -> ``last_hidden_state``; a ViT as ``pixel_values``
-(1, H, W, C) -> ``logits`` (or hidden states without a classifier). Each subcommand is one
-``_add_*`` function that registers its parser and its handler.
+(1, H, W, C) -> ``logits`` (or hidden states without a classifier). Which of these applies comes
+from the ``TASK`` the model's converter module declares (``causal-lm``, ``encoder``, ``vision``;
+``seq2seq`` has no export), looked up in ``_EXPORTS``. Each subcommand
+is one ``_add_*`` function that registers its parser and its handler.
 
 Exit status: 0 on success, 2 for a usage error or a checkpoint the library rejects (a
 one-line message on stderr, no traceback), 1 for an operating-system error while
@@ -123,17 +125,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- export-coreml
 
-_TASKS = ("lm", "encoder", "vit")
-
-
 def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
     about = ("Export an mlx_zeta / Hugging Face model folder to a Core ML ML Program (iOS 18 / macOS 15): decoder "
              "LMs as one stateful package with prefill and decode functions, BERT encoders, ViT image classifiers.")
     p = sub.add_parser("export-coreml", help="export a model folder to a Core ML .mlpackage", description=about)
     p.add_argument("src", help="model folder (or Hub repo id) that mlx_zeta.from_pretrained loads")
     p.add_argument("dst", type=Path, help="output .mlpackage (written atomically)")
-    p.add_argument("--task", choices=_TASKS + ("auto",), default="auto",
-                   help="what to export (default: auto, from the model type)")
+    p.add_argument("--task", choices=[name for name, _, _ in _EXPORTS.values()] + ["auto"], default="auto",
+                   help="what to export (default: auto, from the TASK its architecture declares)")
     p.add_argument("--capacity", type=int, metavar="N", help="lm: KV-cache positions (default: 512)")
     p.add_argument("--prefill-len", type=int, metavar="N", 
                    help="lm: tokens per prefill call (default: min(64, capacity))")
@@ -143,23 +142,57 @@ def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_export_coreml)
 
 
-def _task_of(model) -> str:
-    from mlx_zeta.structs import Transformer
+def _export_of(model) -> tuple:
+    """``(--task name, export, options it reads)`` for the ``TASK`` that the model's converter declares."""
+    from .pretrained import task_of
 
-    from .bert import BertEncoder
-    from .vit import PretrainedViT
+    task = task_of(model)
+    if task not in _EXPORTS:
+        declared = f"its architecture's task is {task}" if task else "its architecture declares no task"
+        raise ValueError(f"[export-coreml] no Core ML export for a {type(model).__name__} ({declared}); expected "
+                         f"a decoder Transformer, a BertEncoder or a PretrainedViT (tasks {', '.join(_EXPORTS)})")
+    return _EXPORTS[task]
 
-    for task, cls in (("lm", Transformer), ("encoder", BertEncoder), ("vit", PretrainedViT)):
-        if isinstance(model, cls):
-            return task
-    raise ValueError(f"[export-coreml] no Core ML export for a {type(model).__name__}; expected a decoder "
-                     "Transformer, a BertEncoder or a PretrainedViT")
+
+def _export_lm(model, dst: Path, args: argparse.Namespace) -> None:
+    from .coreml import export_decoder
+
+    capacity = args.capacity or 512
+    export_decoder(model, dst, capacity=capacity, prefill_len=args.prefill_len or min(64, capacity),
+                   precision=args.precision)
+
+
+def _export_encoder(model, dst: Path, args: argparse.Namespace) -> None:
+    import mlx.core as mx
+
+    from .coreml import export_coreml
+
+    n = args.seq_len or 128
+    ids, mask = mx.zeros((1, n), mx.int32), mx.ones((1, n), mx.int32)
+    export_coreml(lambda i, m: model(i, m), (ids, mask), dst, input_names=["input_ids", "attention_mask"],
+                  output_names=["last_hidden_state"], precision=args.precision)
+
+
+def _export_vit(model, dst: Path, args: argparse.Namespace) -> None:
+    import mlx.core as mx
+
+    from .coreml import export_coreml
+
+    size, channels = model.embeddings.img_size, model.embeddings.in_chans
+    export_coreml(model, (mx.zeros((1, *size, channels)),), dst, input_names=["pixel_values"],
+                  output_names=["logits" if "classifier" in model else "last_hidden_state"],
+                  precision=args.precision)
+
+
+# An architecture's TASK (declared by its converter module, see pretrained.TASKS) -> (the --task name of
+# its Core ML export, the export, the options it reads). A task not listed (seq2seq) has no export.
+_EXPORTS = {"causal-lm": ("lm", _export_lm, ("capacity", "prefill_len")),
+            "encoder": ("encoder", _export_encoder, ("seq_len",)),
+            "vision": ("vit", _export_vit, ())}
 
 
 def _export_coreml(args: argparse.Namespace) -> int:
-    import mlx.core as mx
-
-    from .coreml import export_coreml, export_decoder, package_summary
+    from .coreml import package_summary
     from .pretrained import from_pretrained
 
     dst: Path = args.dst
@@ -171,28 +204,15 @@ def _export_coreml(args: argparse.Namespace) -> int:
             raise ValueError(f"[export-coreml] expected --{flag.replace('_', '-')} >= 1, got {value}")
     start = time.perf_counter()
     model = from_pretrained(args.src)
-    task = _task_of(model)
+    task, export, reads = _export_of(model)
     if args.task not in ("auto", task):
         raise ValueError(f"[export-coreml] --task {args.task} does not fit a {type(model).__name__} "
                          f"(its task is {task})")
-    options = (("capacity", "lm"), ("prefill_len", "lm"), ("seq_len", "encoder"))
-    unused = [f"--{f.replace('_', '-')}" for f, used in options if getattr(args, f) is not None and used != task]
+    unused = [f"--{f.replace('_', '-')}" for f in ("capacity", "prefill_len", "seq_len")
+              if getattr(args, f) is not None and f not in reads]
     if unused:
         raise ValueError(f"[export-coreml] {', '.join(unused)}: not used by task {task}")
-    if task == "lm":
-        capacity = args.capacity or 512
-        export_decoder(model, dst, capacity=capacity, prefill_len=args.prefill_len or min(64, capacity),
-                       precision=args.precision)
-    elif task == "encoder":
-        n = args.seq_len or 128
-        ids, mask = mx.zeros((1, n), mx.int32), mx.ones((1, n), mx.int32)
-        export_coreml(lambda i, m: model(i, m), (ids, mask), dst, input_names=["input_ids", "attention_mask"],
-                      output_names=["last_hidden_state"], precision=args.precision)
-    else:
-        size, channels = model.embeddings.img_size, model.embeddings.in_chans
-        export_coreml(model, (mx.zeros((1, *size, channels)),), dst, input_names=["pixel_values"],
-                      output_names=["logits" if "classifier" in model else "last_hidden_state"],
-                      precision=args.precision)
+    export(model, dst, args)
     summary = package_summary(dst)
     funcs = "; ".join(f"{name}({', '.join(f'{k} {v}' for k, v in f['inputs'].items())}) -> {', '.join(f['outputs'])}"
                       for name, f in summary["functions"].items())

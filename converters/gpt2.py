@@ -36,17 +36,11 @@ import mlx.nn as nn
 
 from mlx_zeta.structs import Decoder, Transformer
 
-from .llama import rename
-from .pretrained import ACTIVATIONS, BaseModelArgs, activation
+from .common import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename
 
 MODEL_TYPES = ("gpt2",)
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
-
-def check_architectures(architectures: Optional[Sequence[str]], supported: Sequence[str], where: str) -> None:
-    """A ``ValueError`` when config.json names a head class this converter does not build."""
-    unknown = [a for a in architectures or () if a not in supported]
-    if unknown:
-        raise ValueError(f"[{where}] unsupported architectures {unknown}; supported: {', '.join(supported)}")
+TASK = "causal-lm"
 
 
 @dataclass

@@ -33,9 +33,10 @@ import mlx.nn as nn
 
 from mlx_zeta.structs import Decoder, Transformer
 
-from .pretrained import TransformerArgs
+from .common import TransformerArgs, rename
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+TASK = "causal-lm"
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -137,7 +138,7 @@ def build(args: ModelArgs) -> Transformer:
                        tie_embedding=args.tie_word_embeddings, use_abs_pos_emb=False)
 
 
-_RENAMES = [
+RENAMES = [
     (r"^model\.embed_tokens\.", "token_emb."),
     (r"^model\.norm\.", "attn_layers.final_norm."),
     (r"^lm_head\.", "to_logits."),
@@ -149,15 +150,6 @@ _RENAMES = [
     (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"attn_layers.layers.\1.ff_norm."),
 ]
 _GATE_UP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)$")
-
-
-def rename(name: str, rules=_RENAMES) -> str:
-    """Apply the first matching ``(pattern, replacement)`` rule; other names pass through."""
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return name
 
 
 def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
@@ -175,7 +167,7 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
         if m:
             halves.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
             continue
-        out[rename(name)] = value
+        out[rename(name, RENAMES)] = value
     for (layer, kind), pair in halves.items():
         target = f"attn_layers.layers.{layer}.ff.proj_in.{kind}"
         if set(pair) != {"gate", "up"}:

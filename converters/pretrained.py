@@ -1,7 +1,9 @@
 """Hugging Face checkpoints to mlx_zeta models and back: ``from_pretrained``, ``save_pretrained``.
 
-Each architecture is one module of this package, found through :data:`ARCHITECTURES`
-by the checkpoint's ``model_type``. A module provides
+Each architecture is one module of this package (or one added at run time with
+:func:`register_architecture`), found through :data:`ARCHITECTURES` by the checkpoint's
+``model_type``. The model classes live in :mod:`mlx_zeta.models` (or are structs); a
+converter module maps a checkpoint onto them and provides
 
 - ``ModelArgs``: a :class:`BaseModelArgs` dataclass read from ``config.json``
   (:meth:`BaseModelArgs.from_dict` ignores keys it does not name);
@@ -9,7 +11,13 @@ by the checkpoint's ``model_type``. A module provides
 - ``sanitize(weights, args) -> dict``: Hugging Face parameter names and layouts to
   the model's. It is pure (a new dict, the input untouched) and idempotent: names that
   are already the model's pass through, so a checkpoint written by :func:`save_pretrained`
-  (the model's own names) loads through the same path.
+  (the model's own names) loads through the same path;
+- ``TASK`` (optional): what the model does, one of :data:`TASKS`
+  (``"causal-lm"``, ``"seq2seq"``, ``"encoder"``, ``"vision"``); ``mlx-zeta export-coreml``
+  picks its export from it.
+
+Adding a Llama-like architecture is one such module plus one line in :data:`ARCHITECTURES`
+(or a :func:`register_architecture` call). Helpers the modules share live in :mod:`.common`.
 
 The model returned by :func:`from_pretrained` carries a :class:`PretrainedInfo` as
 ``model.pretrained`` (the ``model_type``, the original ``config.json`` and the source
@@ -26,45 +34,35 @@ import re
 import shutil
 from pathlib import Path
 from types import MappingProxyType, ModuleType
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .common import ACTIVATIONS, BaseModelArgs, TransformerArgs, activation
 from .io import CONFIG, _resolve_dtype, check_keys, load_state_dict, save_state_dict
 
-__all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "BaseModelArgs", "TransformerArgs", "PretrainedInfo", "from_pretrained", "save_pretrained",
-           "resolve", "get_architecture", "quantize"]
+__all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "TASKS", "BaseModelArgs", "TransformerArgs", "PretrainedInfo",
+           "from_pretrained", "save_pretrained", "resolve", "get_architecture", "register_architecture",
+           "unregister_architecture", "task_of", "quantize"]
 
-# model_type -> module of this package that converts it.
-ARCHITECTURES: Mapping[str, str] = MappingProxyType({
+# model_type -> the module that converts it (a module of this package, or one added by
+# :func:`register_architecture`). Read-only view; it follows registrations.
+_REGISTRY: Dict[str, Union[str, ModuleType]] = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
     "gpt2": "gpt2",
     "bert": "bert",
     "vit": "vit",
     "t5": "t5",
     "bitnet": "bitnet",
-})
+}
+ARCHITECTURES: Mapping[str, Union[str, ModuleType]] = MappingProxyType(_REGISTRY)
+_BUILT_IN = dict(_REGISTRY)
 
-# Hugging Face activation names (``hidden_act`` & co., transformers' ``ACT2FN``) -> MLX functions, same math.
-ACTIVATIONS: Mapping[str, Callable[[mx.array], mx.array]] = MappingProxyType({
-    "gelu": nn.gelu, "gelu_python": nn.gelu,  # exact, erf
-    # tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    "gelu_new": nn.gelu_approx, "gelu_fast": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu_python_tanh": nn.gelu_approx, "gelu_accurate": nn.gelu_approx,
-    "quick_gelu": nn.gelu_fast_approx,  # x sigmoid(1.702 x)
-    "relu": nn.relu, "silu": nn.silu, "swish": nn.silu, "tanh": mx.tanh,
-})
-
-
-def activation(name: str, where: str, key: str) -> Callable[[mx.array], mx.array]:
-    """The MLX function for a Hugging Face activation ``name`` read from config ``key``; a
-    ``ValueError`` prefixed ``[where]`` lists the supported names."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"[{where}] unsupported {key} {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
-    return ACTIVATIONS[name]
-
+# What a model does, declared as ``TASK`` by its converter module; the CLI picks its path from it.
+TASKS = ("causal-lm", "seq2seq", "encoder", "vision")
+_PROTOCOL = ("ModelArgs", "build", "sanitize")
 
 # Files besides the weights that travel with a converted model (tokenizers, generation settings).
 AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -73,29 +71,6 @@ AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 QUANTIZATION_KEY = "mlx_zeta_quantization"
-
-
-@dataclasses.dataclass
-class BaseModelArgs:
-    """Base of every architecture's ``ModelArgs``: a dataclass filled from a config dict."""
-
-    @classmethod
-    def from_dict(cls, params: Mapping[str, Any]) -> "BaseModelArgs":
-        """The dataclass from ``params``, ignoring keys that are not fields (configs carry many)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in names})
-
-
-@dataclasses.dataclass
-class TransformerArgs(BaseModelArgs):
-    """The config fields Hugging Face's BERT- and Llama-style transformers name alike (the required ones)."""
-
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    vocab_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +87,71 @@ def get_architecture(model_type: Any) -> ModuleType:
     if model_type not in ARCHITECTURES:
         raise ValueError(f"[from_pretrained] unsupported model_type {model_type!r}; supported: "
                          f"{', '.join(sorted(ARCHITECTURES))}")
-    return importlib.import_module(f"{__package__}.{ARCHITECTURES[model_type]}")
+    module = ARCHITECTURES[model_type]
+    if isinstance(module, ModuleType):
+        return module
+    return importlib.import_module(f"{__package__}.{module}")  # a built-in: registrations hold modules
+
+
+def _check_module(module: ModuleType) -> None:
+    missing = [name for name in _PROTOCOL if not hasattr(module, name)]
+    if missing:
+        raise ValueError(f"[register_architecture] expected module {module.__name__} to define "
+                         f"{', '.join(_PROTOCOL)}, got one without {', '.join(missing)}")
+    task = getattr(module, "TASK", None)
+    if task is not None and task not in TASKS:
+        raise ValueError(f"[register_architecture] expected {module.__name__}.TASK in {TASKS} (or none), "
+                         f"got {task!r}")
+
+
+def register_architecture(model_type: str, module: Union[str, ModuleType], *, replace: bool = False) -> None:
+    """Convert checkpoints whose ``config.json`` says ``model_type`` with ``module``.
+
+    ``module`` (a module, or its dotted import path) defines ``ModelArgs`` (with ``from_dict``),
+    ``build(args)`` and ``sanitize(weights, args)`` as this package's converters do, and may
+    declare ``TASK`` (one of :data:`TASKS`) so that ``mlx-zeta export-coreml`` knows what the
+    model does. It is imported and checked now; :data:`ARCHITECTURES` lists it from then on.
+
+    Args:
+        model_type: the ``model_type`` key of the checkpoints.
+        module: the converter module or its dotted path (e.g. ``"my_package.my_arch"``).
+        replace: allow replacing an already registered ``model_type`` (built-ins included).
+
+    Example:
+        >>> register_architecture("tiny_llama", "my_package.tiny_llama")
+        >>> model = from_pretrained("path/to/tiny-llama-checkpoint")
+    """
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"[register_architecture] expected model_type to be a non-empty str, got {model_type!r}")
+    if model_type in _REGISTRY and not replace:
+        raise ValueError(f"[register_architecture] model_type {model_type!r} is already registered "
+                         f"({_REGISTRY[model_type]}); pass replace=True to replace it")
+    loaded = importlib.import_module(module) if isinstance(module, str) else module
+    if not isinstance(loaded, ModuleType):
+        raise ValueError(f"[register_architecture] expected a module or a dotted module path, got "
+                         f"{type(module).__name__}")
+    _check_module(loaded)
+    _REGISTRY[model_type] = loaded
+
+
+def unregister_architecture(model_type: str) -> None:
+    """Undo :func:`register_architecture`: a built-in ``model_type`` gets its own converter back,
+    any other is removed (``ValueError`` if it is not registered)."""
+    if model_type not in _REGISTRY:
+        raise ValueError(f"[unregister_architecture] model_type {model_type!r} is not registered")
+    if model_type in _BUILT_IN:
+        _REGISTRY[model_type] = _BUILT_IN[model_type]
+    else:
+        del _REGISTRY[model_type]
+
+
+def task_of(model: nn.Module) -> Optional[str]:
+    """The ``TASK`` declared by the converter of a model from :func:`from_pretrained` (None if it
+    declares none, or the model did not come from :func:`from_pretrained`)."""
+    info = getattr(model, "pretrained", None)
+    if not isinstance(info, PretrainedInfo):
+        return None
+    return getattr(get_architecture(info.model_type), "TASK", None)
 
 
 def resolve(path_or_repo_id: str | os.PathLike, revision: Optional[str] = None) -> Path:

@@ -1,5 +1,6 @@
-r"""T5 encoder-decoders (T5 v1 and v1.1 / Flan-T5) on mlx_zeta :class:`~mlx_zeta.structs.Encoder`
-and :class:`~mlx_zeta.structs.Decoder` stacks.
+r"""T5 checkpoints (T5 v1 and v1.1 / Flan-T5) onto :class:`~mlx_zeta.models.t5.T5Model` (re-exported
+here), an encoder-decoder of mlx_zeta :class:`~mlx_zeta.structs.Encoder` and
+:class:`~mlx_zeta.structs.Decoder` stacks.
 
 A Hugging Face T5 block is a pre-norm residual block; in mlx_zeta terms
 
@@ -36,17 +37,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from mlx_zeta.structs import Decoder, Encoder
+from mlx_zeta.models.t5 import T5Model
 
-from .llama import rename
-from .pretrained import ACTIVATIONS, BaseModelArgs
+from .common import ACTIVATIONS, BaseModelArgs, rename
 
 MODEL_TYPES = ("t5",)
+TASK = "seq2seq"
 ARCHITECTURES = ("T5ForConditionalGeneration", "T5Model", "T5WithLMHeadModel")
 _WHO = "[t5 converter]"
 
@@ -105,157 +105,16 @@ class ModelArgs(BaseModelArgs):
         """Logits through ``shared`` after scaling by ``d_model ** -0.5`` (else an own ``lm_head``)."""
         return self.tie_word_embeddings if self.scale_decoder_outputs is None else bool(self.scale_decoder_outputs)
 
-    @property
-    def start_token(self) -> int:
-        """The first decoder token (``decoder_start_token_id``, else ``pad_token_id``)."""
-        if self.decoder_start_token_id is None:
-            raise ValueError(f"{_WHO} expected decoder_start_token_id (or pad_token_id) in the config to start "
-                             "decoding, got None")
-        return self.decoder_start_token_id
-
-    @property
-    def eos_ids(self) -> List[int]:
-        eos = self.eos_token_id
-        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
-def _tokens(name: str, x: mx.array) -> None:
-    if x.ndim != 2 or not mx.issubdtype(x.dtype, mx.integer):
-        raise ValueError(f"[T5Model] expected {name} as integer tokens of shape (batch, seq), got shape "
-                         f"{tuple(x.shape)} and dtype {x.dtype}")
-
-
-class T5Model(nn.Module):
-    r"""T5 encoder-decoder with a language-model head (Hugging Face ``T5ForConditionalGeneration``).
-
-    .. math::
-
-        c = \text{Enc}(E[x]), \qquad
-        h = \text{Dec}(E[y], c), \qquad
-        \text{logits} = \begin{cases} (d_{model}^{-1/2}\, h)\, E^T & \text{tied (T5 v1)} \\
-                                      h\, W_{lm}^T & \text{untied (T5 v1.1)} \end{cases}
-
-    with :math:`E` the shared token table (``shared``), ``Enc`` an :class:`~mlx_zeta.structs.Encoder`
-    and ``Dec`` a cross-attending :class:`~mlx_zeta.structs.Decoder` (each ending in its final RMSNorm).
-    The ``attention_mask`` (1/True = real token) masks padded source positions in the encoder's
-    self-attention and in every decoder cross-attention; the decoder's self-attention is causal.
-
-    Calls:
-        - ``model(input_ids, decoder_input_ids, attention_mask=None)`` -> logits :math:`(B, L_t, V)`.
-        - ``model.encode(input_ids, attention_mask=None)`` -> :math:`(B, L_s, d_{model})`.
-        - ``model.decode(decoder_input_ids, encoder_hidden_states, attention_mask=None, cache=None)`` ->
-          logits :math:`(B, L_t, V)`; with ``cache`` (:meth:`make_cache`, the decoder's self-attention
-          keys/values, updated in place) ``decoder_input_ids`` are the tokens after the cached ones.
-        - ``model.generate(input_ids, max_new_tokens, attention_mask=None, eos_token_id=None)`` -> greedy
-          decoding, :math:`(B, 1 + T)` starting with ``decoder_start_token_id`` (as transformers).
-        - ``model.shift_right(labels)`` -> decoder inputs for teacher forcing (transformers' ``_shift_right``).
-
-    Shape:
-        - input_ids, attention_mask: :math:`(B, L_s)`; decoder_input_ids: :math:`(B, L_t)`.
-
-    Example:
-        >>> model = build(ModelArgs(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
-        >>> model(mx.zeros((2, 7), mx.int32), mx.zeros((2, 3), mx.int32)).shape
-        (2, 3, 100)
-
-    Reference: Raffel et al., "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
-    Transformer", https://arxiv.org/abs/1910.10683.
-    """
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        stack = dict(dim=args.d_model, heads=args.num_heads, attn_dim_head=args.d_kv, attn_scale=1.0,
-                     ff_inner_dim=args.d_ff, ff_no_bias=True, ff_glu=args.gated, ff_custom_act=args.activation,
-                     rel_pos_bias=True, rel_pos_num_buckets=args.relative_attention_num_buckets,
-                     rel_pos_max_distance=args.relative_attention_max_distance,
-                     norm=lambda d: nn.RMSNorm(d, eps=args.layer_norm_epsilon))
-        self.shared = nn.Embedding(args.vocab_size, args.d_model)
-        self.encoder = Encoder(depth=args.num_layers, **stack)
-        self.decoder = Decoder(depth=args.num_decoder_layers, cross_attend=True, **stack)
-        if not args.tied:
-            self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
-
-    @staticmethod
-    def _mask(attention_mask: Optional[mx.array], input_shape) -> Optional[mx.array]:
-        if attention_mask is None:
-            return None
-        if attention_mask.shape != tuple(input_shape):
-            raise ValueError(f"[T5Model] expected attention_mask of shape {tuple(input_shape)} (the source tokens), "
-                             f"got shape {tuple(attention_mask.shape)}")
-        return attention_mask.astype(mx.bool_)
-
-    def make_cache(self) -> list:
-        """One key/value cache per decoder self-attention layer."""
-        return self.decoder.make_cache()
-
-    def encode(self, input_ids: mx.array, attention_mask: Optional[mx.array] = None) -> mx.array:
-        """The encoder's last hidden states (after its final norm), shape ``(B, L_s, d_model)``."""
-        _tokens("input_ids", input_ids)
-        return self.encoder(self.shared(input_ids), mask=self._mask(attention_mask, input_ids.shape))
-
-    def decode(self, decoder_input_ids: mx.array, encoder_hidden_states: mx.array,
-               attention_mask: Optional[mx.array] = None, cache: Optional[list] = None) -> mx.array:
-        """Logits of the decoder over ``encoder_hidden_states``, shape ``(B, L_t, vocab_size)``."""
-        _tokens("decoder_input_ids", decoder_input_ids)
-        mask = self._mask(attention_mask, encoder_hidden_states.shape[:2])
-        h = self.decoder(self.shared(decoder_input_ids), context=encoder_hidden_states, context_mask=mask,
-                         cache=cache)
-        if "lm_head" in self:
-            return self.lm_head(h)
-        return self.shared.as_linear(h * self.args.d_model**-0.5)
-
-    def __call__(self, input_ids: mx.array, decoder_input_ids: mx.array,
-                 attention_mask: Optional[mx.array] = None) -> mx.array:
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
-
-    def shift_right(self, labels: mx.array) -> mx.array:
-        """``decoder_start_token_id`` followed by ``labels[:, :-1]``, with -100 replaced by ``pad_token_id``."""
-        _tokens("labels", labels)
-        start = mx.full((labels.shape[0], 1), self.args.start_token, labels.dtype)
-        shifted = mx.concatenate([start, labels[:, :-1]], axis=1)
-        return mx.where(shifted == -100, self.args.pad_token_id, shifted)
-
-    def generate(self, input_ids: mx.array, max_new_tokens: int = 20, attention_mask: Optional[mx.array] = None,
-                 eos_token_id: Union[int, Sequence[int], None] = None, stop_at_eos: bool = True) -> mx.array:
-        """Greedy decoding (transformers' ``generate(do_sample=False)``): the encoding is computed once, the
-        decoder's self-attention keys/values are cached (its cross-attention ones are recomputed each step).
-
-        A sequence that emits ``eos_token_id`` (default: the config's) is finished: later positions get
-        ``pad_token_id``, and decoding stops once every sequence is finished or after ``max_new_tokens``.
-        ``stop_at_eos=False`` always produces ``max_new_tokens`` tokens. Returns ``(B, 1 + T)`` int32,
-        starting with ``decoder_start_token_id``.
-        """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"[T5Model] expected max_new_tokens to be an int >= 1, got {max_new_tokens!r}")
-        if not stop_at_eos:
-            eos = []
-        elif eos_token_id is None:
-            eos = self.args.eos_ids
-        else:
-            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if eos and self.args.pad_token_id is None:
-            raise ValueError("[T5Model] expected pad_token_id in the config to pad finished sequences, got None")
-        context = self.encode(input_ids, attention_mask)
-        cache = self.make_cache()
-        token = mx.full((input_ids.shape[0], 1), self.args.start_token, mx.int32)
-        done = mx.zeros((input_ids.shape[0], 1), mx.bool_)
-        out = [token]
-        for _ in range(max_new_tokens):
-            token = mx.argmax(self.decode(token, context, attention_mask, cache)[:, -1:], axis=-1).astype(mx.int32)
-            if eos:
-                token = mx.where(done, self.args.pad_token_id, token)
-                done = done | (token[..., None] == mx.array(eos, mx.int32)).any(axis=-1)
-            out.append(token)
-            mx.eval(token, done)
-            if eos and done.all().item():
-                break
-        return mx.concatenate(out, axis=1)
-
 
 def build(args: ModelArgs) -> T5Model:
-    """A :class:`T5Model` with the checkpoint's shapes (weights still random)."""
-    return T5Model(args)
+    """A :class:`~mlx_zeta.models.t5.T5Model` with the checkpoint's shapes (weights still random)."""
+    return T5Model(
+        vocab_size=args.vocab_size, dim=args.d_model, depth=args.num_layers, heads=args.num_heads,
+        dim_head=args.d_kv, ff_inner_dim=args.d_ff, decoder_depth=args.num_decoder_layers, ff_glu=args.gated,
+        activation=args.activation, num_buckets=args.relative_attention_num_buckets,
+        max_distance=args.relative_attention_max_distance, norm_eps=args.layer_norm_epsilon, tied=args.tied,
+        pad_token_id=args.pad_token_id, eos_token_id=args.eos_token_id,
+        decoder_start_token_id=args.decoder_start_token_id)
 
 
 def _stack_rules(stack: str, ff: int) -> list:

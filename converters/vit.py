@@ -1,4 +1,5 @@
-"""Hugging Face ViT (``ViTForImageClassification``, ``ViTModel``) as an mlx_zeta model.
+"""Hugging Face ViT checkpoints (``ViTForImageClassification``, ``ViTModel``) onto
+:class:`~mlx_zeta.models.vit.PretrainedViT` (re-exported here with ``ViTEmbeddings``).
 
 :class:`PretrainedViT` is Hugging Face's ViT (Dosovitskiy et al., https://arxiv.org/abs/2010.11929)
 made of mlx_zeta blocks: :class:`ViTEmbeddings` (a convolutional patch embedding, a class
@@ -36,18 +37,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from mlx_zeta.nn.vision import VisionEmbedding
-from mlx_zeta.structs import Encoder
+from mlx_zeta.models.vit import PretrainedViT, ViTEmbeddings  # noqa: F401  (the model; re-exported)
 
-from .gpt2 import check_architectures
-from .pretrained import ACTIVATIONS, activation
-from .llama import rename
-from .pretrained import BaseModelArgs
+from .common import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename
 
 MODEL_TYPES = ("vit",)
 ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
+TASK = "vision"
 WHERE = "vit converter"
 
 
@@ -90,92 +87,15 @@ class ModelArgs(BaseModelArgs):
         return "ViTForImageClassification" in (self.architectures or ())
 
 
-class ViTEmbeddings(VisionEmbedding):
-    r"""Hugging Face ViT's embeddings: patches, class token, learned positions.
-
-    .. math::
-
-        h_0 = [\,e_{\text{cls}};\ W \operatorname{vec}(p_1) + b;\ \dots;\ W \operatorname{vec}(p_N) + b\,] + E_{\text{pos}}
-
-    with :math:`p_i` the non-overlapping ``patch_size`` patches row by row (a strided
-    convolution, :class:`~mlx_zeta.nn.vision.VisionEmbedding`) and :math:`E_{\text{pos}}` the
-    ``position_embeddings`` :math:`(1, N + 1, D)`, added as they are.
-
-    Shape:
-        - Input: :math:`(B, H, W, C)` channels-last, :math:`(H, W)` = ``img_size``.
-        - Output: :math:`(B, N + 1, D)`, :math:`N = (H / P_h)(W / P_w)`.
-    """
-
-    def __init__(self, img_size: Any, patch_size: Any, in_chans: int, embed_dim: int):
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                         prepend_cls_token=True)
-        self.position_embeddings = mx.zeros((1, self.num_patches + 1, embed_dim))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        h = super().__call__(x)  # (B, N + 1, D)
-        return h + self.position_embeddings.astype(h.dtype)
-
-
-class PretrainedViT(nn.Module):
-    r"""Hugging Face's ViT on mlx_zeta blocks: embeddings, pre-norm encoder, classifier or pooler.
-
-    .. math::
-
-        H = \text{Encoder}(\text{ViTEmbeddings}(x)),\qquad
-        \text{logits} = W_c H_{:, 0} + b_c,\qquad \text{pooled} = \phi(W_p H_{:, 0} + b_p)
-
-    (``Encoder`` ends with its final LayerNorm; :math:`\phi` is ``pooler_act``.)
-
-    Args:
-        args (ModelArgs): the checkpoint's config (``hidden_size``, ``num_hidden_layers``, ...).
-
-    Call ``(images, return_embeddings=False)``: the logits with a classifier, else (or with
-    ``return_embeddings``) the last hidden states. :meth:`pool` gives the pooler output.
-    Images are cast to the weights' dtype first, as Hugging Face does.
-
-    Shape:
-        - images: :math:`(B, H, W, C)` channels-last.
-        - logits: :math:`(B, \text{num\_labels})`; hidden states: :math:`(B, N + 1, D)`;
-          pooled: :math:`(B, \text{pooler\_output\_size})`.
-
-    Example:
-        >>> model = mlx_zeta.from_pretrained("google/vit-base-patch16-224", dtype="float32")
-        >>> model(mx.zeros((1, 224, 224, 3))).shape
-        (1, 1000)
-    """
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        dim, eps = args.hidden_size, args.layer_norm_eps
-        self.embeddings = ViTEmbeddings(args.image_size, args.patch_size, args.num_channels, dim)
-        self.encoder = Encoder(
-            dim=dim, depth=args.num_hidden_layers, heads=args.num_attention_heads,
-            attn_bias=args.qkv_bias, attn_out_bias=True, ff_inner_dim=args.intermediate_size,
-            ff_custom_act=ACTIVATIONS[args.hidden_act], norm=lambda d: nn.LayerNorm(d, eps=eps),
-        )
-        if args.add_pooling_layer:
-            self.pooler = nn.Linear(dim, args.pooler_output_size)
-            self.pooler_act = ACTIVATIONS[args.pooler_act]
-        if args.classifier:
-            self.classifier = nn.Linear(dim, args.num_labels)
-
-    def __call__(self, images: mx.array, return_embeddings: bool = False) -> mx.array:
-        h = self.encoder(self.embeddings(images.astype(self.embeddings.proj.weight.dtype)))  # (B, N + 1, D)
-        if return_embeddings or "classifier" not in self:
-            return h
-        return self.classifier(h[:, 0])
-
-    def pool(self, hidden: mx.array) -> mx.array:
-        """The pooler on the class token of the last hidden states ``(B, N + 1, D)``."""
-        if "pooler" not in self:
-            raise ValueError("[PretrainedViT] this model has no pooler (ViTForImageClassification, or a config with "
-                             "add_pooling_layer false)")
-        return self.pooler_act(self.pooler(hidden[:, 0]))
-
-
 def build(args: ModelArgs) -> PretrainedViT:
-    """A :class:`PretrainedViT` with the checkpoint's shapes (weights still random)."""
-    return PretrainedViT(args)
+    """A :class:`~mlx_zeta.models.vit.PretrainedViT` with the checkpoint's shapes (weights still random)."""
+    return PretrainedViT(
+        args.image_size, args.patch_size, dim=args.hidden_size, depth=args.num_hidden_layers,
+        heads=args.num_attention_heads, ff_inner_dim=args.intermediate_size, num_channels=args.num_channels,
+        norm_eps=args.layer_norm_eps, qkv_bias=args.qkv_bias, activation=ACTIVATIONS[args.hidden_act],
+        num_labels=args.num_labels if args.classifier else None,
+        pooler_dim=args.pooler_output_size if args.add_pooling_layer else None,
+        pooler_act=ACTIVATIONS[args.pooler_act] if args.add_pooling_layer else mx.tanh)
 
 
 _LAYER = r"^(?:encoder\.layer|layers)\.(\d+)\."

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from mlx_zeta.quant import MatMulFreeLM
+from mlx_zeta.models import MatMulFreeLM
 from mlx_zeta.structs.autoregressive import AutoregressiveWrapper
 
 VOCAB, LENGTH, STEPS = 16, 24, 40

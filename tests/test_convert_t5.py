@@ -195,6 +195,27 @@ def test_greedy_generation_equals_transformers_token_for_token(tmp_path):
     assert (stopped[0, first + 1:] == 0).all() and first + 1 < stopped.shape[1]
 
 
+def test_sampling_and_streaming_share_autoregressive_machinery(tmp_path):
+    """T5 decodes through decode_steps: top_k=1 sampling at any temperature is transformers' greedy
+    output; stream() yields generate()'s tokens one step at a time; the samplers' argument checks apply."""
+    hf, path = make(UNTIED, tmp_path / "m")
+    model = mlx_zeta.from_pretrained(path, dtype="float32")
+    ids, _, mask = inputs()
+    with torch.no_grad():
+        greedy = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12,
+                             do_sample=False, use_cache=False).numpy()
+    sampled = model.generate(mx.array(ids), 12, mx.array(mask), temperature=1.7, top_k=1, key=mx.random.key(3))
+    np.testing.assert_array_equal(np.array(sampled), greedy)
+    key = mx.random.key(5)
+    whole = np.array(model.generate(mx.array(ids), 12, mx.array(mask), temperature=1.0, key=key))
+    steps = np.stack([np.array(t) for t in model.stream(mx.array(ids), 12, mx.array(mask), temperature=1.0, key=key)],
+                     axis=1)
+    np.testing.assert_array_equal(whole[:, 1:], steps)
+    assert not np.array_equal(whole, greedy[:, :whole.shape[1]])  # temperature 1 without filters: really sampled
+    with pytest.raises(ValueError, match=r"^\[T5Model\] expected top_p to be a number with 0 < top_p <= 1"):
+        model.generate(mx.array(ids), 4, top_p=1.5)
+
+
 @pytest.mark.parametrize("case", ["v1-relu-tied", UNTIED])
 def test_loss_gradients_match_torch_autograd(case, tmp_path):
     """Teacher-forced cross-entropy (labels with ignored -100 positions): loss within 1e-5 and gradients

@@ -109,7 +109,7 @@ def tiny_vit():
     from mlx_zeta.converters import vit
 
     mx.random.seed(1)
-    return vit.PretrainedViT(vit.ModelArgs(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    return vit.build(vit.ModelArgs(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                            intermediate_size=48, image_size=16, patch_size=8, num_labels=10,
                                            architectures=["ViTForImageClassification"]))
 

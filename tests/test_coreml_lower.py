@@ -117,7 +117,7 @@ def test_vit_patch_conv():
     from mlx_zeta.converters import vit
 
     mx.random.seed(1)
-    model = vit.PretrainedViT(vit.ModelArgs(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    model = vit.build(vit.ModelArgs(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                             intermediate_size=48, image_size=16, patch_size=8))
     err, rel, prog, _ = compare(model, (mx.random.normal((1, 16, 16, 3)),))
     print(f"vit fp16 max abs {err:.2e} rel-of-max {rel:.2e}")

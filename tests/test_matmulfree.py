@@ -12,7 +12,8 @@ import torch
 from mlx.utils import tree_flatten, tree_unflatten
 from parity import check_parity, copy_params, rounded, to_numpy, to_torch
 
-from mlx_zeta.quant.matmulfree import (GLUChannelMixer, MatMulFreeBlock, MatMulFreeLM, MLGRU, MLGRUCache,
+from mlx_zeta.models.matmulfree import MatMulFreeLM
+from mlx_zeta.quant.matmulfree import (GLUChannelMixer, MatMulFreeBlock, MLGRU, MLGRUCache,
                                        linear_recurrence_loop, linear_scan)
 from mlx_zeta.structs.autoregressive import AutoregressiveWrapper
 from reference.matmulfree import GLURef, MatMulFreeLMRef, MLGRURef

@@ -13,9 +13,10 @@ from mlx_zeta.structs.vit import ViTransformerWrapper  # noqa: E402
 
 __all__ += ["ViTransformerWrapper"]
 from mlx_zeta.structs.autoregressive import AutoregressiveWrapper  # noqa: E402
+from mlx_zeta.structs.decoding import decode_steps  # noqa: E402
 from mlx_zeta.structs.sampling import min_p_filter, sample, top_k_filter, top_p_filter  # noqa: E402
 
-__all__ += ["AutoregressiveWrapper", "min_p_filter", "sample", "top_k_filter", "top_p_filter"]
+__all__ += ["AutoregressiveWrapper", "decode_steps", "min_p_filter", "sample", "top_k_filter", "top_p_filter"]
 from mlx_zeta.structs.encoder_decoder import XTransformer  # noqa: E402
 
 __all__ += ["XTransformer"]

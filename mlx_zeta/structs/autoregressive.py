@@ -7,7 +7,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_zeta.structs.attention_layers import AttentionLayers
-from mlx_zeta.structs.sampling import check_sampling_args, sample
+from mlx_zeta.structs.decoding import decode_steps
+from mlx_zeta.structs.sampling import check_sampling_args
 
 __all__ = ["AutoregressiveWrapper"]
 
@@ -52,7 +53,8 @@ class AutoregressiveWrapper(nn.Module):
     the same key. Each step draws with :func:`~mlx_zeta.structs.sample` (filters, then
     temperature) using a fresh split of the key, and is evaluated before the next one
     is built; the next step is scheduled with ``mx.async_eval`` while the current token
-    is handed out. The net is put in eval mode while generating (its previous mode is
+    is handed out (the loop is :func:`~mlx_zeta.structs.decoding.decode_steps`, shared with
+    :meth:`~mlx_zeta.models.t5.T5Model.generate`). The net is put in eval mode while generating (its previous mode is
     restored afterwards).
 
     Args:
@@ -194,7 +196,8 @@ class AutoregressiveWrapper(nn.Module):
 
     def _steps(self, prompt: mx.array, seq_len: int, sampling: Dict[str, Any], eos_token: Optional[int],
                use_cache: bool, key: mx.array, net_kwargs: Dict[str, Any]) -> Iterator[mx.array]:
-        """The decoding loop behind :meth:`stream` (arguments already checked)."""
+        """The decoding behind :meth:`stream` (arguments already checked): the prefill and the
+        net's next-token step, run by :func:`~mlx_zeta.structs.decoding.decode_steps`."""
         net = self.net
         b = prompt.shape[0]
         every_call = {k: v for k, v in net_kwargs.items() if k not in _PREFIX_KWARGS}
@@ -214,37 +217,26 @@ class AutoregressiveWrapper(nn.Module):
             else:
                 logits = self._recompute(seq, mask, prefix, every_call)
 
-            def pick(logits, key, done):
-                key, sub = mx.random.split(key)
-                tok = sample(logits, key=sub, **sampling)  # (b,)
-                if done is not None:
-                    tok = mx.where(done, self.pad_value, tok).astype(mx.int32)
-                    done = done | (tok == eos_token)
-                return tok, key, done
+            def step(tok: mx.array) -> mx.array:  # (b,) -> (b, vocab)
+                nonlocal mask, seq
+                if mask is not None:
+                    mask = mx.concatenate([mask, mx.ones((b, 1), mx.bool_)], axis=1)
+                if use_cache:
+                    step_mask = {} if mask is None else {"mask": mask}
+                    return net(tok[:, None], cache=caches, **step_mask, **every_call)[:, -1]
+                seq = mx.concatenate([seq, tok[:, None]], axis=1)
+                return self._recompute(seq, mask, prefix, every_call)
 
-            done = None if eos_token is None else mx.zeros((b,), mx.bool_)
-            tok, key, done = pick(logits, key, done)
-            mx.async_eval(tok, key, *([] if done is None else [done]), *_cache_arrays(caches))
-            for i in range(seq_len):
-                if i + 1 < seq_len:  # build and schedule step i + 1 while step i's token is handed out
-                    if mask is not None:
-                        mask = mx.concatenate([mask, mx.ones((b, 1), mx.bool_)], axis=1)
-                    if use_cache:
-                        step_mask = {} if mask is None else {"mask": mask}
-                        logits = net(tok[:, None], cache=caches, **step_mask, **every_call)[:, -1]
-                    else:
-                        seq = mx.concatenate([seq, tok[:, None]], axis=1)
-                        logits = self._recompute(seq, mask, prefix, every_call)
-                    nxt, key, nxt_done = pick(logits, key, done)
-                    extra = [a for a in (nxt_done, mask) if a is not None]
-                    mx.async_eval(nxt, key, seq, *extra, *_cache_arrays(caches))
+            def pending() -> List[mx.array]:
+                return [seq, *([] if mask is None else [mask]), *_cache_arrays(caches)]
+
+            made = 0
+            for tok in decode_steps(step, logits, seq_len, key, **sampling, pad_value=self.pad_value,
+                                    eos=() if eos_token is None else (eos_token,), pending=pending):
+                made += 1
                 yield tok
-                if done is not None and done.all().item():  # every row ended: pad, no more net calls
-                    for _ in range(seq_len - i - 1):
-                        yield mx.full((b,), self.pad_value, mx.int32)
-                    return
-                if i + 1 < seq_len:
-                    tok, done = nxt, nxt_done
+            for _ in range(seq_len - made):  # every row ended: pad, no more net calls
+                yield mx.full((b,), self.pad_value, mx.int32)
         finally:
             if isinstance(net, nn.Module):
                 net.train(was_training)

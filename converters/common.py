@@ -1,0 +1,75 @@
+"""Helpers every converter module shares: Hugging Face activation names, weight-name rules,
+the ``architectures`` check, and the ``ModelArgs`` bases.
+
+A converter module (``converters/<arch>.py``) imports what it needs from here and never from
+a sibling converter (a mapping that *is* another one, as BitNet's is Llama's, may subclass it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+__all__ = ["ACTIVATIONS", "activation", "rename", "check_architectures", "BaseModelArgs", "TransformerArgs"]
+
+# Hugging Face activation names (``hidden_act`` & co., transformers' ``ACT2FN``) -> MLX functions, same math.
+ACTIVATIONS: Mapping[str, Callable[[mx.array], mx.array]] = MappingProxyType({
+    "gelu": nn.gelu, "gelu_python": nn.gelu,  # exact, erf
+    # tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    "gelu_new": nn.gelu_approx, "gelu_fast": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx,
+    "gelu_python_tanh": nn.gelu_approx, "gelu_accurate": nn.gelu_approx,
+    "quick_gelu": nn.gelu_fast_approx,  # x sigmoid(1.702 x)
+    "relu": nn.relu, "silu": nn.silu, "swish": nn.silu, "tanh": mx.tanh,
+})
+
+
+def activation(name: str, where: str, key: str) -> Callable[[mx.array], mx.array]:
+    """The MLX function for a Hugging Face activation ``name`` read from config ``key``; a
+    ``ValueError`` prefixed ``[where]`` lists the supported names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"[{where}] unsupported {key} {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
+
+
+def rename(name: str, rules: Sequence[Tuple[str, str]]) -> str:
+    """Apply the first matching ``(pattern, replacement)`` rule (``re.subn``); other names pass through."""
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def check_architectures(architectures: Optional[Sequence[str]], supported: Sequence[str], where: str) -> None:
+    """A ``ValueError`` when config.json names a head class this converter does not build."""
+    unknown = [a for a in architectures or () if a not in supported]
+    if unknown:
+        raise ValueError(f"[{where}] unsupported architectures {unknown}; supported: {', '.join(supported)}")
+
+
+@dataclasses.dataclass
+class BaseModelArgs:
+    """Base of every architecture's ``ModelArgs``: a dataclass filled from a config dict."""
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> "BaseModelArgs":
+        """The dataclass from ``params``, ignoring keys that are not fields (configs carry many)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+
+@dataclasses.dataclass
+class TransformerArgs(BaseModelArgs):
+    """The config fields Hugging Face's BERT- and Llama-style transformers name alike (the required ones)."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
