@@ -29,5 +29,5 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "MatMulFreeLM":  # a model: it lives in the models layer, above this one
-        raise AttributeError("mlx_zeta.quant.MatMulFreeLM moved: import it from mlx_zeta.models")
+        raise ImportError("mlx_zeta.quant.MatMulFreeLM moved: import it from mlx_zeta.models")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
