@@ -170,10 +170,17 @@ def test_merge_order_and_fsync_before_rename(tmp_path, monkeypatch):
     d.mkdir()
     (d / "config.json").write_bytes(b"old")
     events = []
-    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", os.path.basename(b))), real_rename(a, b))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))), real_replace(a, b))[1])
+
+    def record(kind):
+        real = getattr(os, kind)
+
+        def call(*args):
+            events.append("fsync" if kind == "fsync" else (kind, os.path.basename(args[1])))
+            return real(*args)
+        monkeypatch.setattr(os, kind, call)
+
+    for kind in ("fsync", "rename", "replace"):
+        record(kind)
     order = []
     with atomic_path(d, folder=True, merge=True, order=order) as staged:
         for name in ("shard-2", "shard-1", "index", "config.json"):

@@ -324,7 +324,8 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, patch_size: int, in_channels: int, dim: int, num_patches: Optional[int] = None):
         super().__init__()
-        _check_widths("PatchEmbedding", patch_size=patch_size, in_channels=in_channels, dim=dim, num_patches=num_patches)
+        _check_widths("PatchEmbedding", patch_size=patch_size, in_channels=in_channels, dim=dim,
+                      num_patches=num_patches)
         self.patch_size, self.in_channels, self.num_patches = patch_size, in_channels, num_patches
         self.proj = BitLinear(patch_size * patch_size * in_channels, dim)
         if num_patches is not None:
