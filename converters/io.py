@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any, Mapping
 
 import mlx.core as mx
+
+from mlx_zeta.common import atomic_path
 
 __all__ = ["CheckpointFormatError", "load_state_dict", "save_state_dict", "check_keys"]
 
@@ -331,13 +332,13 @@ def save_state_dict(
     Returns:
         The names of the files written.
 
-    Atomicity: every file is first written completely into a temporary folder
-    (``folder/.tmp-<pid>`` when ``folder`` exists, else a sibling that is renamed
-    into place). If anything fails, the temporary folder is removed and
-    ``folder`` is untouched. Only when all files are complete are they moved in
-    with ``os.replace`` (each move is atomic), shards first, then the index,
-    then ``config.json``; stale weight files from an earlier save with another
-    layout are removed last. So no file in ``folder`` is ever half-written.
+    Atomicity: every file is first written completely into a staging folder beside
+    ``folder`` (:func:`mlx_zeta.common.atomic_path`) and fsynced. If anything fails, the
+    staging folder is removed and ``folder`` is untouched. A new ``folder`` is then
+    renamed into place; into an existing one the files are moved with ``os.replace``
+    (each move is atomic), shards first, then the index, then ``config.json``, so other
+    files there (a tokenizer, ...) stay; stale weight files from an earlier save with
+    another layout are removed last. So no file in ``folder`` is ever half-written.
     """
     if max_shard_bytes <= 0:
         raise ValueError(
@@ -349,17 +350,10 @@ def save_state_dict(
     names = [SAFE_SINGLE] if n == 1 else [
         f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
     ]
-    exists = folder.is_dir()
-    if exists:
-        tmp = folder / f".tmp-{os.getpid()}"
-    else:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"[save_state_dict] expected folder to be a folder, got the file {folder}")
     written: list[str] = []
-    try:
+    with atomic_path(folder, folder=True, merge=True, order=written) as tmp:
         for name, shard in zip(names, shards):
             mx.save_safetensors(str(tmp / name), dict(shard), metadata={"format": "mlx"})
             written.append(name)
@@ -373,16 +367,7 @@ def save_state_dict(
         if config is not None:
             (tmp / CONFIG).write_text(json.dumps(config, indent=2))
             written.append(CONFIG)
-        if not exists:
-            os.rename(tmp, folder)
-            return written
-        old = [p.name for p in folder.iterdir() if p.is_file() and _is_weight_file(p.name)]
-        for name in written:
-            os.replace(tmp / name, folder / name)
-        for name in old:
-            if name not in written:
-                (folder / name).unlink()
-        return written
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    for p in folder.iterdir():
+        if p.is_file() and _is_weight_file(p.name) and p.name not in written:
+            p.unlink()
+    return written

@@ -40,6 +40,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_zeta.common import atomic_path
+
 from .common import ACTIVATIONS, BaseModelArgs, TransformerArgs, activation
 from .io import CONFIG, _resolve_dtype, check_keys, load_state_dict, save_state_dict
 
@@ -267,12 +269,8 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | 
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(dst) as staged:
+        shutil.copyfile(src, staged)
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,

@@ -187,16 +187,10 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
 
 
 def save_atomically(path, write) -> Path:
-    """``write(staged)`` a package at a path in a temporary folder beside ``path``; move it to
+    """``write(staged)`` a package at a path in a staging folder beside ``path``; move it to
     ``path`` (replacing what was there) only when ``write`` returned. Returns ``Path(path)``."""
-    path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent if path.parent.exists() else None))
-    try:
-        staged = tmp / path.name
+    from mlx_zeta.common import atomic_path
+
+    with atomic_path(path) as staged:
         write(staged)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
 from mlx_zeta.functional.core import flexible, ones, uniform, validate, zeros
 from mlx_zeta.nn.attention import FlashAttention, attention_heads
 from mlx_zeta.nn.feedforward import affine, feedforward
@@ -81,8 +82,7 @@ def branch_linear(params: Params, x: mx.array, num_branches: int, dim_out: Optio
     ``mlx.nn.Linear`` (e.g. ``self.heads = [nn.Linear(d, o) for _ in range(n)]``).
     ``dim_out`` defaults to the input's last dimension.
     """
-    if num_branches < 1:
-        raise ValueError(f"[branch_linear] num_branches must be >= 1, got {num_branches}")
+    check_int("branch_linear", "num_branches", num_branches, 1, says="num_branches must be >= 1")
     dim_out = x.shape[-1] if dim_out is None else dim_out
     return [linear(params[i], x, dim_out, bias) for i in range(num_branches)]
 

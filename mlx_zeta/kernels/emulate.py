@@ -132,12 +132,13 @@ def _build(source: str) -> Path:
     exe.parent.mkdir(parents=True, exist_ok=True)
     src = exe.parent / f"kernel-{os.getpid()}.cpp"
     src.write_text(source)
-    tmp = exe.parent / f".kernel-{os.getpid()}"
-    proc = subprocess.run([cxx, *_FLAGS, "-I", str(include), str(src), "-o", str(tmp)], capture_output=True, text=True)
-    if proc.returncode:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"[emulate] compiling {src} failed:\n{proc.stderr[-4000:]}")
-    os.replace(tmp, exe)  # atomic: a concurrent build of the same text writes the same program
+    from mlx_zeta.common import atomic_path
+
+    with atomic_path(exe) as tmp:  # a concurrent build of the same text writes the same program
+        proc = subprocess.run([cxx, *_FLAGS, "-I", str(include), str(src), "-o", str(tmp)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            raise RuntimeError(f"[emulate] compiling {src} failed:\n{proc.stderr[-4000:]}")
     return exe
 
 

@@ -23,6 +23,8 @@ from typing import Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
+from mlx_zeta.common import check_int
+
 __all__ = ["pack_2bit", "unpack_2bit", "pack_base3", "unpack_base3", "base3_codes", "bytes_per_weight", "TRITS_PER_BYTE"]
 
 ArrayLike = Union[mx.array, np.ndarray]
@@ -106,8 +108,7 @@ def unpack_2bit(packed: ArrayLike, out_features: int) -> mx.array:
     """
     packed = _packed_matrix("unpack_2bit", packed)
     rows, cols = packed.shape
-    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
-        raise ValueError(f"[unpack_2bit] expected out_features to be an int >= 1, got {out_features!r}")
+    check_int("unpack_2bit", "out_features", out_features, 1)
     if -(-out_features // VALUES_PER_BYTE_2BIT) != rows:
         raise ValueError(f"[unpack_2bit] out_features={out_features} packs into {-(-out_features // 4)} rows, "
                          f"but the packed array has {rows} rows (shape {tuple(packed.shape)})")
@@ -163,8 +164,7 @@ def unpack_base3(packed: ArrayLike, in_features: Union[int, Sequence[int]]) -> m
             raise ValueError(f"[unpack_base3] shape {tuple(in_features)} does not match a packed array of "
                              f"shape {tuple(packed.shape)} (expected ({out}, in))")
         in_features = in_features[1]
-    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-        raise ValueError(f"[unpack_base3] expected in_features to be an int >= 1, got {in_features!r}")
+    check_int("unpack_base3", "in_features", in_features, 1)
     if -(-in_features // TRITS_PER_BYTE) != groups:
         raise ValueError(f"[unpack_base3] in_features={in_features} packs into {-(-in_features // 5)} bytes per "
                          f"row, but the packed array has {groups} (shape {tuple(packed.shape)})")

@@ -5,6 +5,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
 from mlx_zeta.structs.attention_layers import Decoder, Encoder
 from mlx_zeta.structs.autoregressive import AutoregressiveWrapper
 from mlx_zeta.structs.transformer import Transformer
@@ -87,8 +88,7 @@ class PalmE(nn.Module):
                  attn_kv_heads: Optional[int] = 2, use_abs_pos_emb: bool = False, alibi_pos_bias: bool = True,
                  rotary_xpos: bool = True, attn_flash: bool = True, qk_norm: bool = True, channels: int = 3):
         super().__init__()
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
-            raise ValueError(f"[PalmE] expected max_seq_len to be an int >= 1, got {max_seq_len!r}")
+        check_int("PalmE", "max_seq_len", max_seq_len, 1)
         self.encoder = ViTransformerWrapper(image_size=image_size, patch_size=patch_size, channels=channels,
                                             attn_layers=Encoder(dim=encoder_dim, depth=encoder_depth,
                                                                 heads=encoder_heads))

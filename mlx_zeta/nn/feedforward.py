@@ -7,6 +7,8 @@ from typing import Any, Callable, Mapping, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
+
 __all__ = ["FeedForward", "ReluSquared", "affine", "feedforward"]
 
 
@@ -178,10 +180,9 @@ class FeedForward(nn.Module):
                 f"[FeedForward] unknown keyword argument(s): {', '.join(sorted(kwargs))}; accepted: {', '.join(_ACCEPTED)}"
             )
         for name, value in (("dim", dim), ("dim_out", dim if dim_out is None else dim_out)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"[FeedForward] {name} must be a positive integer, got {value!r}")
-        if inner_dim is not None and (isinstance(inner_dim, bool) or not isinstance(inner_dim, int) or inner_dim < 1):
-            raise ValueError(f"[FeedForward] inner_dim must be a positive integer or None, got {inner_dim!r}")
+            check_int("FeedForward", name, value, 1, says=f"{name} must be a positive integer")
+        check_int("FeedForward", "inner_dim", inner_dim, 1, optional=True,
+                  says="inner_dim must be a positive integer or None")
         if inner_dim is None and (not mult > 0 or int(dim * mult) < 1):
             raise ValueError(f"[FeedForward] mult must give a hidden width int(dim * mult) >= 1, got mult={mult!r} with dim={dim}")
         if not 0.0 <= dropout < 1.0:

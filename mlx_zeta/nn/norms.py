@@ -12,14 +12,14 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int, check_positive
+
 __all__ = ["RMSNorm", "SimpleRMSNorm", "ScaleNorm", "LayerNorm", "rms_norm"]
 
 
 def _check_init(cls: str, dim: int, eps: float) -> None:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"[{cls}] dim must be a positive integer, got {dim!r}")
-    if not eps > 0:
-        raise ValueError(f"[{cls}] eps must be positive, got {eps!r}")
+    check_int(cls, "dim", dim, 1, says="dim must be a positive integer")
+    check_positive(cls, "eps", eps, says="eps must be positive")
 
 
 def _check_input(cls: str, dim: int, x: mx.array) -> None:
@@ -208,8 +208,7 @@ class LayerNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, fp16_eps: float = 1e-3, stable: bool = False):
         super().__init__()
         _check_init("LayerNorm", dim, eps)
-        if not fp16_eps > 0:
-            raise ValueError(f"[LayerNorm] fp16_eps must be positive, got {fp16_eps!r}")
+        check_positive("LayerNorm", "fp16_eps", fp16_eps, says="fp16_eps must be positive")
         self.dim = dim
         self.eps = eps
         self.fp16_eps = fp16_eps

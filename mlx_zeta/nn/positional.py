@@ -9,17 +9,13 @@ from typing import List, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
 from mlx_zeta.kernels.positions import PositionBias, relative_position_bucket, t5_relative_buckets
 
 __all__ = [
     "RotaryEmbedding", "rotate_half", "apply_rotary_pos_emb", "AlibiPositionalBias",
     "RelativePositionBias", "AbsolutePositionalEmbedding", "ScaledSinusoidalEmbedding", "PositionBias",
 ]
-
-
-def _check_int(owner: str, name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"[{owner}] expected {name} to be an int >= {low}, got {value!r}")
 
 
 class RotaryEmbedding(nn.Module):
@@ -90,7 +86,7 @@ class RotaryEmbedding(nn.Module):
         inv_freq: Optional[mx.array] = None,
     ):
         super().__init__()
-        _check_int("RotaryEmbedding", "dim", dim, 2)
+        check_int("RotaryEmbedding", "dim", dim, 2)
         if dim % 2:
             raise ValueError(f"[RotaryEmbedding] expected an even dim, got {dim}")
         if interpolation_factor < 1:
@@ -121,11 +117,11 @@ class RotaryEmbedding(nn.Module):
     def __call__(
         self, seq_len: int, offset: int = 0, center: Optional[int] = None
     ) -> Tuple[mx.array, Union[mx.array, float]]:
-        _check_int("RotaryEmbedding", "seq_len", seq_len, 1)
+        check_int("RotaryEmbedding", "seq_len", seq_len, 1)
         if isinstance(offset, mx.array):  # a traced position (StaticKVCache): same graph every step
             pos = offset.astype(mx.float32) + mx.arange(seq_len, dtype=mx.float32)  # (L,)
         else:
-            _check_int("RotaryEmbedding", "offset", offset, 0)
+            check_int("RotaryEmbedding", "offset", offset, 0)
             pos = mx.arange(offset, offset + seq_len, dtype=mx.float32)  # (L,)
         angles = (pos / self.interpolation_factor)[:, None] * self._inv_freq  # (L, d/2)
         freqs = mx.concatenate([angles, angles], axis=-1)
@@ -221,11 +217,11 @@ class AlibiPositionalBias(nn.Module):
 
     def __init__(self, heads: int, total_heads: Optional[int] = None, num_heads: Optional[int] = None):
         super().__init__()
-        _check_int("AlibiPositionalBias", "heads", heads, 1)
+        check_int("AlibiPositionalBias", "heads", heads, 1)
         if total_heads is not None and num_heads is not None and total_heads != num_heads:
             raise ValueError(f"[AlibiPositionalBias] total_heads {total_heads} and num_heads {num_heads} disagree")
         total = total_heads if total_heads is not None else num_heads if num_heads is not None else heads
-        _check_int("AlibiPositionalBias", "total_heads", total, heads)
+        check_int("AlibiPositionalBias", "total_heads", total, heads)
         self.heads = heads
         self.total_heads = total
         self._slopes = mx.array(self._get_slopes(heads), dtype=mx.float32)
@@ -243,8 +239,8 @@ class AlibiPositionalBias(nn.Module):
         return power_of_two(closest) + power_of_two(2 * closest)[0::2][: heads - closest]
 
     def __call__(self, i: int, j: int) -> mx.array:
-        _check_int("AlibiPositionalBias", "i", i, 1)
-        _check_int("AlibiPositionalBias", "j", j, 1)
+        check_int("AlibiPositionalBias", "i", i, 1)
+        check_int("AlibiPositionalBias", "j", j, 1)
         q_pos = mx.arange(j - i, j)[:, None]  # (I, 1)
         k_pos = mx.arange(j)[None, :]  # (1, J)
         dist = mx.abs(k_pos - q_pos).astype(mx.float32)  # (I, J)
@@ -303,8 +299,8 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128, num_heads: int = 1):
         super().__init__()
-        _check_int("RelativePositionBias", "num_buckets", num_buckets, 2 if not bidirectional else 4)
-        _check_int("RelativePositionBias", "num_heads", num_heads, 1)
+        check_int("RelativePositionBias", "num_buckets", num_buckets, 2 if not bidirectional else 4)
+        check_int("RelativePositionBias", "num_heads", num_heads, 1)
         half = num_buckets // 2 if bidirectional else num_buckets
         if max_distance <= half // 2:
             raise ValueError(
@@ -318,10 +314,10 @@ class RelativePositionBias(nn.Module):
 
     def compute_bias(self, qlen: int, klen: int, step: Optional[int] = None) -> mx.array:
         """Bias of shape (1, num_heads, qlen, klen)."""
-        _check_int("RelativePositionBias", "qlen", qlen, 1)
-        _check_int("RelativePositionBias", "klen", klen, 1)
+        check_int("RelativePositionBias", "qlen", qlen, 1)
+        check_int("RelativePositionBias", "klen", klen, 1)
         step = 0 if step is None else step
-        _check_int("RelativePositionBias", "step", step, 0)
+        check_int("RelativePositionBias", "step", step, 0)
         context = mx.arange(step, step + qlen)[:, None]
         memory = mx.arange(klen)[None, :]
         rel = memory - context  # (qlen, klen)
@@ -339,7 +335,7 @@ class RelativePositionBias(nn.Module):
         return PositionBias(t5_table=self.relative_attention_bias.weight, t5_buckets=buckets)
 
     def __call__(self, batch_size: int, qlen: int, klen: int, step: Optional[int] = None) -> mx.array:
-        _check_int("RelativePositionBias", "batch_size", batch_size, 1)
+        check_int("RelativePositionBias", "batch_size", batch_size, 1)
         bias = self.compute_bias(qlen, klen, step)
         return mx.broadcast_to(bias, (batch_size, self.num_heads, qlen, klen))
 
@@ -382,8 +378,8 @@ class AbsolutePositionalEmbedding(nn.Module):
 
     def __init__(self, dim: int, max_seq_len: int, l2norm_embed: bool = False):
         super().__init__()
-        _check_int("AbsolutePositionalEmbedding", "dim", dim, 1)
-        _check_int("AbsolutePositionalEmbedding", "max_seq_len", max_seq_len, 1)
+        check_int("AbsolutePositionalEmbedding", "dim", dim, 1)
+        check_int("AbsolutePositionalEmbedding", "max_seq_len", max_seq_len, 1)
         self.scale = 1.0 if l2norm_embed else dim**-0.5
         self.max_seq_len = max_seq_len
         self.l2norm_embed = l2norm_embed
@@ -442,7 +438,7 @@ class ScaledSinusoidalEmbedding(nn.Module):
 
     def __init__(self, dim: int, theta: float = 10000):
         super().__init__()
-        _check_int("ScaledSinusoidalEmbedding", "dim", dim, 2)
+        check_int("ScaledSinusoidalEmbedding", "dim", dim, 2)
         if dim % 2:
             raise ValueError(f"[ScaledSinusoidalEmbedding] expected an even dim, got {dim}")
         if theta <= 0:

@@ -12,6 +12,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
+
 __all__ = ["DoubleConv", "Down", "Up", "OutConv", "Unet"]
 
 _MIN_SIZE = 16  # four 2x2 poolings need at least 16 pixels per side
@@ -27,8 +29,7 @@ def _check_image(cls: str, x: mx.array, channels: int, what: str = "input") -> N
 
 def _check_positive(cls: str, **values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"[{cls}] {name} must be a positive int, got {value!r}")
+        check_int(cls, name, value, 1, says=f"{name} must be a positive int")
 
 
 def _pad_to(x: mx.array, height: int, width: int) -> mx.array:

@@ -7,17 +7,12 @@ from typing import Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int, check_int_pair
+
 __all__ = ["VisionEmbedding"]
 
 IntPair = Union[int, Tuple[int, int]]
-
-
-def _pair(name: str, value: IntPair) -> Tuple[int, int]:
-    """``value`` as an ``(h, w)`` pair of positive ints, or a ``[VisionEmbedding]`` error."""
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ValueError(f"[VisionEmbedding] {name} must be a positive int or a pair (h, w) of positive ints, got {value!r}")
-    return pair
+_PAIR = "{} must be a positive int or a pair (h, w) of positive ints"
 
 
 class VisionEmbedding(nn.Module):
@@ -87,15 +82,14 @@ class VisionEmbedding(nn.Module):
         prepend_cls_token: bool = False,
     ):
         super().__init__()
-        img_size = _pair("img_size", img_size)
-        patch_size = _pair("patch_size", patch_size)
+        img_size = check_int_pair("VisionEmbedding", "img_size", img_size, says=_PAIR.format("img_size"))
+        patch_size = check_int_pair("VisionEmbedding", "patch_size", patch_size, says=_PAIR.format("patch_size"))
         if img_size[0] % patch_size[0] or img_size[1] % patch_size[1]:
             raise ValueError(
                 f"[VisionEmbedding] img_size {img_size} must be divisible by patch_size {patch_size} on both axes"
             )
         for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"[VisionEmbedding] {name} must be a positive int, got {value!r}")
+            check_int("VisionEmbedding", name, value, 1, says=f"{name} must be a positive int")
 
         self.img_size = img_size
         self.patch_size = patch_size

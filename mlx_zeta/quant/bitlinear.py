@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int, check_positive
 from mlx_zeta.quant.quantizers import QMAX, QMIN, absmax_scale, absmean_scale, quantize_activations, ternarize
 
 __all__ = ["BitLinear", "absmean_scale", "absmax_scale", "ternarize", "quantize_activations",
@@ -78,11 +79,9 @@ class BitLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, norm: bool = True,
                  norm_eps: float = 1e-6, quant_eps: float = 1e-5):
         super().__init__()
-        for what, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"[BitLinear] expected {what} to be an int >= 1, got {value!r}")
-        if not quant_eps > 0:
-            raise ValueError(f"[BitLinear] expected quant_eps > 0, got {quant_eps}")
+        check_int("BitLinear", "in_features", in_features, 1)
+        check_int("BitLinear", "out_features", out_features, 1)
+        check_positive("BitLinear", "quant_eps", quant_eps)
         self.in_features, self.out_features, self.quant_eps = in_features, out_features, quant_eps
         bound = in_features ** -0.5  # nn.Linear's initialisation
         self.weight = mx.random.uniform(-bound, bound, (out_features, in_features))

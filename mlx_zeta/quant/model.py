@@ -7,6 +7,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from mlx_zeta.common import check_choice
 from mlx_zeta.quant.bitlinear import BitLinear
 
 __all__ = ["quantize_model", "freeze_model", "default_predicate", "HEAD_NAMES", "TIED_EMBEDDING_NAMES"]
@@ -163,12 +164,10 @@ def freeze_model(model: nn.Module, activation: str = "int8", head_bits: Optional
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"[freeze_model] expected model to be an mlx.nn.Module, got {type(model).__name__}")
-    if activation not in ("int8", "float"):
-        raise ValueError(f"[freeze_model] expected activation 'int8' or 'float', got {activation!r}")
-    if head_bits is not None and (isinstance(head_bits, bool) or head_bits not in HEAD_BITS):
-        raise ValueError(f"[freeze_model] expected head_bits in {HEAD_BITS} or None, got {head_bits!r}")
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
-        raise ValueError(f"[freeze_model] expected group_size in {GROUP_SIZES}, got {group_size!r}")
+    check_choice("freeze_model", "activation", activation, ("int8", "float"),
+                 says="expected activation 'int8' or 'float'")
+    check_choice("freeze_model", "head_bits", head_bits, HEAD_BITS, optional=True)
+    check_choice("freeze_model", "group_size", group_size, GROUP_SIZES)
     if isinstance(model, BitLinear):
         raise ValueError("[freeze_model] expected a model containing BitLinear layers, got a BitLinear itself "
                          "(use BitLinear.to_ternary)")

@@ -6,6 +6,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
 from mlx_zeta.structs.attention_layers import AttentionLayers
 from mlx_zeta.structs.decoding import decode_steps
 from mlx_zeta.structs.sampling import check_sampling_args
@@ -81,9 +82,8 @@ class AutoregressiveWrapper(nn.Module):
 
     def __init__(self, net: nn.Module, ignore_index: int = -100, pad_value: int = 0):
         super().__init__()
-        for what, value in (("ignore_index", ignore_index), ("pad_value", pad_value)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"[AutoregressiveWrapper] expected {what} to be an int, got {value!r}")
+        check_int("AutoregressiveWrapper", "ignore_index", ignore_index)
+        check_int("AutoregressiveWrapper", "pad_value", pad_value)
         missing = [a for a in ("make_cache", "max_seq_len") if not hasattr(net, a)]
         if not callable(net) or missing:
             raise ValueError(f"[AutoregressiveWrapper] expected net to be a Transformer (callable with make_cache() "
@@ -162,11 +162,9 @@ class AutoregressiveWrapper(nn.Module):
                 or not mx.issubdtype(prompt.dtype, mx.integer):
             raise ValueError(f"[{name}] expected an integer prompt of shape (batch, n) with n >= 1, "
                              f"got {_describe(prompt)}")
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"[{name}] expected seq_len to be an int >= 1, got {seq_len!r}")
+        check_int(name, "seq_len", seq_len, 1)
         check_sampling_args(name, temperature, top_k, top_p, min_p, key)
-        if eos_token is not None and (isinstance(eos_token, bool) or not isinstance(eos_token, int)):
-            raise ValueError(f"[{name}] expected eos_token to be None or an int, got {eos_token!r}")
+        check_int(name, "eos_token", eos_token, optional=True)
         if not isinstance(cache, bool):
             raise ValueError(f"[{name}] expected cache to be a bool (the wrapper makes the cache), "
                              f"got {type(cache).__name__}")

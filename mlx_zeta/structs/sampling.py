@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
+from mlx_zeta.common import check_int
+
 __all__ = ["top_k_filter", "top_p_filter", "min_p_filter", "sample"]
 
 
@@ -19,11 +21,6 @@ def _check_logits(owner: str, logits: Any) -> None:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_k(owner: str, k: Any) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"[{owner}] expected top_k to be an int >= 1, got {k!r}")
 
 
 def _check_p(owner: str, p: Any) -> None:
@@ -52,7 +49,7 @@ def check_sampling_args(owner: str, temperature: Any, top_k: Any, top_p: Any, mi
     """Validate :func:`sample`'s arguments (``None`` disables a filter), naming ``owner`` in errors."""
     _check_temperature(owner, temperature)
     if top_k is not None:
-        _check_k(owner, top_k)
+        check_int(owner, "top_k", top_k, 1)
     if top_p is not None:
         _check_p(owner, top_p)
     if min_p is not None:
@@ -85,7 +82,7 @@ def top_k_filter(logits: mx.array, k: int) -> mx.array:
     Reference: Fan et al., "Hierarchical Neural Story Generation", https://arxiv.org/abs/1805.04833.
     """
     _check_logits("top_k_filter", logits)
-    _check_k("top_k_filter", k)
+    check_int("top_k_filter", "top_k", k, 1)
     if k >= logits.shape[-1]:
         return logits
     kth = mx.topk(logits, k, axis=-1).min(axis=-1, keepdims=True)  # (B, 1)

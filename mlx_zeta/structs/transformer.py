@@ -6,6 +6,7 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
 from mlx_zeta.nn.cache import Cache
 from mlx_zeta.nn.positional import AbsolutePositionalEmbedding
 from mlx_zeta.structs.attention_layers import AttentionLayers
@@ -69,9 +70,8 @@ class Transformer(nn.Module):
                  tie_embedding: bool = False, use_abs_pos_emb: bool = True, emb_dropout: float = 0.0,
                  post_emb_norm: bool = False, logits_dim: Optional[int] = None):
         super().__init__()
-        for what, value in (("num_tokens", num_tokens), ("max_seq_len", max_seq_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"[Transformer] expected {what} to be an int >= 1, got {value!r}")
+        check_int("Transformer", "num_tokens", num_tokens, 1)
+        check_int("Transformer", "max_seq_len", max_seq_len, 1)
         if not isinstance(attn_layers, AttentionLayers):
             raise ValueError(f"[Transformer] expected attn_layers to be an AttentionLayers, got {type(attn_layers).__name__}")
         if not 0.0 <= emb_dropout < 1.0:

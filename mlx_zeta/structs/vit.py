@@ -5,20 +5,12 @@ from typing import Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int, check_int_pair
 from mlx_zeta.structs.attention_layers import AttentionLayers
 
 __all__ = ["ViTransformerWrapper"]
 
 IntPair = Union[int, Tuple[int, int]]
-
-
-def _pair(name: str, value: IntPair) -> Tuple[int, int]:
-    """``value`` as an ``(h, w)`` pair of positive ints, or a ``[ViTransformerWrapper]`` error."""
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ValueError(f"[ViTransformerWrapper] expected {name} to be a positive int or a pair (h, w) of "
-                         f"positive ints, got {value!r}")
-    return pair
 
 
 def patchify(img: mx.array, patch_size: Tuple[int, int]) -> mx.array:
@@ -88,16 +80,13 @@ class ViTransformerWrapper(nn.Module):
     def __init__(self, image_size: IntPair, patch_size: IntPair, attn_layers: AttentionLayers, channels: int = 3,
                  num_classes: Optional[int] = None, post_emb_norm: bool = False, emb_dropout: float = 0.0):
         super().__init__()
-        image_size = _pair("image_size", image_size)
-        patch_size = _pair("patch_size", patch_size)
+        image_size = check_int_pair("ViTransformerWrapper", "image_size", image_size)
+        patch_size = check_int_pair("ViTransformerWrapper", "patch_size", patch_size)
         if image_size[0] % patch_size[0] or image_size[1] % patch_size[1]:
             raise ValueError(f"[ViTransformerWrapper] expected image_size {image_size} to be divisible by "
                              f"patch_size {patch_size} on both axes")
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"[ViTransformerWrapper] expected channels to be an int >= 1, got {channels!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"[ViTransformerWrapper] expected num_classes to be None or an int >= 1, got {num_classes!r}")
+        check_int("ViTransformerWrapper", "channels", channels, 1)
+        check_int("ViTransformerWrapper", "num_classes", num_classes, 1, optional=True)
         if not isinstance(attn_layers, AttentionLayers):
             raise ValueError(f"[ViTransformerWrapper] expected attn_layers to be an AttentionLayers (e.g. Encoder), "
                              f"got {type(attn_layers).__name__}")

@@ -11,13 +11,13 @@ Layout of a checkpoint root ``directory``::
             meta.json               # step, config, extra, RNG key, size and sha256 of each file
         ckpt-00000200/ ...
 
-Atomicity: a checkpoint is written into a hidden temporary directory beside the others
-(``.tmp-ckpt-...``), every file and the directory are fsynced, and the directory is then
-renamed to ``ckpt-<step>`` (a rename within one file system is atomic). Only then is the
-``latest`` pointer replaced, itself through a fsynced temporary file and ``os.replace``.
+Atomicity: a checkpoint is written through :func:`mlx_zeta.common.atomic_path`: into a
+hidden staging folder beside the others, every file and the folder fsynced, then renamed
+to ``ckpt-<step>`` (a rename within one file system is atomic). Only then is the
+``latest`` pointer replaced, itself through a fsynced staged file and ``os.replace``.
 Old checkpoints beyond ``keep`` are deleted last. At every instant ``latest`` therefore
-names a complete checkpoint: a process killed mid-write leaves at most a temporary
-directory, which readers never look at and the next save removes.
+names a complete checkpoint: a process killed mid-write leaves at most a staging
+folder, which readers never look at and the next save removes.
 
     >>> save_checkpoint("runs/a", model, optimizer, step=100, config={"dim": 64})
     >>> info = load_checkpoint("runs/a", model, optimizer)   # info["step"] == 100
@@ -36,6 +36,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_zeta.common import atomic_path, check_int, remove_stale
 from mlx_zeta.converters.io import check_keys
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointError"]
@@ -44,26 +45,12 @@ FORMAT = 1
 LATEST = "latest"
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.safetensors", "optimizer.safetensors", "meta.json"
 _NAME = re.compile(r"^ckpt-(\d+)(?:\.(\d+))?$")
-_TMP_PREFIX = ".tmp-ckpt-"
 
 PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or does not fit the model."""
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -81,8 +68,6 @@ def _write_arrays(path: Path, arrays: Dict[str, mx.array]) -> None:
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _order(name: str):
@@ -112,10 +97,8 @@ def save_checkpoint(directory: PathLike, model: nn.Module, optimizer: optim.Opti
     Returns:
         The path of the new checkpoint directory.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"[save_checkpoint] expected step to be an int >= 0, got {step!r}")
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"[save_checkpoint] expected keep to be an int >= 1, got {keep!r}")
+    check_int("save_checkpoint", "step", step, 0)
+    check_int("save_checkpoint", "keep", keep, 1)
     meta_json = {"config": config, "extra": extra or {}}
     try:
         json.dumps(meta_json)
@@ -123,11 +106,7 @@ def save_checkpoint(directory: PathLike, model: nn.Module, optimizer: optim.Opti
         raise ValueError(f"[save_checkpoint] expected JSON-serialisable config and extra: {e}") from None
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(_TMP_PREFIX + "*"):  # left by a writer that died (one writer per root)
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+    remove_stale(root)  # left by a writer that died (one writer per root)
 
     weights = dict(tree_flatten(model.parameters()))
     opt_state = dict(tree_flatten(optimizer.state))
@@ -142,32 +121,19 @@ def save_checkpoint(directory: PathLike, model: nn.Module, optimizer: optim.Opti
     while (root / name).exists():  # the same step saved again: a new name, the old one stays valid
         n += 1
         name = f"ckpt-{step:08d}.{n}"
-    tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
-    tmp.mkdir()
-    _write_arrays(tmp / MODEL_FILE, weights)
-    _write_arrays(tmp / OPTIMIZER_FILE, opt_state)
-    files = {}
-    for fname in (MODEL_FILE, OPTIMIZER_FILE):
-        _fsync_file(tmp / fname)
-        files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
-    _write_json(tmp / META_FILE, {"format": FORMAT, "step": step, "rng_key": rng_key, "files": files, **meta_json})
-    _fsync_dir(tmp)
-    final = root / name
-    os.rename(tmp, final)
-    _fsync_dir(root)
-
-    pointer_tmp = root / f"{_TMP_PREFIX}{LATEST}-{os.getpid()}"
-    with open(pointer_tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, root / LATEST)
-    _fsync_dir(root)
+    with atomic_path(root / name, folder=True) as tmp:
+        _write_arrays(tmp / MODEL_FILE, weights)
+        _write_arrays(tmp / OPTIMIZER_FILE, opt_state)
+        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                 for f in (MODEL_FILE, OPTIMIZER_FILE)}
+        _write_json(tmp / META_FILE, {"format": FORMAT, "step": step, "rng_key": rng_key, "files": files, **meta_json})
+    with atomic_path(root / LATEST) as pointer:
+        pointer.write_text(name + "\n")
 
     others = [p for p in _checkpoints(root) if p.name != name]
     for old in others[:max(len(others) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return root / name
 
 
 def latest_checkpoint(directory: PathLike) -> Optional[Path]:

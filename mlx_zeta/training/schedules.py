@@ -6,6 +6,8 @@ from typing import Callable
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from mlx_zeta.common import check_int
+
 __all__ = ["warmup_cosine"]
 
 
@@ -38,9 +40,8 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, min_lr: f
         >>> schedule = warmup_cosine(1e-3, warmup_steps=10, total_steps=100)
         >>> optimizer = mlx.optimizers.AdamW(learning_rate=schedule)
     """
-    for what, value, low in (("warmup_steps", warmup_steps, 0), ("total_steps", total_steps, warmup_steps + 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"[warmup_cosine] expected {what} to be an int >= {low}, got {value!r}")
+    check_int("warmup_cosine", "warmup_steps", warmup_steps, 0)
+    check_int("warmup_cosine", "total_steps", total_steps, warmup_steps + 1)
     if not 0 <= min_lr <= peak_lr:
         raise ValueError(f"[warmup_cosine] expected 0 <= min_lr <= peak_lr, got min_lr={min_lr}, peak_lr={peak_lr}")
     cosine = optim.cosine_decay(peak_lr, total_steps - warmup_steps, end=min_lr)

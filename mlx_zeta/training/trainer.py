@@ -12,6 +12,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_reduce
 
+from mlx_zeta.common import check_choice, check_int, check_positive
 from mlx_zeta.training.mixed_precision import COMPUTE_DTYPES, DynamicLossScaler, all_finite, cast_floating
 
 __all__ = ["Trainer"]
@@ -121,12 +122,9 @@ class Trainer:
                  group: Any = "auto", tokens_fn: Callable[[Batch], int] = count_tokens):
         for what, value in (("grad_accum_steps", grad_accum_steps), ("log_every", log_every),
                             ("eval_every", eval_every or 1), ("checkpoint_every", checkpoint_every or 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"[Trainer] expected {what} to be an int >= 1, got {value!r}")
-        if precision not in COMPUTE_DTYPES:
-            raise ValueError(f"[Trainer] expected precision in {sorted(COMPUTE_DTYPES)}, got {precision!r}")
-        if max_grad_norm is not None and max_grad_norm <= 0:
-            raise ValueError(f"[Trainer] expected max_grad_norm > 0 or None, got {max_grad_norm}")
+            check_int("Trainer", what, value, 1)
+        check_choice("Trainer", "precision", precision, sorted(COMPUTE_DTYPES))
+        check_positive("Trainer", "max_grad_norm", max_grad_norm, optional=True)
         if (eval_fn is None) != (eval_every is None):
             raise ValueError("[Trainer] expected eval_fn and eval_every together (or neither)")
         if (checkpoint_every is not None or resume) and checkpoint_dir is None:
@@ -247,8 +245,7 @@ class Trainer:
     def train(self, steps: int) -> List[float]:
         """Train until the global step reaches ``steps`` (a resumed run continues from its
         checkpoint's step); returns the losses of the steps run by this call."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"[Trainer] expected steps to be an int >= 0, got {steps!r}")
+        check_int("Trainer", "steps", steps, 0)
         show_bar = self.is_main and (self.progress if self.progress is not None else self.stream.isatty())
         bar = None
         if show_bar:

@@ -1,0 +1,11 @@
+"""The bottom layer: helpers every other layer shares and that import nothing of mlx_zeta.
+
+``checks``: argument validation (``check_int``, ``check_positive``, ``check_choice``,
+``check_int_pair``). ``files``: atomic writes (``atomic_path``, ``remove_stale``).
+"""
+
+from mlx_zeta.common.checks import check_choice, check_int, check_int_pair, check_positive, is_int
+from mlx_zeta.common.files import atomic_path, fsync_tree, remove_stale
+
+__all__ = ["check_int", "check_positive", "check_choice", "check_int_pair", "is_int",
+           "atomic_path", "fsync_tree", "remove_stale"]
