@@ -46,8 +46,8 @@ import mlx.core as mx
 
 from mlx_zeta.models.bert import BertEmbeddings, BertEncoder, mean_pool  # noqa: F401  (the model; re-exported)
 
-from .common import ACTIVATIONS, TransformerArgs, activation
-from .common import rename as apply_rules
+from .base import ACTIVATIONS, TransformerArgs, activation
+from .base import rename as apply_rules
 
 MODEL_TYPES = ("bert",)
 TASK = "encoder"

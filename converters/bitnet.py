@@ -64,7 +64,7 @@ from mlx_zeta.quant import StackedProjection, SubNormTernaryLinear, TernaryLinea
 from mlx_zeta.structs import Decoder, Transformer
 
 from . import llama
-from .common import rename
+from .base import rename
 
 MODEL_TYPES = ("bitnet",)
 TASK = "causal-lm"

@@ -36,7 +36,7 @@ import mlx.nn as nn
 
 from mlx_zeta.structs import Decoder, Transformer
 
-from .common import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename
+from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename
 
 MODEL_TYPES = ("gpt2",)
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")

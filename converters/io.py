@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import mlx.core as mx
 
-from mlx_zeta.common import atomic_path
+from mlx_zeta.common import atomic_path, check_keys
 
 __all__ = ["CheckpointFormatError", "load_state_dict", "save_state_dict", "check_keys"]
 
@@ -37,7 +37,6 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 CONFIG = "config.json"
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-_MAX_LISTED = 20
 
 
 class CheckpointFormatError(ValueError):
@@ -246,46 +245,6 @@ def load_state_dict(
 # --------------------------------------------------------------------------- checking
 
 
-def _listing(names: list[str]) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:_MAX_LISTED])
-    more = f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
-    return f"{len(names)}: {shown}{more}"
-
-
-def check_keys(expected: Mapping[str, tuple], weights: Mapping[str, Any], where: str) -> None:
-    """Raise ``ValueError`` unless ``weights`` has exactly the names and shapes expected.
-
-    Args:
-        expected (dict): ``{name: shape}`` the model wants.
-        weights (dict): ``{name: array}`` loaded from the checkpoint.
-        where (str): what is being checked (a file or model name), put first in
-          the message.
-
-    The message lists missing and unexpected keys (sorted, at most 20 of each
-    shown, plus the count) and every shape mismatch with both shapes.
-    """
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    mismatched = [
-        (k, tuple(expected[k]), tuple(weights[k].shape))
-        for k in sorted(expected)
-        if k in weights and tuple(expected[k]) != tuple(weights[k].shape)
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-    lines = [f"[{where}] checkpoint does not match the model:"]
-    if missing:
-        lines.append(f"  missing keys {_listing(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys {_listing(unexpected)}")
-    if mismatched:
-        lines.append(f"  shape mismatches {len(mismatched)}:")
-        for k, want, got in mismatched[:_MAX_LISTED]:
-            lines.append(f"    {k}: model expects {want}, checkpoint has {got}")
-        if len(mismatched) > _MAX_LISTED:
-            lines.append(f"    ... ({len(mismatched) - _MAX_LISTED} more)")
-    raise ValueError("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- writing

@@ -33,7 +33,7 @@ import mlx.nn as nn
 
 from mlx_zeta.structs import Decoder, Transformer
 
-from .common import TransformerArgs, rename
+from .base import TransformerArgs, rename
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TASK = "causal-lm"

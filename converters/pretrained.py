@@ -42,7 +42,7 @@ from mlx.utils import tree_flatten
 
 from mlx_zeta.common import atomic_path
 
-from .common import ACTIVATIONS, BaseModelArgs, TransformerArgs, activation
+from .base import ACTIVATIONS, BaseModelArgs, TransformerArgs, activation
 from .io import CONFIG, _resolve_dtype, check_keys, load_state_dict, save_state_dict
 
 __all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "TASKS", "BaseModelArgs", "TransformerArgs", "PretrainedInfo",

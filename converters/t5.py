@@ -43,7 +43,7 @@ import mlx.core as mx
 
 from mlx_zeta.models.t5 import T5Model
 
-from .common import ACTIVATIONS, BaseModelArgs, rename
+from .base import ACTIVATIONS, BaseModelArgs, rename
 
 MODEL_TYPES = ("t5",)
 TASK = "seq2seq"

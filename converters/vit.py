@@ -40,7 +40,7 @@ import mlx.core as mx
 
 from mlx_zeta.models.vit import PretrainedViT, ViTEmbeddings  # noqa: F401  (the model; re-exported)
 
-from .common import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename
+from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename
 
 MODEL_TYPES = ("vit",)
 ARCHITECTURES = ("ViTForImageClassification", "ViTModel")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from parity import TOLERANCES, assert_close, check_parity, to_torch
+from parity import assert_close, check_parity
 from reference.attention import RefAttention, RefFlashAttention, RefMultiGroupedQueryAttn, attention, causal_mask
 
 from mlx_zeta.nn.attention import (Attention, FlashAttention, KVCache, MultiGroupedQueryAttn, MultiheadAttention,
@@ -380,7 +380,7 @@ def test_attention_errors():
 def test_attention_rotary_pos_emb_parity(rng, dtype, xpos):
     """rotary_pos_emb rotates q and k after qk_norm (partial: 4 of 8 features per head),
     keys with the xPos scale ** -1; the reference rotates explicit 2x2 pairs."""
-    from reference.positional import rope_angles, rotate_pairs, xpos_scale
+    from reference.positional import rope_angles, xpos_scale
     from reference.structs import TorchSelfAttention
 
     from mlx_zeta.nn import RotaryEmbedding

@@ -21,7 +21,6 @@ import mlx_zeta  # noqa: E402
 from mlx_zeta.converters import load_state_dict  # noqa: E402
 from mlx_zeta.converters import t5 as t5_conv  # noqa: E402
 from mlx_zeta.kernels import relative_position_bucket  # noqa: E402
-from mlx_zeta.nn.positional import RelativePositionBias  # noqa: E402
 from hf_tiny import assert_close, assert_grads_close, check_sanitize, save_hf, seeded  # noqa: E402
 
 VOCAB, D_MODEL = 120, 64

@@ -25,7 +25,6 @@ ct = pytest.importorskip("coremltools")
 
 from mlx_zeta.converters.coreml.evaluate import Evaluator, load_program  # noqa: E402  (before mlx: BLAS)
 
-import mlx_zeta  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 

@@ -12,14 +12,13 @@ lowering recognises that constant and emits ``constexpr_lut_to_dense`` with uint
 ``T + 1`` and the LUT ``{-s, 0, +s, 0}`` (0.25 bytes per weight).
 """
 
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from mlx_zeta.common import atomic_path
 
 from .lower import capture, lower_graph
 
@@ -189,8 +188,6 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
 def save_atomically(path, write) -> Path:
     """``write(staged)`` a package at a path in a staging folder beside ``path``; move it to
     ``path`` (replacing what was there) only when ``write`` returned. Returns ``Path(path)``."""
-    from mlx_zeta.common import atomic_path
-
     with atomic_path(path) as staged:
         write(staged)
     return Path(path)

@@ -27,6 +27,8 @@ from typing import List, Tuple
 
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
+
 from .export import TARGETS, save_atomically, to_mil
 
 __all__ = ["export_decoder", "package_summary", "DecoderStep", "FUNCTIONS"]
@@ -58,8 +60,7 @@ def _check(model, capacity: int, prefill_len: int, batch: int) -> None:
         raise ValueError(f"[export_decoder] expected a mlx_zeta.structs.Transformer decoder, "
                          f"got {type(model).__name__}")
     for name, v in (("capacity", capacity), ("prefill_len", prefill_len), ("batch", batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"[export_decoder] expected {name} to be an int >= 1, got {v!r}")
+        check_int("export_decoder", name, v, 1)
     if prefill_len > capacity:
         raise ValueError(f"[export_decoder] expected prefill_len <= capacity, got {prefill_len} > {capacity}")
     if "pos_emb" in model and capacity > model.max_seq_len:

@@ -21,7 +21,7 @@ import math
 from numbers import Real
 from typing import Any, Optional, Sequence, Tuple, Union
 
-__all__ = ["check_int", "check_positive", "check_choice", "check_int_pair", "is_int"]
+__all__ = ["check_int", "check_sizes", "check_positive", "check_choice", "check_int_pair", "is_int"]
 
 
 def is_int(value: Any) -> bool:
@@ -68,6 +68,13 @@ def check_int(owner: str, name: str, value: Any, low: Optional[int] = None, high
         words = ("None or " if optional else "") + _int_words(low, high)
         raise _fail(owner, name, f"to be {words}", value, says)
     return value
+
+
+def check_sizes(owner: str, **sizes: Optional[int]) -> None:
+    """:func:`check_int` ``>= 1`` for each keyword (a width, a count); ``None`` passes (an optional
+    size that takes its default). Message: ``[owner] expected <name> to be an int >= 1, got v``."""
+    for name, value in sizes.items():
+        check_int(owner, name, value, 1, optional=True, says=f"expected {name} to be an int >= 1")
 
 
 def check_positive(owner: str, name: str, value: Any, *, optional: bool = False,

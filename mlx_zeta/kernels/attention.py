@@ -32,6 +32,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
+from mlx_zeta.common import check_int, check_positive
 from mlx_zeta.kernels.dispatch import resolve, with_reference_vjp
 from mlx_zeta.kernels.positions import PositionBias
 from mlx_zeta.kernels.launch import Kernel
@@ -182,12 +183,9 @@ def _check(q, k, v, window, softcap, alibi_slopes, t5_table, t5_buckets, mask, n
     if not (mx.issubdtype(q.dtype, mx.floating) and q.dtype == k.dtype == v.dtype):
         raise ValueError(f"[{name}] expected q, k, v of one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     lk = k.shape[2]
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"[{name}] expected window to be an int >= 1 or None, got {window!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"[{name}] expected softcap > 0 or None, got {softcap!r}")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"[{name}] expected num_splits to be an int >= 1 or None, got {num_splits!r}")
+    check_int(name, "window", window, 1, optional=True, says="expected window to be an int >= 1 or None")
+    check_positive(name, "softcap", softcap, optional=True)
+    check_int(name, "num_splits", num_splits, 1, optional=True, says="expected num_splits to be an int >= 1 or None")
     if alibi_slopes is not None and (alibi_slopes.shape != (hq,) or not mx.issubdtype(alibi_slopes.dtype, mx.floating)):
         raise ValueError(f"[{name}] expected floating alibi_slopes of shape ({hq},), got shape "
                          f"{tuple(alibi_slopes.shape)} and dtype {alibi_slopes.dtype}")

@@ -34,6 +34,7 @@ import numpy as np
 
 import mlx.core as mx
 
+from mlx_zeta.common import atomic_path
 from mlx_zeta.kernels.source import device_sized, load_source
 
 if TYPE_CHECKING:
@@ -132,8 +133,6 @@ def _build(source: str) -> Path:
     exe.parent.mkdir(parents=True, exist_ok=True)
     src = exe.parent / f"kernel-{os.getpid()}.cpp"
     src.write_text(source)
-    from mlx_zeta.common import atomic_path
-
     with atomic_path(exe) as tmp:  # a concurrent build of the same text writes the same program
         proc = subprocess.run([cxx, *_FLAGS, "-I", str(include), str(src), "-o", str(tmp)], capture_output=True,
                               text=True)

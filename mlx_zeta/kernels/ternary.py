@@ -37,6 +37,7 @@ from typing import Dict, Tuple
 
 import mlx.core as mx
 
+from mlx_zeta.common import check_int
 from mlx_zeta.kernels.dispatch import resolve, with_reference_vjp
 from mlx_zeta.kernels.packing import unpack_2bit
 from mlx_zeta.kernels.launch import Kernel
@@ -64,8 +65,7 @@ def _check(x: mx.array, packed: mx.array, n_out: int) -> None:
     if packed.dtype != mx.uint8 or packed.ndim != 2:
         raise ValueError(f"[ternary_matmul] expected packed to be a 2-D uint8 array (pack_2bit layout), "
                          f"got {packed.dtype} of shape {tuple(packed.shape)}")
-    if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1:
-        raise ValueError(f"[ternary_matmul] expected n_out to be an int >= 1, got {n_out!r}")
+    check_int("ternary_matmul", "n_out", n_out, 1)
     if -(-n_out // 4) != packed.shape[0]:
         raise ValueError(f"[ternary_matmul] n_out={n_out} packs 4 outputs to a byte into ceil(n_out / 4) = "
                          f"{-(-n_out // 4)} rows, but packed has {packed.shape[0]} (shape {tuple(packed.shape)}); "

@@ -7,6 +7,7 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
 from mlx_zeta.quant.bitlinear import BitLinear
 from mlx_zeta.quant.matmulfree import MatMulFreeBlock, MLGRUCache
 
@@ -58,8 +59,7 @@ class MatMulFreeLM(nn.Module):
                  ff_hidden_dim: Optional[int] = None, ternary_head: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         for what, value in (("num_tokens", num_tokens), ("dim", dim), ("depth", depth), ("max_seq_len", max_seq_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"[MatMulFreeLM] expected {what} to be an int >= 1, got {value!r}")
+            check_int("MatMulFreeLM", what, value, 1)
         self.num_tokens, self.dim, self.max_seq_len = num_tokens, dim, max_seq_len
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.layers = [MatMulFreeBlock(dim, hidden_dim, ff_hidden_dim, norm_eps) for _ in range(depth)]

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
 from mlx_zeta.structs import Decoder, Encoder
 from mlx_zeta.structs.decoding import decode_steps
 from mlx_zeta.structs.sampling import check_sampling_args
@@ -178,8 +179,7 @@ class T5Model(nn.Module):
                min_p: Optional[float] = None, key: Optional[mx.array] = None) -> Iterator[mx.array]:
         """Like :meth:`generate` without the start token: yield each step's tokens, shape ``(B,)`` int32.
         Arguments are checked when ``stream`` is called."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"{_WHO} expected max_new_tokens to be an int >= 1, got {max_new_tokens!r}")
+        check_int("T5Model", "max_new_tokens", max_new_tokens, 1)
         check_sampling_args("T5Model", temperature, top_k, top_p, min_p, key)
         if not stop_at_eos:
             eos = []

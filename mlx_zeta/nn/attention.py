@@ -6,6 +6,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_positive
 from mlx_zeta.kernels import attention as fused_kernels
 from mlx_zeta.kernels.dispatch import kernels_active
 from mlx_zeta.kernels.positions import PositionBias
@@ -87,8 +88,7 @@ class FlashAttention(nn.Module):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"[FlashAttention] expected 0 <= dropout < 1, got {dropout}")
-        if scale is not None and not scale > 0:
-            raise ValueError(f"[FlashAttention] expected scale > 0 or None, got {scale}")
+        check_positive("FlashAttention", "scale", scale, optional=True)
         self.causal = causal
         self.dropout = dropout
         self.flash = flash
@@ -416,8 +416,7 @@ class MultiQueryAttention(Attention):
         _reject("MultiQueryAttention", kwargs, "zeta's attn_impl/norm_type/fc_type/verbose/device have no MLX meaning")
         if d_model % max(heads, 1):
             raise ValueError(f"[MultiQueryAttention] expected heads to divide d_model, got d_model={d_model}, heads={heads}")
-        if clip_qkv is not None and not clip_qkv > 0:
-            raise ValueError(f"[MultiQueryAttention] expected clip_qkv > 0 or None, got {clip_qkv}")
+        check_positive("MultiQueryAttention", "clip_qkv", clip_qkv, optional=True)
         super().__init__(dim=d_model, heads=heads, kv_heads=1, causal=causal, qk_norm=qk_ln, bias=bias,
                          dropout=attn_pdrop, flash=flash)
         self.clip_qkv = clip_qkv

@@ -26,14 +26,11 @@ from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
+from mlx_zeta.common import check_int
+
 __all__ = ["Cache", "KVCache", "RotatingKVCache", "StaticKVCache"]
 
 Mask = Union[None, str, mx.array]
-
-
-def _check_size(owner: str, name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"[{owner}] expected {name} to be an int >= 1, got {value!r}")
 
 
 def _position_mask(q_pos: mx.array, k_pos: mx.array, causal: bool, window: Optional[int]) -> Optional[mx.array]:
@@ -70,10 +67,10 @@ class Cache:
         """The mask the returned keys need for the next ``n`` queries. The returned keys end
         at the newest position, so query :math:`i` sits at key index ``i + key_length - n``:
         ``"causal"`` without a window, else a boolean ``(n, key_length)`` array."""
-        _check_size(type(self).__name__, "n", n)
+        check_int(type(self).__name__, "n", n, 1)
         if window is None:
             return "causal" if causal else None
-        _check_size(type(self).__name__, "window", window)
+        check_int(type(self).__name__, "window", window, 1)
         k_len = self.key_length(n)
         return _position_mask(mx.arange(n) + (k_len - n), mx.arange(k_len), causal, window)
 
@@ -211,7 +208,7 @@ class RotatingKVCache(Cache):
     """
 
     def __init__(self, max_size: int):
-        _check_size("RotatingKVCache", "max_size", max_size)
+        check_int("RotatingKVCache", "max_size", max_size, 1)
         super().__init__()
         self.max_size = max_size
 
@@ -268,7 +265,7 @@ class StaticKVCache(Cache):
 
     def __init__(self, capacity: int, keys: Optional[mx.array] = None, values: Optional[mx.array] = None,
                  offset: Optional[mx.array] = None):
-        _check_size("StaticKVCache", "capacity", capacity)
+        check_int("StaticKVCache", "capacity", capacity, 1)
         if (keys is None) != (values is None) or (keys is not None and (keys.ndim != 4 or keys.shape[2] != capacity)):
             raise ValueError(f"[StaticKVCache] expected keys and values both given, of shape (batch, kv_heads, "
                              f"{capacity}, dim), or neither")
@@ -301,9 +298,9 @@ class StaticKVCache(Cache):
         """Boolean ``(n, capacity)`` by position: query ``i`` (at ``offset + i``) sees the written
         keys ``j < offset + n``, with ``causal`` only ``j <= offset + i``, with ``window`` :math:`w`
         only those less than :math:`w` positions away (unwritten positions are never seen)."""
-        _check_size("StaticKVCache", "n", n)
+        check_int("StaticKVCache", "n", n, 1)
         if window is not None:
-            _check_size("StaticKVCache", "window", window)
+            check_int("StaticKVCache", "window", window, 1)
         q_pos, k_pos = self.offset + mx.arange(n), mx.arange(self.capacity)
         keep = _position_mask(q_pos, k_pos, causal, window)
         if causal:  # j <= offset + i: only written keys

@@ -81,6 +81,47 @@ _ACCEPTED = (
 )
 
 
+def _activation(relu_squared: bool, silu: bool, custom_act: Optional[Callable]) -> Callable:
+    """The hidden activation: ReLU², SiLU, ``custom_act`` (a Module trains with the block) or GELU."""
+    if relu_squared:
+        return _relu_squared
+    if silu:
+        return nn.silu
+    return custom_act if custom_act is not None else nn.gelu
+
+
+def _check_options(dim, dim_out, mult, inner_dim, dropout, swish, relu_squared, custom_act, swiglu, glu,
+                   glu_mult_bias, kwargs: dict) -> None:
+    """FeedForward's argument checks: sizes, and contradictory activation choices raise."""
+    # zeta's CUDA-only switch: accepted when off, a clear error when on.
+    if kwargs.pop("triton_kernels_on", False):
+        raise ValueError("[FeedForward] triton_kernels_on=True is CUDA/Triton-only and has no MLX equivalent; drop it")
+    if kwargs:
+        raise ValueError(
+            f"[FeedForward] unknown keyword argument(s): {', '.join(sorted(kwargs))}; accepted: {', '.join(_ACCEPTED)}"
+        )
+    for name, value in (("dim", dim), ("dim_out", dim if dim_out is None else dim_out)):
+        check_int("FeedForward", name, value, 1, says=f"{name} must be a positive integer")
+    check_int("FeedForward", "inner_dim", inner_dim, 1, optional=True,
+              says="inner_dim must be a positive integer or None")
+    if inner_dim is None and (not mult > 0 or int(dim * mult) < 1):
+        raise ValueError(f"[FeedForward] mult must give a hidden width int(dim * mult) >= 1, got mult={mult!r} with dim={dim}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"[FeedForward] dropout must be in [0, 1), got {dropout!r}")
+    if swish and relu_squared:
+        raise ValueError("[FeedForward] swish=True and relu_squared=True are mutually exclusive; pick one activation")
+    if custom_act is not None:
+        if not callable(custom_act):
+            raise ValueError(f"[FeedForward] custom_act must be callable, got {type(custom_act).__name__}")
+        if swish or relu_squared:
+            raise ValueError("[FeedForward] custom_act cannot be combined with swish=True or relu_squared=True")
+    if swiglu and (relu_squared or custom_act is not None):
+        raise ValueError("[FeedForward] swiglu=True fixes the gate activation to SiLU; got relu_squared or custom_act too")
+    if glu_mult_bias and not (glu or swiglu):
+        raise ValueError("[FeedForward] glu_mult_bias=True needs a gated projection (glu=True or swiglu=True)")
+
+
+
 class FeedForward(nn.Module):
     r"""Transformer feed-forward block with zeta's options (GLU, SwiGLU, ReLU², ...).
 
@@ -172,47 +213,14 @@ class FeedForward(nn.Module):
         **kwargs: Any,
     ):
         super().__init__()
-        # zeta's CUDA-only switch: accepted when off, a clear error when on.
-        if kwargs.pop("triton_kernels_on", False):
-            raise ValueError("[FeedForward] triton_kernels_on=True is CUDA/Triton-only and has no MLX equivalent; drop it")
-        if kwargs:
-            raise ValueError(
-                f"[FeedForward] unknown keyword argument(s): {', '.join(sorted(kwargs))}; accepted: {', '.join(_ACCEPTED)}"
-            )
-        for name, value in (("dim", dim), ("dim_out", dim if dim_out is None else dim_out)):
-            check_int("FeedForward", name, value, 1, says=f"{name} must be a positive integer")
-        check_int("FeedForward", "inner_dim", inner_dim, 1, optional=True,
-                  says="inner_dim must be a positive integer or None")
-        if inner_dim is None and (not mult > 0 or int(dim * mult) < 1):
-            raise ValueError(f"[FeedForward] mult must give a hidden width int(dim * mult) >= 1, got mult={mult!r} with dim={dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"[FeedForward] dropout must be in [0, 1), got {dropout!r}")
-        if swish and relu_squared:
-            raise ValueError("[FeedForward] swish=True and relu_squared=True are mutually exclusive; pick one activation")
-        if custom_act is not None:
-            if not callable(custom_act):
-                raise ValueError(f"[FeedForward] custom_act must be callable, got {type(custom_act).__name__}")
-            if swish or relu_squared:
-                raise ValueError("[FeedForward] custom_act cannot be combined with swish=True or relu_squared=True")
-        if swiglu and (relu_squared or custom_act is not None):
-            raise ValueError("[FeedForward] swiglu=True fixes the gate activation to SiLU; got relu_squared or custom_act too")
-        if glu_mult_bias and not (glu or swiglu):
-            raise ValueError("[FeedForward] glu_mult_bias=True needs a gated projection (glu=True or swiglu=True)")
-
+        _check_options(dim, dim_out, mult, inner_dim, dropout, swish, relu_squared, custom_act, swiglu, glu,
+                       glu_mult_bias, kwargs)
         self.dim = dim
         self.dim_out = dim if dim_out is None else dim_out
         self.inner_dim = int(dim * mult) if inner_dim is None else inner_dim
         self.glu = bool(glu or swiglu)
 
-        if relu_squared:
-            self.act = _relu_squared
-        elif swish or swiglu:
-            self.act = nn.silu
-        elif custom_act is not None:
-            self.act = custom_act  # a Module is registered as a child, so it trains
-        else:
-            self.act = nn.gelu
-
+        self.act = _activation(relu_squared, swish or swiglu, custom_act)
         width = 2 * self.inner_dim if self.glu else self.inner_dim
         self.proj_in = nn.Linear(dim, width, bias=not no_bias)
         if glu_mult_bias:

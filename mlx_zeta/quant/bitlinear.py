@@ -2,13 +2,12 @@
 through the BitNet b1.58 quantizers (:mod:`mlx_zeta.quant.quantizers`) with straight-through
 gradients."""
 
-from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_zeta.common import check_int, check_positive
-from mlx_zeta.quant.quantizers import QMAX, QMIN, absmax_scale, absmean_scale, quantize_activations, ternarize
+from mlx_zeta.quant.quantizers import absmax_scale, absmean_scale, quantize_activations, ternarize
 
 __all__ = ["BitLinear", "absmean_scale", "absmax_scale", "ternarize", "quantize_activations",
            "weight_quant", "activation_quant"]

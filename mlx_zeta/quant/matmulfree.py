@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_sizes
 from mlx_zeta.quant.bitlinear import BitLinear
 
 __all__ = ["linear_scan", "complex_linear_scan", "linear_recurrence_loop", "glu_hidden_dim", "MLGRU", "MLGRUCache",
@@ -133,12 +134,6 @@ class MLGRUCache:
         return self.h
 
 
-def _check_dims(owner: str, **dims) -> None:
-    for what, value in dims.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"[{owner}] expected {what} to be an int >= 1, got {value!r}")
-
-
 class MLGRU(nn.Module):
     r"""MatMul-free linear gated recurrent unit, the token mixer of the MatMul-free LM.
 
@@ -184,7 +179,7 @@ class MLGRU(nn.Module):
     def __init__(self, dim: int, hidden_dim: Optional[int] = None, dim_out: Optional[int] = None,
                  bias: bool = False, activation: Callable[[mx.array], mx.array] = nn.silu):
         super().__init__()
-        _check_dims(type(self).__name__, dim=dim, hidden_dim=hidden_dim, dim_out=dim_out)
+        check_sizes(type(self).__name__, dim=dim, hidden_dim=hidden_dim, dim_out=dim_out)
         if not callable(activation):
             raise ValueError(f"[{type(self).__name__}] expected activation to be callable, "
                              f"got {type(activation).__name__}")
@@ -256,7 +251,7 @@ class GLUChannelMixer(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, dim_out: Optional[int] = None,
                  activation: Callable[[mx.array], mx.array] = nn.silu, bias: bool = False):
         super().__init__()
-        _check_dims(type(self).__name__, dim=dim, hidden_dim=hidden_dim, dim_out=dim_out)
+        check_sizes(type(self).__name__, dim=dim, hidden_dim=hidden_dim, dim_out=dim_out)
         if not callable(activation):
             raise ValueError(f"[{type(self).__name__}] expected activation to be callable, "
                              f"got {type(activation).__name__}")
@@ -299,7 +294,7 @@ class MatMulFreeBlock(nn.Module):
     def __init__(self, dim: int, hidden_dim: Optional[int] = None, ff_hidden_dim: Optional[int] = None,
                  norm_eps: float = 1e-6):
         super().__init__()
-        _check_dims("MatMulFreeBlock", dim=dim, ff_hidden_dim=ff_hidden_dim)
+        check_sizes("MatMulFreeBlock", dim=dim, ff_hidden_dim=ff_hidden_dim)
         self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.mixer = MLGRU(dim, hidden_dim)
         self.ff_norm = nn.RMSNorm(dim, eps=norm_eps)

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_zeta.common import check_int, check_positive
+from mlx_zeta.common import check_positive, check_sizes
 from mlx_zeta.quant.bitlinear import BitLinear
 from mlx_zeta.quant.matmulfree import MLGRU, GLUChannelMixer, complex_linear_scan, glu_hidden_dim
 
@@ -22,12 +22,6 @@ __all__ = ["GLU", "GeGLU", "ReGLU", "SeGLU", "SwiGLU", "BilinearGLU", "BitGRU", 
 
 def _identity(x: mx.array) -> mx.array:
     return x
-
-
-def _check_widths(owner: str, **widths: Optional[int]) -> None:
-    """Each width an int >= 1; None passes (an optional width that takes its default)."""
-    for name, value in widths.items():
-        check_int(owner, name, value, 1, optional=True, says=f"expected {name} to be an int >= 1")
 
 
 class GLU(GLUChannelMixer):
@@ -65,7 +59,7 @@ class GLU(GLUChannelMixer):
     def __init__(self, dim: int, hidden_dim: Optional[int] = None, dim_out: Optional[int] = None,
                  hidden_ratio: float = 4.0, bias: bool = False):
         check_positive(type(self).__name__, "hidden_ratio", hidden_ratio)
-        _check_widths(type(self).__name__, dim=dim)
+        check_sizes(type(self).__name__, dim=dim)
         super().__init__(dim, hidden_dim or glu_hidden_dim(dim, hidden_ratio), dim_out,
                          activation=type(self).gate_activation, bias=bias)
 
@@ -120,7 +114,7 @@ class BitGRU(MLGRU):
 
     def __init__(self, input_dim: int, units: int, fully_mml: bool = False,
                  activation: Callable[[mx.array], mx.array] = nn.silu):
-        _check_widths("BitGRU", input_dim=input_dim, units=units)
+        check_sizes("BitGRU", input_dim=input_dim, units=units)
         super().__init__(input_dim, hidden_dim=units, dim_out=units, bias=True, activation=activation)
         self.fully_mml = fully_mml
         if not fully_mml:
@@ -166,7 +160,7 @@ class BitLRU(nn.Module):
     def __init__(self, input_dim: int, units: int, state_dim: int, fully_mml: bool = False, r_min: float = 0.0,
                  r_max: float = 1.0, max_phase: float = 2 * math.pi, bias: bool = False):
         super().__init__()
-        _check_widths("BitLRU", input_dim=input_dim, units=units, state_dim=state_dim)
+        check_sizes("BitLRU", input_dim=input_dim, units=units, state_dim=state_dim)
         if not 0.0 <= r_min < r_max <= 1.0:
             raise ValueError(f"[BitLRU] expected 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
         check_positive("BitLRU", "max_phase", max_phase)
@@ -232,7 +226,7 @@ class AFTBlock(nn.Module):
     def __init__(self, dim: int, hidden_dim: Optional[int] = None, max_seq_len: Optional[int] = None,
                  causal: bool = True, norm_eps: float = 1e-6):
         super().__init__()
-        _check_widths("AFTBlock", dim=dim, hidden_dim=hidden_dim, max_seq_len=max_seq_len)
+        check_sizes("AFTBlock", dim=dim, hidden_dim=hidden_dim, max_seq_len=max_seq_len)
         self.dim, self.causal, self.max_seq_len = dim, causal, max_seq_len
         self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.to_q, self.to_k, self.to_v = BitLinear(dim, dim), BitLinear(dim, dim), BitLinear(dim, dim)
@@ -287,7 +281,7 @@ class TokenEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int, max_len: Optional[int] = None):
         super().__init__()
-        _check_widths("TokenEmbedding", vocab_size=vocab_size, dim=dim, max_len=max_len)
+        check_sizes("TokenEmbedding", vocab_size=vocab_size, dim=dim, max_len=max_len)
         self.max_len = max_len
         self.token_emb = nn.Embedding(vocab_size, dim)
         if max_len is not None:
@@ -324,7 +318,7 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, patch_size: int, in_channels: int, dim: int, num_patches: Optional[int] = None):
         super().__init__()
-        _check_widths("PatchEmbedding", patch_size=patch_size, in_channels=in_channels, dim=dim,
+        check_sizes("PatchEmbedding", patch_size=patch_size, in_channels=in_channels, dim=dim,
                       num_patches=num_patches)
         self.patch_size, self.in_channels, self.num_patches = patch_size, in_channels, num_patches
         self.proj = BitLinear(patch_size * patch_size * in_channels, dim)

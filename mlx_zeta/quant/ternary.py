@@ -36,6 +36,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_zeta.common import check_choice, check_int, check_positive
 from mlx_zeta.kernels.dispatch import kernels_active
 from mlx_zeta.kernels.packing import TRITS_PER_BYTE, base3_codes, pack_2bit, pack_base3
 from mlx_zeta.kernels.ternary import ternary_matmul
@@ -56,12 +57,6 @@ _CONVENTIONS = ("divide", "multiply")
 _PACKINGS = ("2bit", "base3")
 _KERNELS = ("auto", "unpack", "affine", "fused")
 _ZERO_BYTE = {"2bit": 0b01010101, "base3": 121}  # every code 1 (weight 0): 1+3+9+27+81 = 121
-
-
-def _choice(what: str, value: str, allowed: Tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"[TernaryLinear] expected {what} in {allowed}, got {value!r}")
-    return value
 
 
 class TernaryLinear(nn.Module):
@@ -121,15 +116,13 @@ class TernaryLinear(nn.Module):
                  packing: str = "2bit", kernel: str = "unpack", quant_eps: float = 1e-5):
         super().__init__()
         for what, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"[TernaryLinear] expected {what} to be an int >= 1, got {value!r}")
-        if not quant_eps > 0:
-            raise ValueError(f"[TernaryLinear] expected quant_eps > 0, got {quant_eps}")
+            check_int("TernaryLinear", what, value, 1)
+        check_positive("TernaryLinear", "quant_eps", quant_eps)
         self.in_features, self.out_features, self.quant_eps = in_features, out_features, quant_eps
-        self.activation = _choice("activation", activation, _ACTIVATIONS)
-        self.scale_convention = _choice("scale_convention", scale_convention, _CONVENTIONS)
-        self.packing = _choice("packing", packing, _PACKINGS)
-        self.kernel = _choice("kernel", kernel, _KERNELS)
+        self.activation = check_choice("TernaryLinear", "activation", activation, _ACTIVATIONS)
+        self.scale_convention = check_choice("TernaryLinear", "scale_convention", scale_convention, _CONVENTIONS)
+        self.packing = check_choice("TernaryLinear", "packing", packing, _PACKINGS)
+        self.kernel = check_choice("TernaryLinear", "kernel", kernel, _KERNELS)
         self.packed = mx.full(self.packed_shape(in_features, out_features, packing), _ZERO_BYTE[packing], mx.uint8)
         self.weight_scale = mx.array(1.0, dtype=mx.float32)
         if bias:
@@ -300,7 +293,7 @@ class TernaryLinear(nn.Module):
 
     def _matmul(self, x: mx.array, exact: bool) -> mx.array:
         """x (M, in) float32 -> x @ T^T (M, out) float32 on the chosen path."""
-        kernel = _choice("kernel", self.kernel, _KERNELS)
+        kernel = check_choice("TernaryLinear", "kernel", self.kernel, _KERNELS)
         if kernel == "auto" and self.packing == "2bit" and kernels_active():
             kernel = "fused"
         elif kernel == "auto":

@@ -8,6 +8,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
 from mlx_zeta.nn.attention import Attention
 from mlx_zeta.nn.cache import Cache, KVCache, RotatingKVCache, StaticKVCache
 from mlx_zeta.nn.feedforward import FeedForward
@@ -27,11 +28,6 @@ _FF_EXTRAS = set(inspect.signature(FeedForward.__init__).parameters) - {
 def _pop(kwargs: Dict[str, Any], keys: Iterable[str]) -> Dict[str, Any]:
     """Remove and return the entries of ``kwargs`` named in ``keys``."""
     return {k: kwargs.pop(k) for k in keys if k in kwargs}
-
-
-def _check_int(name: str, value: Any, low: int, owner: str = "AttentionLayers") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"[{owner}] expected {name} to be an int >= {low}, got {value!r}")
 
 
 class _Layer(nn.Module):
@@ -205,11 +201,9 @@ class AttentionLayers(nn.Module):
     @staticmethod
     def _check_structure(name: str, dim: int, depth: int, heads: int, cross_attend: bool, only_cross: bool,
                          sliding_window: Optional[int], positions: Tuple[Any, ...]) -> None:
-        _check_int("dim", dim, 1, name)
-        _check_int("depth", depth, 1, name)
-        _check_int("heads", heads, 1, name)
-        if sliding_window is not None:
-            _check_int("sliding_window", sliding_window, 1, name)
+        for what, value in (("dim", dim), ("depth", depth), ("heads", heads)):
+            check_int(name, what, value, 1)
+        check_int(name, "sliding_window", sliding_window, 1, optional=True, says="expected sliding_window to be an int >= 1")
         if only_cross and not cross_attend:
             raise ValueError(f"[{name}] expected cross_attend=True with only_cross=True (use CrossAttender), got cross_attend=False")
         if only_cross and (positions or sliding_window is not None):

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_zeta.common import check_int
 from mlx_zeta.nn.norms import RMSNorm, ScaleNorm
 from mlx_zeta.nn.positional import AlibiPositionalBias, RelativePositionBias, RotaryEmbedding
 
@@ -71,8 +72,7 @@ class Alibi:
 
     def build(self, owner: str, heads: int, dim_head: int, causal: bool) -> AlibiPositionalBias:
         num = heads if self.num_heads is None else self.num_heads
-        if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= heads:
-            raise ValueError(f"[{owner}] expected 1 <= alibi_num_heads <= heads={heads}, got {num!r}")
+        check_int(owner, "alibi_num_heads", num, 1, heads, says=f"expected 1 <= alibi_num_heads <= heads={heads}")
         return AlibiPositionalBias(heads=num, total_heads=heads)
 
 

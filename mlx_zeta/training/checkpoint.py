@@ -36,8 +36,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_zeta.common import atomic_path, check_int, remove_stale
-from mlx_zeta.converters.io import check_keys
+from mlx_zeta.common import atomic_path, check_int, check_keys, remove_stale
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointError"]
 

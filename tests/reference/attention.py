@@ -9,7 +9,6 @@ Conventions (those of mlx_zeta.nn.attention, stated independently here):
 """
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
