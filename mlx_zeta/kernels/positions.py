@@ -84,6 +84,7 @@ class PositionBias(NamedTuple):
             bias = -self.alibi_slopes.astype(mx.float32)[:, None, None] * dist
         if self.t5_table is not None:
             offsets = k_pos - mx.arange(q_len)[:, None] + (q_len - 1)  # (q_len, k_len) into t5_buckets
-            t5 = self.t5_table[self.t5_buckets[offsets]].transpose(2, 0, 1)
+            buckets = mx.stop_gradient(self.t5_buckets)  # integer indices: no gradient (e.g. under mx.checkpoint)
+            t5 = self.t5_table[buckets[offsets]].transpose(2, 0, 1)
             bias = t5 if bias is None else bias + t5
         return bias
