@@ -308,10 +308,6 @@ class StaticKVCache(Cache):
         written = k_pos[None, :] < self.offset + n  # (1, capacity)
         return mx.broadcast_to(written, (n, self.capacity)) if keep is None else keep & written
 
-    def keep_mask(self, n: int) -> mx.array:
-        """Causal ``(n, capacity)`` mask: ``make_mask(n, causal=True)``."""
-        return self.make_mask(n, causal=True)
-
     def key_mask(self, mask: Optional[mx.array], n: int, batch: int, owner: str) -> None:
         """A static cache masks by position: a key-padding mask raises ``ValueError``."""
         if mask is not None:
