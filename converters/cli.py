@@ -84,7 +84,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from mlx.utils import tree_flatten
 
-    from .io import _is_weight_file
+    from .io import is_weight_file
     from .pretrained import from_pretrained, quantize, save_pretrained
 
     dst: Path = args.dst
@@ -114,7 +114,7 @@ def _convert(args: argparse.Namespace) -> int:
     end = time.perf_counter()
 
     files = [p for p in dst.iterdir() if p.is_file()]
-    shards = sum(p.suffix == ".safetensors" for p in files if _is_weight_file(p.name))
+    shards = sum(p.suffix == ".safetensors" for p in files if is_weight_file(p.name))
     written = sum(p.stat().st_size for p in files)
     kind = model.pretrained.model_type
     print(f"converted {args.src} ({kind}, {n_params:,} parameters) -> {dst}: {_human(written)} in "

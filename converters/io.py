@@ -46,7 +46,8 @@ class CheckpointFormatError(ValueError):
 # --------------------------------------------------------------------------- reading
 
 
-def _resolve_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+def resolve_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    """``None``, an ``mx.Dtype``, or its name (``"float16"``, ``"bf16"``, ...) as an ``mx.Dtype``."""
     if dtype is None or isinstance(dtype, mx.Dtype):
         return dtype
     if dtype in _DTYPES:
@@ -217,7 +218,7 @@ def load_state_dict(
     Example:
         >>> weights = load_state_dict("bert-tiny/", dtype="float16")
     """
-    dt = _resolve_dtype(dtype)
+    dt = resolve_dtype(dtype)
     path = Path(path)
     if path.is_dir():
         for name in (SAFE_SINGLE, SAFE_INDEX, TORCH_SINGLE, TORCH_INDEX):
@@ -262,7 +263,8 @@ def _shard(weights: Mapping[str, mx.array], max_shard_bytes: int) -> list[dict[s
     return shards
 
 
-def _is_weight_file(name: str) -> bool:
+def is_weight_file(name: str) -> bool:
+    """True for the weight files this module writes: single or sharded safetensors and their index."""
     return name in (SAFE_SINGLE, SAFE_INDEX) or (
         name.startswith("model-") and "-of-" in name and name.endswith(".safetensors")
     )
@@ -327,6 +329,6 @@ def save_state_dict(
             (tmp / CONFIG).write_text(json.dumps(config, indent=2))
             written.append(CONFIG)
     for p in folder.iterdir():
-        if p.is_file() and _is_weight_file(p.name) and p.name not in written:
+        if p.is_file() and is_weight_file(p.name) and p.name not in written:
             p.unlink()
     return written

@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten
 from mlx_zeta.common import atomic_path
 
 from .base import ACTIVATIONS, BaseModelArgs, TransformerArgs, activation
-from .io import CONFIG, _resolve_dtype, check_keys, load_state_dict, save_state_dict
+from .io import CONFIG, resolve_dtype, check_keys, load_state_dict, save_state_dict
 
 __all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "TASKS", "BaseModelArgs", "TransformerArgs", "PretrainedInfo",
            "from_pretrained", "save_pretrained", "resolve", "get_architecture", "register_architecture",
@@ -301,7 +301,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.D
     quantized = _quantized(model)
     if quantized:
         config[QUANTIZATION_KEY] = {"bits": quantized[0].bits, "group_size": quantized[0].group_size}
-    dt = _resolve_dtype(dtype)
+    dt = resolve_dtype(dtype)
     weights = {k: v.astype(dt) if dt is not None and mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in tree_flatten(model.parameters())}
     path = Path(path)
