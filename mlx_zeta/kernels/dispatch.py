@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -51,8 +52,9 @@ UseKernel = Union[None, bool, str]
 _MODE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mlx_zeta_kernel_mode", default=None)
 
 
+@functools.lru_cache(maxsize=None)
 def gpu_backend() -> Optional[str]:
-    """``"metal"``, ``"cuda"`` or ``None`` (MLX runs on the CPU only)."""
+    """``"metal"``, ``"cuda"`` or ``None`` (MLX runs on the CPU only); asked once per process."""
     if mx.metal.is_available():
         return "metal"
     cuda = getattr(mx, "cuda", None)

@@ -3,12 +3,14 @@ Decoder and CrossAttender presets, built from the mlx_zeta.nn blocks."""
 
 import inspect
 from functools import partial
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_zeta.common import check_int
+from mlx_zeta.kernels.dispatch import kernels_active
+from mlx_zeta.kernels.positions import PositionBias
 from mlx_zeta.nn.attention import Attention
 from mlx_zeta.nn.cache import Cache, KVCache, RotatingKVCache, StaticKVCache
 from mlx_zeta.nn.feedforward import FeedForward
@@ -255,11 +257,7 @@ class AttentionLayers(nn.Module):
             lead = cache[0] if cache else KVCache()  # an empty cache describes a fresh sequence
             offset, k_len = lead.offset, lead.key_length(n)
             self_mask = self._self_mask(lead, mask, b, n)
-            # position biases travel as O(L) data; FlashAttention fuses or materialises them
-            if "alibi" in self:
-                attn_bias = self.alibi.position_bias()
-            elif "rel_pos" in self:
-                attn_bias = self.rel_pos.position_bias(n, k_len, step=k_len - n)
+            attn_bias = self._position_bias(n, k_len)
             if "rotary" in self:
                 rotary = self.rotary(n, offset=offset, center=0 if self.rotary_xpos else None)
         elif mask is not None:
@@ -271,6 +269,18 @@ class AttentionLayers(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer(x, self_mask, attn_bias, rotary, context, context_mask, cache[i] if cache else None)
         return self.final_norm(x) if self.pre_norm else x
+
+    def _position_bias(self, n: int, k_len: int) -> Union[None, PositionBias, mx.array]:
+        """The stack's ALiBi or T5 bias for ``n`` queries over ``k_len`` keys: O(L) data
+        (:class:`~mlx_zeta.kernels.PositionBias`) that the fused kernels compute in place when the
+        dispatcher has a kernel path live, else materialised here once for every layer (H, n, k_len)."""
+        if "alibi" in self:
+            data = self.alibi.position_bias()
+        elif "rel_pos" in self:
+            data = self.rel_pos.position_bias(n, k_len, step=k_len - n)
+        else:
+            return None
+        return data if kernels_active() else data.materialize(n, k_len)
 
     def _self_mask(self, lead: Cache, mask: Optional[mx.array], b: int, n: int) -> Optional[mx.array]:
         """Key padding and sliding window as one boolean mask over the keys ``lead`` returns, or
