@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from mlx_zeta.common import check_int
 from mlx_zeta.structs import Decoder, Encoder
-from mlx_zeta.structs.decoding import decode_steps
+from mlx_zeta.structs.decoding import decode_steps, global_key
 from mlx_zeta.structs.sampling import check_sampling_args
 
 __all__ = ["T5Model"]
@@ -190,7 +190,7 @@ class T5Model(nn.Module):
         if eos and self.pad_token_id is None:
             raise ValueError(f"{_WHO} expected pad_token_id in the config to pad finished sequences, got None")
         if key is None:
-            key = mx.random.key(0) if temperature == 0 else mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+            key = mx.random.key(0) if temperature == 0 else global_key()  # greedy leaves the global state alone
         context = self.encode(input_ids, attention_mask)
         cache = self.make_cache()
         start = mx.full((input_ids.shape[0], 1), self.start_token, mx.int32)

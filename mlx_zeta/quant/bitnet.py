@@ -30,10 +30,10 @@ class SubNormTernaryLinear(TernaryLinear):
         self.sub_norm = nn.RMSNorm(in_features, eps=sub_norm_eps)
         self.freeze()
 
-    def _prepare(self, x: mx.array) -> mx.array:
+    def prepare_input(self, x: mx.array) -> mx.array:
         if x.ndim and x.shape[-1] == self.in_features:  # other shapes: TernaryLinear's error
             x = self.sub_norm(x)
-        return super()._prepare(x)
+        return super().prepare_input(x)
 
     def _extra_repr(self) -> str:
         return f"{super()._extra_repr()}, sub_norm_eps={self.sub_norm.eps}"

@@ -304,7 +304,9 @@ class TernaryLinear(nn.Module):
             return self._affine_matmul(x)
         return self._unpack_matmul(x, exact)
 
-    def _prepare(self, x: mx.array) -> mx.array:
+    def prepare_input(self, x: mx.array) -> mx.array:
+        """The input every path multiplies: shape-checked ``(*, in_features)``, after the layer's
+        norm (if any). Subclasses that put more in front (BitNet's sub-norm) override this."""
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"[TernaryLinear] expected input of shape (..., {self.in_features}), got {tuple(x.shape)}")
         return self.norm(x) if "norm" in self else x
@@ -312,7 +314,7 @@ class TernaryLinear(nn.Module):
     def integer_matmul(self, x: mx.array) -> Tuple[mx.array, mx.array]:
         """The integer core of the int8 forward: returns ``(A int32 (*, out), s_x float32 (*, 1))``
         with :math:`A = Q_x T^\\top`, after the norm (if any) and per-token int8 quantization."""
-        x = self._prepare(x)
+        x = self.prepare_input(x)
         lead = x.shape[:-1]
         q_x, s_x = quantize_activations(x, self.quant_eps)
         acc = self._matmul(q_x.reshape(-1, self.in_features).astype(mx.float32), exact=True)
@@ -320,7 +322,7 @@ class TernaryLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         dtype = x.dtype  # before the norm, whose float32 gain would promote float16 inputs
-        x = self._prepare(x)
+        x = self.prepare_input(x)
         lead = x.shape[:-1]
         if self.activation == "int8":
             q_x, s_x = quantize_activations(x, self.quant_eps)
@@ -375,7 +377,7 @@ class TernaryLinear(nn.Module):
         Shape: ``x`` :math:`(*, in)` -> :math:`(*, out)`, in ``x``'s dtype.
         """
         dtype = x.dtype
-        x = self._prepare(x)
+        x = self.prepare_input(x)
         if self.activation == "int8":
             q_x, s_x = quantize_activations(x, self.quant_eps)
             y = (q_x.astype(mx.float32) @ weight.T) / s_x

@@ -8,7 +8,7 @@ import mlx.nn as nn
 
 from mlx_zeta.common import check_int
 from mlx_zeta.structs.attention_layers import AttentionLayers
-from mlx_zeta.structs.decoding import decode_steps
+from mlx_zeta.structs.decoding import decode_steps, global_key
 from mlx_zeta.structs.sampling import check_sampling_args
 
 __all__ = ["AutoregressiveWrapper"]
@@ -188,7 +188,7 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f"[{name}] expected fewer than max_seq_len={limit} prepended positions with cache=False "
                              f"(the window keeps them and the last tokens), got {p}")
         if key is None:
-            key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)  # from the global random state
+            key = global_key()
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
         return self._steps(prompt, seq_len, sampling, eos_token, cache, key, net_kwargs)
 

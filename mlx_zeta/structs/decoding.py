@@ -12,7 +12,13 @@ import mlx.core as mx
 
 from mlx_zeta.structs.sampling import sample
 
-__all__ = ["decode_steps"]
+__all__ = ["decode_steps", "global_key"]
+
+
+def global_key() -> mx.array:
+    """A fresh ``mx.random.key``-shaped key drawn from MLX's global random state (what the
+    generators use when the caller passes ``key=None``)."""
+    return mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
 
 
 def decode_steps(step: Callable[[mx.array], mx.array], logits: mx.array, max_tokens: int, key: mx.array, *,
