@@ -24,6 +24,17 @@ live (they route work to the fused kernels only then). :func:`with_reference_vjp
 custom function every kernel is: its forward on the chosen path, its gradient through the
 reference.
 
+**Kernel failure on a device.** If a Metal or CUDA kernel fails to compile or launch (MLX's
+``metal_kernel`` / ``cuda_kernel`` raising when built, called, or at the first evaluation of each
+instantiation, which :class:`~mlx_zeta.kernels.Kernel` runs eagerly), :func:`kernel_failed` warns
+once per (kernel, backend) with the compiler's first lines (:class:`KernelFallbackWarning`), and
+that kernel's calls run the pure-MLX reference for the rest of the process (results equal to
+``use_kernel=False``). In **strict** mode (``MLX_ZETA_KERNELS_STRICT=1``, or
+``use_kernels(strict=True)``; the GPU tests use it) the failure raises :class:`KernelError`, one
+line naming the kernel, the backend and the compiler's error. Emulated kernels always raise.
+Under ``mx.compile`` a kernel not yet run eagerly cannot be probed: its failure surfaces where
+the compiled function is evaluated.
+
 Example:
     >>> from mlx_zeta.kernels import use_kernels, resolve
     >>> with use_kernels("emulate"):
@@ -37,19 +48,25 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import Callable, Iterator, Optional, Sequence, Union
+import re
+import warnings
+from typing import Callable, Iterator, NoReturn, Optional, Sequence, Set, Tuple, Union
 
 import mlx.core as mx
 
-__all__ = ["MODES", "ENV_VAR", "gpu_backend", "kernel_mode", "use_kernels", "resolve", "kernels_active",
-           "with_reference_vjp"]
+__all__ = ["MODES", "ENV_VAR", "STRICT_ENV_VAR", "gpu_backend", "kernel_mode", "kernel_strict", "use_kernels",
+           "resolve", "kernels_active", "with_reference_vjp", "kernel_failed", "kernel_usable",
+           "reset_kernel_failures", "KernelError", "KernelUnavailable", "KernelFallbackWarning"]
 
 MODES = ("auto", "off", "emulate", "emulate-cuda")
 ENV_VAR = "MLX_ZETA_KERNELS"
+STRICT_ENV_VAR = "MLX_ZETA_KERNELS_STRICT"
 PATHS = ("metal", "cuda", "emulate", "emulate-cuda", "reference")
 UseKernel = Union[None, bool, str]
 
 _MODE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mlx_zeta_kernel_mode", default=None)
+_STRICT: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("mlx_zeta_kernel_strict", default=None)
+_FAILED: Set[Tuple[str, str]] = set()  # (kernel, backend) that failed once: the reference from then on
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,15 +94,33 @@ def kernel_mode() -> str:
     return _checked_mode(os.environ.get(ENV_VAR, "auto") or "auto", f"${ENV_VAR}")
 
 
+def kernel_strict() -> bool:
+    """Strict mode (module docstring): the innermost ``use_kernels(strict=...)``, else
+    ``$MLX_ZETA_KERNELS_STRICT`` (``1`` / ``0``, unset is ``0``)."""
+    strict = _STRICT.get()
+    if strict is not None:
+        return strict
+    value = os.environ.get(STRICT_ENV_VAR, "") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"[mlx_zeta.kernels] expected ${STRICT_ENV_VAR} to be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 @contextlib.contextmanager
-def use_kernels(mode: str) -> Iterator[str]:
-    """Set the mode (one of :data:`MODES`) inside a ``with`` block; contexts nest and are
-    per thread (a ``contextvars`` variable), so concurrent callers do not see each other's."""
-    token = _MODE.set(_checked_mode(mode, "mode"))
+def use_kernels(mode: Optional[str] = None, *, strict: Optional[bool] = None) -> Iterator[str]:
+    """Set the mode (one of :data:`MODES`) and/or strict mode inside a ``with`` block (``None``
+    keeps the outer setting); contexts nest and are per thread (``contextvars`` variables), so
+    concurrent callers do not see each other's. Yields the mode in force."""
+    if strict is not None and not isinstance(strict, bool):
+        raise ValueError(f"[mlx_zeta.kernels] expected strict to be True, False or None, got {strict!r}")
+    tokens = [(_MODE, _MODE.set(_checked_mode(mode, "mode")))] if mode is not None else []
+    if strict is not None:
+        tokens.append((_STRICT, _STRICT.set(strict)))
     try:
-        yield mode
+        yield kernel_mode()
     finally:
-        _MODE.reset(token)
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 def resolve(use_kernel: UseKernel = None) -> str:
@@ -121,12 +156,16 @@ def with_reference_vjp(forward: Callable[..., mx.array], reference: Callable[...
     ``forward(*primals)`` and ``reference(*primals)`` compute the same function (a kernel and
     its definition of correctness). The cotangent of every floating primal comes from
     ``mx.vjp(reference, ...)``; integer primals and the positions in ``frozen`` (e.g. packed
-    weights) get zeros.
+    weights) get zeros. A forward whose kernel is unavailable (:class:`KernelUnavailable`) is
+    replaced by ``reference`` for that call.
     """
 
     @mx.custom_function
     def f(*primals):
-        return forward(*primals)
+        try:
+            return forward(*primals)
+        except KernelUnavailable:  # the kernel failed on this device (kernel_failed warned): the reference
+            return reference(*primals)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
@@ -145,3 +184,49 @@ def with_reference_vjp(forward: Callable[..., mx.array], reference: Callable[...
         return tuple(out)
 
     return f
+
+
+class KernelError(RuntimeError):
+    """A device kernel failed to compile or launch in strict mode (one line: kernel, backend, error)."""
+
+
+class KernelUnavailable(RuntimeError):
+    """A launch of a kernel that failed on this backend; :func:`with_reference_vjp` runs the reference."""
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A device kernel failed once and its calls now run the pure-MLX reference."""
+
+
+def _first_error(message: str) -> str:
+    """The compiler's most telling line: the first with a word ``error`` (``file:12:3: error: ...``),
+    else the first non-empty one."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()] or ["(no message)"]
+    return next((line for line in lines if re.search(r"(?<![A-Za-z])error\b", line)), lines[0])
+
+
+def kernel_usable(kernel: str, backend: str) -> bool:
+    """False once ``kernel`` (``"family.name"``) has failed on ``backend`` in this process."""
+    return (kernel, backend) not in _FAILED
+
+
+def kernel_failed(kernel: str, backend: str, error: BaseException) -> NoReturn:
+    """Report that ``kernel`` failed to compile or launch on ``backend`` (module docstring): raise
+    :class:`KernelError` in strict mode; otherwise warn once, remember it, and raise
+    :class:`KernelUnavailable` so the caller's custom function runs the reference."""
+    message = f"{type(error).__name__}: {error}"
+    if kernel_strict():
+        raise KernelError(f"[mlx_zeta.kernels] kernel {kernel} failed to compile or launch on {backend} "
+                          f"(strict mode): {_first_error(message)}") from error
+    if (kernel, backend) not in _FAILED:
+        _FAILED.add((kernel, backend))
+        head = "\n    ".join(message.splitlines()[:6])
+        warnings.warn(f"[mlx_zeta.kernels] kernel {kernel} failed to compile or launch on {backend}; it runs the "
+                      f"pure-MLX reference for the rest of the process (${STRICT_ENV_VAR}=1 raises instead). "
+                      f"The {backend} compiler said:\n    {head}", KernelFallbackWarning, stacklevel=2)
+    raise KernelUnavailable(f"[mlx_zeta.kernels] kernel {kernel} is unavailable on {backend}") from error
+
+
+def reset_kernel_failures() -> None:
+    """Forget every recorded failure (the next call tries each device kernel again), e.g. in tests."""
+    _FAILED.clear()
