@@ -19,7 +19,7 @@ from mlx_zeta.kernels import dispatch, fused_attention, ternary_matmul, use_kern
 from mlx_zeta.kernels.emulate import compiler, emulate
 from mlx_zeta.kernels.launch import Kernel
 from mlx_zeta.kernels.packing import pack_2bit
-from tests.badinput import assert_one_line
+from badinput import assert_one_line
 
 # What Apple's compiler prints for a misspelt intrinsic (MLX raises it from eval as RuntimeError).
 COMPILER_SAYS = ("[metal::Device] Unable to build metal library from source\n"

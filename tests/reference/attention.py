@@ -5,6 +5,9 @@ Conventions (those of mlx_zeta.nn.attention, stated independently here):
 - Boolean masks: True = attend. Floating masks are added to the scores.
 - A 2-D mask is key padding (batch, k_len); 3-D/4-D masks broadcast to (batch, heads, q, k).
 - Causal is bottom-right: query i sees key j iff j <= i + k_len - q_len.
+- Sliding window w (also bottom-right): query i sees key j iff |i + k_len - q_len - j| < w.
+- Soft-capping c (Gemma 2): the scaled scores s become c * tanh(s / c) before any bias or mask.
+- ALiBi: bias -m_h |j - (i + k_len - q_len)|; T5: bias table[bucket[j - i + q_len - 1], h].
 - A query row whose scores are all -inf after masking outputs zeros.
 """
 
@@ -20,13 +23,36 @@ def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
     return j <= i + (k_len - q_len)
 
 
-def attention(q, k, v, mask=None, attn_bias=None, causal=False, scale=None, return_weights=False):
-    """softmax(scale * q k^T + attn_bias + mask) v over (batch, heads, seq, dim) tensors."""
+def window_mask(q_len: int, k_len: int, window: int, device=None) -> torch.Tensor:
+    i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    j = torch.arange(k_len, device=device)[None, :]
+    return (i - j).abs() < window
+
+
+def alibi_bias(slopes: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """(heads, q_len, k_len): -m_h |j - (i + k_len - q_len)|."""
+    i = torch.arange(q_len)[:, None] + (k_len - q_len)
+    j = torch.arange(k_len)[None, :]
+    return -slopes[:, None, None] * (j - i).abs().to(slopes.dtype)
+
+
+def t5_bias(table: torch.Tensor, buckets: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """(heads, q_len, k_len): table[bucket of offset j - i, h], buckets[n] for offset n - (q_len - 1)."""
+    offset = torch.arange(k_len)[None, :] - torch.arange(q_len)[:, None] + (q_len - 1)
+    return table[buckets.long()[offset]].permute(2, 0, 1)
+
+
+def attention(q, k, v, mask=None, attn_bias=None, causal=False, scale=None, return_weights=False, softcap=None,
+              window=None):
+    """softmax(cap(scale * q k^T) + attn_bias + mask) v over (batch, heads, seq, dim) tensors,
+    cap(s) = softcap * tanh(s / softcap) (identity without softcap)."""
     heads, kv_heads = q.shape[1], k.shape[1]
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     v = v.repeat_interleave(heads // kv_heads, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if attn_bias is not None:
         scores = scores + attn_bias
     if mask is not None:
@@ -38,10 +64,30 @@ def attention(q, k, v, mask=None, attn_bias=None, causal=False, scale=None, retu
             scores = scores + mask
     if causal:
         scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    if window:
+        scores = scores.masked_fill(~window_mask(q.shape[2], k.shape[2], window, q.device), float("-inf"))
     alive = (scores > float("-inf")).any(dim=-1, keepdim=True)  # rows with an attendable key
     probs = torch.softmax(scores.masked_fill(~alive, 0.0), dim=-1) * alive
     out = torch.matmul(probs, v)
     return (out, probs) if return_weights else out
+
+
+def fused_attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None,
+                    t5_table=None, t5_buckets=None, mask=None):
+    """mlx_zeta.kernels.fused_attention's arguments in torch: the ALiBi / T5 biases built from their
+    O(L) data, a mask of 2 to 4 dims broadcast (materialised) to (batch, heads, q_len, k_len)."""
+    b, heads, q_len = q.shape[:3]
+    k_len = k.shape[2]
+    bias = None
+    if alibi_slopes is not None:
+        bias = alibi_bias(alibi_slopes, q_len, k_len)
+    if t5_table is not None:
+        t5 = t5_bias(t5_table, t5_buckets, q_len, k_len)
+        bias = t5 if bias is None else bias + t5
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(b, heads, q_len, k_len)
+    return attention(q, k, v, mask=mask, attn_bias=None if bias is None else bias[None], causal=causal, scale=scale,
+                     softcap=softcap, window=window)
 
 
 class RefFlashAttention(nn.Module):
