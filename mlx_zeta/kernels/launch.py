@@ -41,11 +41,6 @@ class Kernel:
         """``"family.name"``, as warnings and errors name the kernel."""
         return f"{self.family}.{self.name}"
 
-    @property
-    def mlx_name(self) -> str:
-        """The ``name`` handed to ``mx.fast.metal_kernel`` / ``cuda_kernel``."""
-        return f"mlx_zeta_{self.family}_{self.name}"
-
     def __call__(self, inputs: Sequence[mx.array], *, template: Sequence[TemplateArg], grid: Tuple[int, int, int],
                  threadgroup: Tuple[int, int, int], output_shapes: Sequence[Sequence[int]],
                  output_dtypes: Sequence[mx.Dtype], init_value: float | None = None,
@@ -61,6 +56,16 @@ class Kernel:
         if mode in ("emulate", "emulate-cuda"):
             return emulate(self, list(inputs), dialect="metal" if mode == "emulate" else "cuda", **kwargs)
         return self._on_device(inputs, kwargs, mode)
+
+    def mlx_kernel_args(self, dialect: str) -> dict:
+        """The arguments this kernel hands ``mx.fast.metal_kernel`` (``dialect="metal"``) or
+        ``mx.fast.cuda_kernel`` (``"cuda"``): name, input and output names, body and header."""
+        src = load_source(self.family, dialect)
+        body = src.bodies.get(self.name)
+        if body is None:
+            raise ValueError(f"[mlx_zeta.kernels] {src.path} has no kernel {self.name!r}; it has {sorted(src.bodies)}")
+        return dict(name=f"mlx_zeta_{self.family}_{self.name}", input_names=list(self.input_names),
+                    output_names=list(self.output_names), source=body, header=src.header)
 
     def _on_device(self, inputs: List[mx.array], kwargs: dict, mode: str) -> List[mx.array]:
         """Build (cached) and launch on Metal / CUDA; the first launch of an instantiation is
@@ -89,9 +94,4 @@ class Kernel:
 @functools.lru_cache(maxsize=None)
 def _compiled(kernel: Kernel, mode: str, make: Callable):
     """``make(...)`` (MLX's kernel builder for ``mode``) for ``kernel``'s body, once per builder."""
-    src = load_source(kernel.family, mode)
-    body = src.bodies.get(kernel.name)
-    if body is None:
-        raise ValueError(f"[mlx_zeta.kernels] {src.path} has no kernel {kernel.name!r}; it has {sorted(src.bodies)}")
-    return make(name=kernel.mlx_name, input_names=list(kernel.input_names),
-                output_names=list(kernel.output_names), source=body, header=src.header)
+    return make(**kernel.mlx_kernel_args(mode))
