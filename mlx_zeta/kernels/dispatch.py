@@ -141,6 +141,8 @@ def resolve(use_kernel: UseKernel = None) -> str:
         raise ValueError(f"[mlx_zeta.kernels] use_kernel=True needs Metal or CUDA (mode {mode!r}; this MLX "
                          f"{'runs on the CPU' if mode == 'auto' else 'has kernels off'}); use_kernel=None picks the "
                          "reference here, 'emulate' runs the Metal text on the CPU")
+    if gpu is not None:
+        kernel_strict()  # a malformed $MLX_ZETA_KERNELS_STRICT fails at the first device call, not at a failure
     return gpu or "reference"
 
 
