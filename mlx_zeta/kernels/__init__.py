@@ -11,6 +11,8 @@ Which path a call takes (device kernel, reference, CPU emulation) is decided in 
 mode, ``True``, ``False``, or a mode string) and a process-wide mode (:func:`use_kernels`
 context, or ``MLX_ZETA_KERNELS=auto|off|emulate|emulate-cuda``). Every kernel is an
 ``mx.custom_function`` whose gradient comes from the reference path (:func:`with_reference_vjp`).
+A device kernel that fails to compile or launch warns once and falls back to its reference
+(:class:`KernelError` instead under ``MLX_ZETA_KERNELS_STRICT=1`` / ``use_kernels(strict=True)``).
 
 This package is the lowest compute layer: it imports nothing from ``nn``, ``structs``,
 ``quant``, ``models`` or ``converters``. The math it shares with them (the 2-bit ternary
@@ -18,14 +20,15 @@ layout in :mod:`.packing`, T5 buckets and :class:`PositionBias` in :mod:`.positi
 here and the upper layers import it.
 """
 
-from mlx_zeta.kernels.dispatch import (ENV_VAR, MODES, gpu_backend, kernel_mode, kernels_active, resolve,
-                                       use_kernels, with_reference_vjp)
+from mlx_zeta.kernels.dispatch import (ENV_VAR, MODES, STRICT_ENV_VAR, KernelError, KernelFallbackWarning, gpu_backend,
+                                       kernel_mode, kernel_strict, kernels_active, resolve, use_kernels,
+                                       with_reference_vjp)
 from mlx_zeta.kernels.source import KernelSource, load_source
 from mlx_zeta.kernels.launch import Kernel
 from mlx_zeta.kernels.positions import PositionBias, relative_position_bucket, t5_relative_buckets
 from mlx_zeta.kernels.attention import fused_attention
 from mlx_zeta.kernels.ternary import ternary_matmul
 
-__all__ = ["ENV_VAR", "MODES", "gpu_backend", "kernel_mode", "kernels_active", "resolve", "use_kernels",
-           "with_reference_vjp", "Kernel", "KernelSource", "load_source", "PositionBias", "relative_position_bucket",
+__all__ = ["ENV_VAR", "MODES", "STRICT_ENV_VAR", "KernelError", "KernelFallbackWarning", "gpu_backend", "kernel_mode",
+           "kernel_strict", "kernels_active", "resolve", "use_kernels", "with_reference_vjp", "Kernel", "KernelSource", "load_source", "PositionBias", "relative_position_bucket",
            "t5_relative_buckets", "fused_attention", "ternary_matmul"]
