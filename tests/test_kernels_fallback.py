@@ -47,12 +47,11 @@ class FakeDevice:
             self.launches.append(kernel.name)
             if kernel.name in self.broken and self.how == "call":
                 raise RuntimeError(COMPILER_SAYS)
-            outs = emulate(kernel, inputs, template=template, grid=grid, threadgroup=threadgroup,
-                           output_shapes=output_shapes, output_dtypes=output_dtypes, **kw)
             if kernel.name in self.broken:  # "eval": lazy arrays whose evaluation raises, as MLX's compile does
                 failing = mx.linalg.inv(mx.zeros((2, 2)), stream=mx.cpu)[0, 0]  # LU fails at eval time
-                outs = [o + failing.astype(o.dtype) for o in outs]
-            return outs
+                return [mx.zeros(tuple(s), d) + failing.astype(d) for s, d in zip(output_shapes, output_dtypes)]
+            return emulate(kernel, inputs, template=template, grid=grid, threadgroup=threadgroup,
+                           output_shapes=output_shapes, output_dtypes=output_dtypes, **kw)
 
         return launch
 
@@ -194,3 +193,25 @@ def test_this_machine_without_metal_falls_back_with_mlx_message(monkeypatch):
             assert mx.array_equal(call(), call(use_kernel=False)).item()
     finally:
         dispatch.reset_kernel_failures()
+
+
+@pytest.mark.parametrize("how", ["build", "call", "eval"])
+def test_inside_mx_compile(device, how):
+    """Under mx.compile a failure while building or calling the kernel is caught as anywhere else;
+    one that MLX raises only at evaluation cannot be probed while tracing (the inputs are tracers)
+    and surfaces where the compiled function is evaluated (the dispatch docstring says so), unless
+    an eager call probed the instantiation first."""
+    device.broken, device.how = {"attention_prefill"}, how
+    q, k, v = qkv(17)
+    want = fused_attention(q, k, v, causal=True, use_kernel=False)
+    compiled = mx.compile(lambda q, k, v: fused_attention(q, k, v, causal=True))
+    if how == "eval":
+        with pytest.raises(RuntimeError, match="LU factorization failed"):
+            mx.eval(compiled(q, k, v))
+        with pytest.warns(dispatch.KernelFallbackWarning):  # an eager call probes and falls back ...
+            fused_attention(q, k, v, causal=True)
+        compiled = mx.compile(lambda q, k, v: fused_attention(q, k, v, causal=True) + 0)  # ... and a fresh trace too
+    else:
+        with pytest.warns(dispatch.KernelFallbackWarning):
+            compiled(q, k, v)
+    assert mx.array_equal(compiled(q, k, v), want).item()
