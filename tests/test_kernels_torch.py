@@ -5,7 +5,7 @@ GQA by repeating kv heads), in float64. Covers what the kernel tests check only 
 ``_reference`` itself: soft-capping, sliding windows, boolean / additive / broadcast masks, GQA,
 ALiBi and T5 biases, and half-precision inputs.
 
-Tolerances: float32 output vs float64 torch, 2e-6 absolute (|o| <~ 3); float16 / bfloat16 one unit
+Tolerances: float32 output vs float64 torch, 5e-6 absolute (measured 1.5e-6, |o| <~ 3); float16 / bfloat16 one unit
 in the last place of the output (the reference computes in float32 and rounds once)."""
 
 import numpy as np
@@ -20,7 +20,7 @@ from mlx_zeta.nn.positional import AlibiPositionalBias
 torch = pytest.importorskip("torch")
 from reference.attention import fused_attention  # noqa: E402
 
-TOL = {mx.float32: dict(rtol=0, atol=2e-6), mx.float16: dict(rtol=1e-3, atol=1e-3),
+TOL = {mx.float32: dict(rtol=0, atol=5e-6), mx.float16: dict(rtol=1e-3, atol=1e-3),
        mx.bfloat16: dict(rtol=8e-3, atol=8e-3)}
 B, HQ, HKV, LQ, LK, D = 2, 4, 2, 7, 12, 16
 
