@@ -148,7 +148,7 @@ def test_biases_match_the_positional_modules():
 
 def test_gradients_through_the_kernel_match_torch_autograd():
     """Gradients of the emulated kernel's custom function (q, k, v, the T5 table and the additive
-    mask, with causal + window + softcap + ALiBi) against torch autograd of the torch reference
+    mask, with a window, softcap and ALiBi) against torch autograd of the torch reference
     written from the math (tests/reference/attention.py), in float64: the VJP is checked against
     an independent derivative, not against the reference's own. Bound: 1e-5 of each gradient's
     largest entry (float32 sums over at most 17 keys)."""

@@ -163,7 +163,7 @@ def planted_compile_error(monkeypatch):
     x, packed = mx.ones((2, 64), dtype=mx.int8), pack_2bit(mx.ones((8, 64), dtype=mx.int8))
     kernel, inputs, plan = kernel_launch(x, packed, 8)
     planted = launch.Kernel(kernel.family, "ternary_gemv_planted", kernel.input_names, kernel.output_names)
-    return lambda: planted(inputs, mode=backend, **plan), f"ternary.ternary_gemv_planted", backend
+    return lambda: planted(inputs, mode=backend, **plan), "ternary.ternary_gemv_planted", backend
 
 
 def test_compile_error_on_the_device_is_strict_or_falls_back(monkeypatch):
