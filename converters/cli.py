@@ -235,7 +235,10 @@ def _export_coreml(args: argparse.Namespace) -> int:
               if getattr(args, f) is not None and f not in reads]
     if unused:
         raise ValueError(f"[export-coreml] {', '.join(unused)}: not used by task {task}")
-    import_coremltools(verbose=args.verbose, lean=True)  # interruptible, and fast: no torch/sklearn probes
+    try:
+        import_coremltools(verbose=args.verbose, lean=True)  # interruptible, and fast: no torch/sklearn probes
+    except ImportError as e:
+        raise ValueError(f"[export-coreml] needs coremltools (pip install coremltools): {e}") from e
     export(model, dst, args)
     summary = package_summary(dst)
     funcs = "; ".join(f"{name}({', '.join(f'{k} {v}' for k, v in f['inputs'].items())}) -> {', '.join(f['outputs'])}"

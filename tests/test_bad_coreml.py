@@ -10,6 +10,7 @@ then per blob a 64-byte record ``<marker u32, dtype u32, size u64, data offset u
 import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,13 @@ def test_export_cli_bad_input_one_line_nothing_written(converted, tmp_path, caps
     cli_error(capsys, ["export-coreml", *(a.format(**paths) for a in argv)], names=names, pattern=pattern,
               code=code, clean=[tmp_path], absent=[paths["out"]])
     assert paths["file"].read_text() == "mine"
+
+
+def test_export_without_coremltools_says_so(converted, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # import coremltools -> ImportError
+    cli_error(capsys, ["export-coreml", converted["vit"], tmp_path / "out.mlpackage"], names=("coremltools",),
+              pattern=r"needs coremltools \(pip install coremltools\)", clean=[tmp_path],
+              absent=[tmp_path / "out.mlpackage"])
 
 
 def snapshot(folder: Path) -> dict:

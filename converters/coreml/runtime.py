@@ -86,6 +86,9 @@ def _interrupt_survives() -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, remember)
     try:
         yield
+    except Exception:
+        if not caught:  # an error of its own; else one the interrupt caused, which the interrupt replaces
+            raise
     finally:
         signal.signal(signal.SIGINT, previous)
     if caught:
@@ -104,14 +107,16 @@ def import_coremltools(*, verbose: bool = False, lean: bool = False):
             the like (:data:`FRAMEWORK_PROBES`) that are not imported yet; coremltools then cannot
             convert models of those frameworks in this process. Default: ``False``.
     """
-    if "coremltools" in sys.modules:
+    if sys.modules.get("coremltools") is not None:
         return sys.modules["coremltools"]
+    before = set(sys.modules)
     try:
         with _quiet_logs(verbose), _skipped(FRAMEWORK_PROBES if lean else ()), _interrupt_survives():
             import coremltools
     except BaseException:
-        for name in [n for n in sys.modules if n == "coremltools" or n.startswith("coremltools.")]:
-            del sys.modules[name]
+        for name in set(sys.modules) - before:
+            if name == "coremltools" or name.startswith("coremltools."):
+                del sys.modules[name]
         raise
     return coremltools
 
