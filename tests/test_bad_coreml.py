@@ -147,6 +147,20 @@ def test_corrupted_package_gives_one_line_naming_reader_package_and_file(package
     api_error(exc_type, READERS[reader], pkg, names=(f"[{reader}] {pkg}", *names), pattern=pattern)
 
 
+@pytest.mark.parametrize("reader", ["evaluate", "Evaluator", "lint"])
+def test_blob_of_the_wrong_type_gives_one_line(package, tmp_path, reader):
+    """A record that is sane but declares fp32 data for an fp16 constant passes open_package's checks;
+    coremltools' own RuntimeError while reading the program comes back as one PackageError line."""
+    pkg = tmp_path / "model.mlpackage"
+    shutil.copytree(package, pkg)
+    at = blob_records(pkg / WEIGHTS)[0][0]
+    with open(pkg / WEIGHTS, "r+b") as f:
+        f.seek(at + 4)
+        f.write(struct.pack("<I", 2))  # MIL blob data type 2 (fp32) where the spec wants fp16 (1)
+    api_error(PackageError, READERS[reader], pkg, names=(f"[{reader}] {pkg}",),
+              pattern=r"coremltools cannot read its program \(RuntimeError: .*data type")
+
+
 def test_whole_package_opens_and_every_blob_is_checked(package):
     """The good package passes; the spec references exactly the blobs the file holds (both weights)."""
     opened = open_package(package)

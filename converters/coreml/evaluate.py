@@ -81,11 +81,11 @@ def load_program(package_or_program: Any, owner: str = "load_program"):
         )
     if spec.WhichOneof("Type") != "mlProgram":
         raise ValueError(f"[{owner}] only ML Program (.mlpackage) models can be read, got a {spec.WhichOneof('Type')}")
-    if package is None:
-        return load(spec, spec.specificationVersion, weights_dir)
     try:
         return load(spec, spec.specificationVersion, weights_dir)
-    except Exception as e:  # a spec that parses but that coremltools cannot read back
+    except Exception as e:  # a package that passed open_package but that coremltools cannot read back
+        if package is None:
+            raise
         message = " ".join(str(e).split())
         raise PackageError(f"[{owner}] {package.path}: coremltools cannot read its program "
                            f"({type(e).__name__}: {message})") from e
