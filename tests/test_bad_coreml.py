@@ -114,7 +114,8 @@ def corrupt(case: str, pkg: Path) -> tuple:
         _, size, offset = records[-1]
         _truncate(weights, weights.stat().st_size - offset - size + 10)  # the last blob loses 10 bytes
         have = offset + size - 10
-        return PackageError, (str(WEIGHTS),), rf"is truncated: blob at offset {offset} needs {size} bytes, the file has {have}$"
+        pattern = rf"is truncated: blob at offset {offset} needs {size} bytes, the file has {have}$"
+        return PackageError, (str(WEIGHTS),), pattern
     if case == "truncated-record":
         at = records[-1][0]
         _truncate(weights, weights.stat().st_size - at - 20)  # the last blob's record is cut
