@@ -11,19 +11,25 @@ error DST is left as it was.
 
     mlx-zeta export-coreml SRC OUT.mlpackage [--task lm|encoder|vit|auto] [--capacity N]
                            [--prefill-len N] [--seq-len N] [--precision float16|float32]
+                           [--target iOS18|macOS15|iOS17|macOS14] [--overwrite] [--verbose]
 
-``export-coreml`` loads SRC with ``from_pretrained`` and writes a Core ML package (atomically):
+``export-coreml`` loads SRC with ``from_pretrained`` and writes a Core ML package (atomically;
+an existing non-empty OUT is replaced only with ``--overwrite``, and stays as it was when the
+export fails or is interrupted):
 a decoder LM (``Transformer``) as a stateful package with ``prefill``/``decode`` functions and
 the KV cache as state (:func:`~mlx_zeta.converters.coreml.export_decoder`); a BERT encoder as
 ``input_ids``/``attention_mask`` (B, seq-len) -> ``last_hidden_state``; a ViT as ``pixel_values``
 (1, H, W, C) -> ``logits`` (or hidden states without a classifier). Which of these applies comes
 from the ``TASK`` the model's converter module declares (``causal-lm``, ``encoder``, ``vision``;
-``seq2seq`` has no export), looked up in ``_EXPORTS``. Each subcommand
+``seq2seq`` has no export), looked up in ``_EXPORTS``. coremltools stays silent (no progress
+bars, version warnings or "Failed to load" lines) unless ``--verbose``, and is imported without
+its probes of torch, scikit-learn and other frameworks it does not need here
+(:func:`~mlx_zeta.converters.coreml.import_coremltools` with ``lean=True``). Each subcommand
 is one ``_add_*`` function that registers its parser and its handler.
 
 Exit status: 0 on success, 2 for a usage error or a checkpoint the library rejects (a
 one-line message on stderr, no traceback), 1 for an operating-system error while
-reading or writing, 130 when interrupted.
+reading or writing, 130 when interrupted (Ctrl-C, at any point: one line on stderr).
 """
 
 from __future__ import annotations
@@ -126,6 +132,8 @@ def _convert(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- export-coreml
 
 def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
+    from .coreml.export import TARGETS
+
     about = ("Export an mlx_zeta / Hugging Face model folder to a Core ML ML Program (iOS 18 / macOS 15): decoder "
              "LMs as one stateful package with prefill and decode functions, BERT encoders, ViT image classifiers.")
     p = sub.add_parser("export-coreml", help="export a model folder to a Core ML .mlpackage", description=about)
@@ -139,6 +147,11 @@ def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, metavar="N", help="encoder: tokens per call (default: 128)")
     p.add_argument("--precision", choices=["float16", "float32"], default="float16",
                    help="activation precision (default: float16)")
+    p.add_argument("--target", choices=TARGETS, default="iOS18",
+                   help="minimum deployment target (default: iOS18; lm needs iOS18 or macOS15)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
+    p.add_argument("--verbose", action="store_true",
+                   help="show coremltools' own log lines, warnings and progress bars")
     p.set_defaults(handler=_export_coreml)
 
 
@@ -159,7 +172,7 @@ def _export_lm(model, dst: Path, args: argparse.Namespace) -> None:
 
     capacity = args.capacity or 512
     export_decoder(model, dst, capacity=capacity, prefill_len=args.prefill_len or min(64, capacity),
-                   precision=args.precision)
+                   precision=args.precision, minimum_deployment_target=args.target, verbose=args.verbose)
 
 
 def _export_encoder(model, dst: Path, args: argparse.Namespace) -> None:
@@ -170,7 +183,8 @@ def _export_encoder(model, dst: Path, args: argparse.Namespace) -> None:
     n = args.seq_len or 128
     ids, mask = mx.zeros((1, n), mx.int32), mx.ones((1, n), mx.int32)
     export_coreml(lambda i, m: model(i, m), (ids, mask), dst, input_names=["input_ids", "attention_mask"],
-                  output_names=["last_hidden_state"], precision=args.precision)
+                  output_names=["last_hidden_state"], precision=args.precision,
+                  minimum_deployment_target=args.target, verbose=args.verbose)
 
 
 def _export_vit(model, dst: Path, args: argparse.Namespace) -> None:
@@ -181,7 +195,7 @@ def _export_vit(model, dst: Path, args: argparse.Namespace) -> None:
     size, channels = model.embeddings.img_size, model.embeddings.in_chans
     export_coreml(model, (mx.zeros((1, *size, channels)),), dst, input_names=["pixel_values"],
                   output_names=["logits" if "classifier" in model else "last_hidden_state"],
-                  precision=args.precision)
+                  precision=args.precision, minimum_deployment_target=args.target, verbose=args.verbose)
 
 
 # An architecture's TASK (declared by its converter module, see pretrained.TASKS) -> (the --task name of
@@ -191,13 +205,22 @@ _EXPORTS = {"causal-lm": ("lm", _export_lm, ("capacity", "prefill_len")),
             "vision": ("vit", _export_vit, ())}
 
 
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    """An ``.mlpackage`` path that is absent, an empty folder, or a folder ``--overwrite`` may replace."""
+    if dst.suffix != ".mlpackage":
+        raise ValueError(f"[export-coreml] expected an output path ending in .mlpackage, got {dst}")
+    if (dst.exists() or dst.is_symlink()) and not dst.is_dir():
+        raise ValueError(f"[export-coreml] destination {dst} exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise ValueError(f"[export-coreml] destination {dst} exists and is not empty; pass --overwrite to replace it")
+
+
 def _export_coreml(args: argparse.Namespace) -> int:
-    from .coreml import package_summary
+    from .coreml import import_coremltools, package_summary
     from .pretrained import from_pretrained
 
     dst: Path = args.dst
-    if dst.suffix != ".mlpackage":
-        raise ValueError(f"[export-coreml] expected an output path ending in .mlpackage, got {dst}")
+    _check_destination(dst, args.overwrite)
     for flag in ("capacity", "prefill_len", "seq_len"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -212,6 +235,10 @@ def _export_coreml(args: argparse.Namespace) -> int:
               if getattr(args, f) is not None and f not in reads]
     if unused:
         raise ValueError(f"[export-coreml] {', '.join(unused)}: not used by task {task}")
+    try:
+        import_coremltools(verbose=args.verbose, lean=True)  # interruptible, and fast: no torch/sklearn probes
+    except ImportError as e:
+        raise ValueError(f"[export-coreml] needs coremltools (pip install coremltools): {e}") from e
     export(model, dst, args)
     summary = package_summary(dst)
     funcs = "; ".join(f"{name}({', '.join(f'{k} {v}' for k, v in f['inputs'].items())}) -> {', '.join(f['outputs'])}"
@@ -228,29 +255,46 @@ COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (_add_convert
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="mlx_zeta model tools.")
+    parser = _Parser(prog=PROG, description="mlx_zeta model tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``mlx-zeta <command>: error: ... (see --help)``, unknown
+    arguments reported by the command they were given to."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            commands.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``mlx-zeta`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    command = None
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
-        return e.code if isinstance(e.code, int) else 2
-    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+            return e.code if isinstance(e.code, int) else 2
+        command = args.command
         return args.handler(args)
     except ValueError as e:  # the library's errors name the file, key or option at fault
-        _fail(args.command, e)
+        _fail(command, e)
         return 2
     except OSError as e:
-        _fail(args.command, e)
+        _fail(command, e)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        print(f"{PROG}{f' {command}' if command else ''}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -28,6 +28,10 @@ from mlx_zeta.converters.coreml import EMITTERS, export_coreml  # noqa: E402
 
 REL_OF_MAX = 1e-2  # fp16: max abs error relative to the largest |reference|
 MIN_PSNR_DB = 35.0
+# Beside PSNR (an rms criterion, which lets one wildly wrong element through), the max abs error bound
+# of the tests that use PSNR, relative to the largest |reference|: measured 1.0e-3 (ViT, image input),
+# 9.8e-4 and 9.4e-4 (U-Net, transposed conv / bilinear), so a 4x margin (about 8 fp16 steps at the peak).
+MAX_ABS_OF_PEAK = 4e-3
 ON_MAC = sys.platform == "darwin"  # Core ML's own runtime (MLModel.predict) exists only on macOS
 NO_RUNTIME = "MLModel.predict needs macOS (Core ML runtime); on Linux the numpy evaluator checks the saved packages"
 
@@ -64,6 +68,18 @@ def roundtrip(fn, args, path, *, names=None, feeds=None, **kw):
     findings = lint(package)
     assert findings == [], "\n".join(map(str, findings))
     return package, list(zip(out.values(), ref))
+
+
+def assert_psnr_and_max_abs(got, ref, err):
+    """PSNR >= MIN_PSNR_DB and max abs error <= MAX_ABS_OF_PEAK * max |reference|. A planted error
+    (one element off by 10x that bound) must pass the PSNR criterion and fail the max-abs one."""
+    bound = MAX_ABS_OF_PEAK * float(np.abs(ref).max())
+    assert err["psnr"] >= MIN_PSNR_DB, err
+    assert err["max_abs"] <= bound, f"max abs error {err['max_abs']:.3e} > {bound:.3e}"
+    planted = np.array(got, np.float64)
+    planted.flat[int(np.argmax(np.abs(ref)))] += 10 * bound
+    planted = errors(planted, ref)
+    assert planted["psnr"] >= MIN_PSNR_DB and planted["max_abs"] > bound, planted
 
 
 def report(what, err):
@@ -136,7 +152,7 @@ def test_vit_logits_image_input(tmp_path):
     assert (feature.type.imageType.width, feature.type.imageType.height) == (16, 16)
     err = errors(got, ref)
     report("ViT logits (RGB image input)", err)
-    assert err["psnr"] >= MIN_PSNR_DB
+    assert_psnr_and_max_abs(got, ref, err)
 
 
 # ----------------------------------------------------------------------------- (c) U-Net
@@ -150,7 +166,32 @@ def test_unet_segmentation(tmp_path, bilinear):
     _, [(got, ref)] = roundtrip(model, (mx.random.normal((1, 16, 16, 3)),), tmp_path / "unet.mlpackage")
     err = errors(got, ref)
     report(f"U-Net ({'bilinear' if bilinear else 'transposed conv'}) scores", err)
+    assert_psnr_and_max_abs(got, ref, err)
+
+
+def test_unet_max_abs_catches_a_wrong_channel_scale_that_psnr_misses(tmp_path, monkeypatch):
+    """A planted lowering bug: the U-Net's last convolution (to the 2 class scores) comes out with
+    class 0 scaled by 1.05. PSNR stays above MIN_PSNR_DB (measured 45 dB); the max-abs bound fails."""
+    from mlx_zeta.nn.unet import Unet
+
+    good = EMITTERS["Convolution"]
+
+    def scaled_class_0(ctx, node):
+        y = good(ctx, node)
+        if node.out_shapes[0][-1] != 2:
+            return y
+        return ctx.mb.mul(x=y, y=ctx.const(np.array([1.05, 1.0]), ctx.mb_dtype(y)))
+
+    monkeypatch.setitem(EMITTERS, "Convolution", scaled_class_0)
+    mx.random.seed(2)
+    model = Unet(3, 2, bilinear=False, base_channels=4)
+    model.eval()
+    _, [(got, ref)] = roundtrip(model, (mx.random.normal((1, 16, 16, 3)),), tmp_path / "unet.mlpackage")
+    err = errors(got, ref)
+    report("U-Net with class 0 scaled by 1.05 (planted)", err)
     assert err["psnr"] >= MIN_PSNR_DB
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_psnr_and_max_abs(got, ref, err)
 
 
 # ----------------------------------------------------------------------------- (d) ternary LM

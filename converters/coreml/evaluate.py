@@ -44,6 +44,9 @@ from typing import Any, Callable, Mapping, MutableMapping
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .package import PackageError, open_package
+from .runtime import import_coremltools
+
 __all__ = ["Evaluator", "evaluate", "load_program", "IMPLEMENTED_OPS"]
 
 
@@ -51,34 +54,41 @@ __all__ = ["Evaluator", "evaluate", "load_program", "IMPLEMENTED_OPS"]
 # Loading
 
 
-def load_program(package_or_program: Any):
+def load_program(package_or_program: Any, owner: str = "load_program"):
     """Return the MIL ``Program`` of a saved ``.mlpackage`` path, an ``MLModel``
     or a MIL ``Program`` (returned as is).
 
-    A path or ``MLModel`` is re-read from its spec with ``milproto.load`` (the
-    same bytes ``MLModel.predict`` would use, weights from ``weight.bin``)."""
-    import coremltools as ct
+    A path is checked and parsed by :func:`~.package.open_package` (a package that is not
+    whole raises one :class:`~.package.PackageError` naming ``owner``, the package and the
+    file); its program is then read with ``milproto.load`` (the same bytes
+    ``MLModel.predict`` would use, weights from ``weight.bin``)."""
+    ct = import_coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load
     from coremltools.converters.mil.mil import Program
 
     if isinstance(package_or_program, Program):
         return package_or_program
     if isinstance(package_or_program, (str, os.PathLike)):
-        path = os.fspath(package_or_program)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no Core ML package at {path!r}")
-        model = ct.models.MLModel(path, skip_model_load=True)
+        package = open_package(package_or_program, owner)
+        spec, weights_dir = package.spec, package.weights_dir
     elif isinstance(package_or_program, ct.models.MLModel):
-        model = package_or_program
+        package = None
+        spec, weights_dir = package_or_program.get_spec(), package_or_program.weights_dir or ""
     else:
         raise TypeError(
-            "expected an .mlpackage path, a coremltools MLModel or a MIL Program, "
+            f"[{owner}] expected an .mlpackage path, a coremltools MLModel or a MIL Program, "
             f"got {type(package_or_program).__name__}"
         )
-    spec = model.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
-        raise ValueError("only ML Program (.mlpackage) models can be evaluated")
-    return load(spec, spec.specificationVersion, model.weights_dir or "")
+        raise ValueError(f"[{owner}] only ML Program (.mlpackage) models can be read, got a {spec.WhichOneof('Type')}")
+    try:
+        return load(spec, spec.specificationVersion, weights_dir)
+    except Exception as e:  # a package that passed open_package but that coremltools cannot read back
+        if package is None:
+            raise
+        message = " ".join(str(e).split())
+        raise PackageError(f"[{owner}] {package.path}: coremltools cannot read its program "
+                           f"({type(e).__name__}: {message})") from e
 
 
 # ---------------------------------------------------------------------------
@@ -404,9 +414,9 @@ class Evaluator:
 
     def __init__(self, package_or_program: Any, *, function: str = "main",
                  state: MutableMapping[str, np.ndarray] | None = None):
+        self.program = load_program(package_or_program, "Evaluator")
         from coremltools.converters.mil.mil import types
 
-        self.program = load_program(package_or_program)
         funcs = self.program.functions
         if function not in funcs:
             raise KeyError(f"function {function!r} not in the program; available: {sorted(funcs)}")
@@ -547,5 +557,7 @@ def evaluate(package_or_program: Any, inputs: Mapping[str, np.ndarray], *, funct
     floats cast to the declared float dtype). ``state`` (name -> array) is
     updated in place by ``coreml_update_state``; pass the same dict to the next
     call to continue decoding. Returns output name -> array in program dtypes.
-    For repeated calls prefer ``Evaluator`` (loads once)."""
-    return Evaluator(package_or_program, function=function, state=state)(inputs)
+    For repeated calls prefer ``Evaluator`` (loads once). A package that is not whole raises
+    :class:`~.package.PackageError` (:func:`~.package.open_package`)."""
+    program = load_program(package_or_program, "evaluate")
+    return Evaluator(program, function=function, state=state)(inputs)

@@ -21,6 +21,7 @@ import numpy as np
 from mlx_zeta.common import atomic_path
 
 from .lower import capture, lower_graph
+from .runtime import import_coremltools, quiet_coremltools
 
 __all__ = ["export_coreml", "to_mil", "ternary_standins", "save_atomically", "TARGETS"]
 
@@ -99,7 +100,6 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
     optimized by coremltools' passes; see :func:`export_coreml`). ``ternary="dense"`` keeps
     ternary weights as plain fp16/fp32 consts instead of ``constexpr_lut_to_dense``.
     With ``return_stats`` also returns ``{"fused_attention": n, "nodes": n}``."""
-    import coremltools as ct
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -111,6 +111,7 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
         raise ValueError(f"[export_coreml] expected minimum_deployment_target in {TARGETS} "
                          f"(iOS17/macOS14 without fused attention or ternary LUTs), "
                          f"got {minimum_deployment_target!r}")
+    ct = import_coremltools()
     args = _as_tuple(example_inputs)
     name = type(model_or_fn).__name__ if isinstance(model_or_fn, nn.Module) else \
         getattr(model_or_fn, "__name__", "function")
@@ -132,7 +133,7 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
 def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Sequence[str]] = None,
                   output_names: Optional[Sequence[str]] = None, precision: str = "float16",
                   minimum_deployment_target: str = "iOS18", image_input: Optional[dict] = None,
-                  compress: Optional[str] = None) -> Path:
+                  compress: Optional[str] = None, verbose: bool = False) -> Path:
     """Export to a Core ML ML Program ``path`` (``.mlpackage``) and return the path.
 
     Args:
@@ -149,40 +150,45 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
             input becomes a Core ML image (NCHW inside); Core ML computes ``scale * pixel + bias``.
         compress: ``None`` (ternary layers as 2-bit LUTs, other weights in ``precision``) or
             ``"ternary-dense"`` (ternary weights as plain consts, for comparison).
+        verbose: let coremltools log, warn and draw its progress bars (:mod:`.runtime`);
+            by default it is silent.
 
     Raises:
         ValueError: an unknown primitive (named with the model), bad options. Nothing is
         left at ``path`` on failure.
     """
-    import coremltools as ct
-
     if compress not in (None, "ternary-dense"):
         raise ValueError(f"[export_coreml] expected compress None or 'ternary-dense', got {compress!r}")
-    inputs, channels_first = None, ()
     if image_input is not None:
         missing = {"scale", "bias", "color_layout"} - set(image_input)
         if missing:
             raise ValueError(f"[export_coreml] image_input needs explicit {sorted(missing)}")
-        channels_first = (image_input.get("index", 0),)
-    prog = to_mil(model_or_fn, example_inputs, input_names=input_names, output_names=output_names,
-                  precision=precision, ternary="dense" if compress else "lut", channels_first=channels_first,
-                  minimum_deployment_target=minimum_deployment_target)
-    if image_input is not None:
-        func = prog.functions["main"]
-        names = list(func.inputs)
-        inputs = []
-        for i, n in enumerate(names):
-            shape = func.inputs[n].shape
-            if i in channels_first:
-                inputs.append(ct.ImageType(name=n, shape=shape, scale=image_input["scale"], bias=image_input["bias"],
-                                           color_layout=getattr(ct.colorlayout, image_input["color_layout"]),
-                                           channel_first=True))
-            else:
-                inputs.append(ct.TensorType(name=n, shape=shape))
-    model = ct.convert(prog, convert_to="mlprogram", inputs=inputs,
-                       minimum_deployment_target=getattr(ct.target, minimum_deployment_target),
-                       compute_precision=ct.precision.FLOAT32)  # fp16 already chosen op by op
-    return save_atomically(path, lambda staged: model.save(str(staged)))
+    with quiet_coremltools(verbose) as ct:
+        prog = to_mil(model_or_fn, example_inputs, input_names=input_names, output_names=output_names,
+                      precision=precision, ternary="dense" if compress else "lut",
+                      channels_first=(image_input.get("index", 0),) if image_input is not None else (),
+                      minimum_deployment_target=minimum_deployment_target)
+        inputs = None if image_input is None else _image_inputs(ct, prog, image_input)
+        model = ct.convert(prog, convert_to="mlprogram", inputs=inputs,
+                           minimum_deployment_target=getattr(ct.target, minimum_deployment_target),
+                           compute_precision=ct.precision.FLOAT32)  # fp16 already chosen op by op
+        return save_atomically(path, lambda staged: model.save(str(staged)))
+
+
+def _image_inputs(ct, prog, image_input: dict) -> list:
+    """Core ML input types for ``prog``'s main function: the ``image_input["index"]`` one an image."""
+    func = prog.functions["main"]
+    index = image_input.get("index", 0)
+    inputs = []
+    for i, n in enumerate(func.inputs):
+        shape = func.inputs[n].shape
+        if i == index:
+            inputs.append(ct.ImageType(name=n, shape=shape, scale=image_input["scale"], bias=image_input["bias"],
+                                       color_layout=getattr(ct.colorlayout, image_input["color_layout"]),
+                                       channel_first=True))
+        else:
+            inputs.append(ct.TensorType(name=n, shape=shape))
+    return inputs
 
 
 def save_atomically(path, write) -> Path:

@@ -191,8 +191,9 @@ def _check_op(fn, op) -> list[Finding]:
 
 
 def lint(package_or_program: Any) -> list[Finding]:
-    """Return the fp16 hazards of every function in the program (see module doc)."""
-    program = load_program(package_or_program)
+    """Return the fp16 hazards of every function in the program (see module doc). A package that
+    is not whole raises :class:`~.package.PackageError` (:func:`~.package.open_package`)."""
+    program = load_program(package_or_program, "lint")
     findings: list[Finding] = []
     for fn_name, fn in program.functions.items():
         for op in _ops(fn):

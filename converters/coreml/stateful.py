@@ -29,11 +29,13 @@ import mlx.nn as nn
 
 from mlx_zeta.common import check_int
 
-from .export import TARGETS, save_atomically, to_mil
+from .export import save_atomically, to_mil
+from .runtime import quiet_coremltools
 
-__all__ = ["export_decoder", "package_summary", "DecoderStep", "FUNCTIONS"]
+__all__ = ["export_decoder", "DecoderStep", "FUNCTIONS"]
 
 FUNCTIONS = ("prefill", "decode")
+STATE_TARGETS = ("iOS18", "macOS15")  # the deployment targets that have Core ML states
 
 
 class DecoderStep(nn.Module):
@@ -80,7 +82,7 @@ def cache_shapes(model, capacity: int, batch: int) -> Tuple[List[tuple], List[tu
 
 
 def export_decoder(model, path, *, capacity: int, prefill_len: int, batch: int = 1, precision: str = "float16",
-                   minimum_deployment_target: str = "iOS18") -> Path:
+                   minimum_deployment_target: str = "iOS18", verbose: bool = False) -> Path:
     """Export ``model`` (a causal :class:`~mlx_zeta.structs.Transformer`, rotary or absolute
     positions, no ALiBi/relative positions/sliding window) to a stateful ``.mlpackage`` at
     ``path`` with functions ``prefill`` and ``decode`` (module docstring); returns the path.
@@ -92,19 +94,25 @@ def export_decoder(model, path, *, capacity: int, prefill_len: int, batch: int =
         precision: ``"float16"`` or ``"float32"`` activations (see :mod:`.lower`); the cache
             state is fp16 either way (Core ML states are fp16).
         minimum_deployment_target: ``"iOS18"`` or ``"macOS15"`` (states need them).
+        verbose: let coremltools log, warn and draw its progress bars (:mod:`.runtime`).
 
     Raises:
         ValueError: a model or option the export does not support. Nothing is left at
         ``path`` on failure.
     """
-    import coremltools as ct
+    _check(model, capacity, prefill_len, batch)
+    if minimum_deployment_target not in STATE_TARGETS:
+        raise ValueError(f"[export_decoder] expected minimum_deployment_target in {STATE_TARGETS} (Core ML states "
+                         f"need them), got {minimum_deployment_target!r}")
+    with quiet_coremltools(verbose) as ct:
+        return _export_decoder(ct, model, path, capacity, prefill_len, batch, precision, minimum_deployment_target)
+
+
+def _export_decoder(ct, model, path, capacity, prefill_len, batch, precision, minimum_deployment_target) -> Path:
+    """:func:`export_decoder` once its options are checked, with coremltools ``ct``."""
     import mlx.core as mx
     from coremltools.converters.mil.mil import Builder as mb, types
 
-    _check(model, capacity, prefill_len, batch)
-    if minimum_deployment_target not in TARGETS:
-        raise ValueError(f"[export_decoder] expected minimum_deployment_target in {TARGETS}, "
-                         f"got {minimum_deployment_target!r}")
     mx.eval(model.parameters())
     kshapes, vshapes = cache_shapes(model, capacity, batch)
     depth = len(kshapes)
@@ -132,22 +140,3 @@ def export_decoder(model, path, *, capacity: int, prefill_len: int, batch: int =
         ct.utils.save_multifunction(desc, str(staged))
 
     return save_atomically(path, write)
-
-
-def package_summary(path) -> dict:
-    """``{"functions": {name: {"inputs": {n: shape}, "outputs": [...]}}, "states": {n: shape}, "bytes": n}``
-    of a saved ``.mlpackage`` (read from its spec; works on Linux)."""
-    import coremltools as ct
-
-    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
-    desc = spec.description
-    funcs = list(desc.functions) or [desc]
-    out = {"functions": {}, "states": {}}
-    for f in funcs:
-        name = getattr(f, "name", "") or "main"
-        out["functions"][name] = {"inputs": {i.name: tuple(i.type.multiArrayType.shape) for i in f.input},
-                                  "outputs": [o.name for o in f.output]}
-        for s in f.state:
-            out["states"][s.name] = tuple(s.type.stateType.arrayType.shape)
-    out["bytes"] = int(sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()))
-    return out
