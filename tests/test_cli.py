@@ -60,8 +60,10 @@ def test_quantize_4_is_smaller_and_close_to_the_float_model(src, tmp_path, capsy
     assert code == 0, err
     assert "quantized 14 layers to 4 bits (group size 32)" in err  # 2 x 6 Linears, embedding, head
     config = json.loads((tmp_path / "q4" / "config.json").read_text())
-    assert config["mlx_zeta_quantization"] == {"bits": 4, "group_size": 32}
+    spec = config["mlx_zeta_quantization"]
+    assert (spec["bits"], spec["group_size"], len(spec["layers"])) == (4, 32, 14) and "to_logits" in spec["layers"]
     # 4-bit words + a float32 scale and bias per 32 weights: 0.75 bytes per weight against 4
+    assert weight_bytes(tmp_path / "q4") > 0  # a folder without weights must not pass as 0 < 0.25 * x
     assert weight_bytes(tmp_path / "q4") < 0.25 * weight_bytes(src)
     reloaded = mlx_zeta.from_pretrained(tmp_path / "q4")
     in_memory = mlx_zeta.from_pretrained(src)
