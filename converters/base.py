@@ -120,3 +120,5 @@ class TransformerArgs(BaseModelArgs):
     num_attention_heads: int
     intermediate_size: int
     vocab_size: int
+
+    POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")

@@ -19,6 +19,7 @@ annotation                      accepted JSON values
 ``Union[A, B]``                 what any arm accepts; ``Any``: everything
 ==============================  ==========================================================
 
+Fields a dataclass lists in its class attribute ``POSITIVE`` (sizes, counts) must also be >= 1.
 A value is refused with one line naming the file, the field, the expected type and what was
 given, e.g. ``config.json: field 'tie_word_embeddings' expected a JSON boolean, got the string
 'false'``; a required field (no default) that is absent is named too.
@@ -34,7 +35,7 @@ import typing
 from numbers import Integral, Real
 from typing import Any, Mapping, Optional
 
-__all__ = ["ConfigError", "check_fields", "missing_fields", "expected", "problem", "shown"]
+__all__ = ["ConfigError", "check_fields", "check_entries", "missing_fields", "expected", "problem", "shown"]
 
 
 class ConfigError(ValueError):
@@ -101,8 +102,12 @@ def problem(value: Any, hint: Any) -> Optional[str]:
     origin = typing.get_origin(hint)
     if hint is Any:
         return None
-    if origin is typing.Union:
-        return None if any(problem(value, a) is None for a in _args(hint)) else f"got {shown(value)}"
+    if origin is typing.Union:  # the arm of the value's own kind says more ("item 1 is ..."), if one does
+        problems = [problem(value, a) for a in _args(hint)]
+        if None in problems:
+            return None
+        specific = [p for p in problems if p != f"got {shown(value)}"]
+        return specific[0] if specific else f"got {shown(value)}"
     if hint is type(None):
         ok = value is None
     elif hint is bool:
@@ -163,3 +168,20 @@ def check_fields(cls: type, values: Mapping[str, Any], where: str) -> None:
             wrong = problem(values[name], hint)
             if wrong is not None:
                 raise ConfigError(f"{lead} field {name!r} expected {expected(hint)}, {wrong}")
+    for name in getattr(cls, "POSITIVE", ()):  # sizes and counts: a 0 would divide by zero later
+        if values.get(name) is not None and values[name] < 1:
+            raise ConfigError(f"{lead} field {name!r} expected an integer >= 1, got {shown(values[name])}")
+
+
+def check_entries(values: Mapping[str, Any], hints: Mapping[str, Any], where: str, required: tuple = ()) -> None:
+    """The same rules for the entries of a nested config object (``rope_scaling``,
+    ``quantization_config``): ``"<where> entry 'x' expected ..., got ..."``, or ``"<where> is missing
+    entry 'x' (...)"`` for a ``required`` one. Entries not in ``hints`` are not checked."""
+    for name in required:
+        if name not in values:
+            raise ConfigError(f"{where} is missing entry {name!r} ({expected(hints[name])})")
+    for name, hint in hints.items():
+        if name in values:
+            wrong = problem(values[name], hint)
+            if wrong is not None:
+                raise ConfigError(f"{where} entry {name!r} expected {expected(hint)}, {wrong}")

@@ -60,6 +60,8 @@ class ModelArgs(BaseModelArgs):
     add_cross_attention: bool = False
     architectures: Optional[Sequence[str]] = None
 
+    POSITIVE = ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions", "n_inner")
+
     def __post_init__(self):
         where = "gpt2 converter"
         activation(self.activation_function, where, "activation_function")
