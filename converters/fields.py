@@ -152,22 +152,25 @@ def missing_fields(cls: type, values: Mapping[str, Any]) -> list:
             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
-def check_fields(cls: type, values: Mapping[str, Any], where: str) -> None:
-    """Raise :class:`ConfigError` (``"<where>: field 'x' expected ..., got ..."``, or ``"[Owner] field ..."``
-    when ``where`` is bracketed) for the first required field of dataclass ``cls`` that ``values`` lacks,
-    else the first it gives a value its annotation does not accept."""
-    absent = missing_fields(cls, values)
-    hints = _hints(cls)
-    lead = where if where.startswith("[") else f"{where}:"  # "[Owner] ..." or "config.json: ..."
+def _check(values: Mapping[str, Any], hints: Mapping[str, Any], lead: str, noun: str, required: list) -> None:
+    """The first of ``required`` absent from ``values``, else the first value its hint refuses, as a ConfigError."""
+    absent = [name for name in required if name not in values]
     if absent:
-        name = absent[0]
         more = f" (and {', '.join(map(repr, absent[1:]))})" if absent[1:] else ""
-        raise ConfigError(f"{lead} missing required field {name!r} ({expected(hints[name])}){more}")
+        raise ConfigError(f"{lead} missing required {noun} {absent[0]!r} ({expected(hints[absent[0]])}){more}")
     for name, hint in hints.items():
         if name in values:
             wrong = problem(values[name], hint)
             if wrong is not None:
-                raise ConfigError(f"{lead} field {name!r} expected {expected(hint)}, {wrong}")
+                raise ConfigError(f"{lead} {noun} {name!r} expected {expected(hint)}, {wrong}")
+
+
+def check_fields(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`ConfigError` (``"<where>: field 'x' expected ..., got ..."``, or ``"[Owner] field ..."``
+    when ``where`` is bracketed) for the first required field of dataclass ``cls`` that ``values`` lacks,
+    else the first it gives a value its annotation does not accept."""
+    lead = where if where.startswith("[") else f"{where}:"  # "[Owner] ..." or "config.json: ..."
+    _check(values, _hints(cls), lead, "field", missing_fields(cls, values))
     for name in getattr(cls, "POSITIVE", ()):  # sizes and counts: a 0 would divide by zero later
         if values.get(name) is not None and values[name] < 1:
             raise ConfigError(f"{lead} field {name!r} expected an integer >= 1, got {shown(values[name])}")
@@ -175,13 +178,6 @@ def check_fields(cls: type, values: Mapping[str, Any], where: str) -> None:
 
 def check_entries(values: Mapping[str, Any], hints: Mapping[str, Any], where: str, required: tuple = ()) -> None:
     """The same rules for the entries of a nested config object (``rope_scaling``,
-    ``quantization_config``): ``"<where> entry 'x' expected ..., got ..."``, or ``"<where> is missing
-    entry 'x' (...)"`` for a ``required`` one. Entries not in ``hints`` are not checked."""
-    for name in required:
-        if name not in values:
-            raise ConfigError(f"{where} is missing entry {name!r} ({expected(hints[name])})")
-    for name, hint in hints.items():
-        if name in values:
-            wrong = problem(values[name], hint)
-            if wrong is not None:
-                raise ConfigError(f"{where} entry {name!r} expected {expected(hint)}, {wrong}")
+    ``quantization_config``): ``"<where> entry 'x' expected ..., got ..."``, or ``"<where> missing
+    required entry 'x' (...)"`` for a ``required`` one. Entries not in ``hints`` are not checked."""
+    _check(values, hints, where, "entry", list(required))

@@ -136,7 +136,7 @@ def test_direct_construction_is_checked_before_the_subclass_post_init(monkeypatc
 
 def test_nested_entries_are_checked_too():
     args = llama.ModelArgs.from_dict({**LLAMA, "rope_scaling": {"rope_type": "linear"}})
-    with pytest.raises(ConfigError, match=r"^config.json: rope_scaling \(rope_type 'linear'\) is missing entry "
+    with pytest.raises(ConfigError, match=r"^config.json: rope_scaling \(rope_type 'linear'\) missing required entry "
                                           r"'factor' \(a finite JSON number\)$"):
         llama.build(args)
     args = llama.ModelArgs.from_dict({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": "2"}})
