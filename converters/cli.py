@@ -104,9 +104,10 @@ def _convert(args: argparse.Namespace) -> int:
     group_size = args.group_size or 64
 
     start = time.perf_counter()
+    terminal = sys.stderr.isatty()  # progress (a bar, "writing ...") on a terminal only: an error stays one line
     with warnings.catch_warnings(record=True) as caught:  # --allow-nonfinite: each warning as one line
         warnings.simplefilter("always", UserWarning)
-        model = from_pretrained(args.src, dtype=args.dtype, revision=args.revision, progress=True,
+        model = from_pretrained(args.src, dtype=args.dtype, revision=args.revision, progress=terminal,
                                 allow_nonfinite=args.allow_nonfinite)
     for w in caught:
         print(f"{PROG} convert: warning: {w.message}", file=sys.stderr)
@@ -118,7 +119,8 @@ def _convert(args: argparse.Namespace) -> int:
             raise ValueError(f"[convert] no layer's input width is a multiple of the group size {group_size}; "
                              "nothing would be quantized")
         print(f"quantized {layers} layers to {args.quantize} bits (group size {group_size})", file=sys.stderr)
-    print(f"writing {dst} ...", file=sys.stderr, flush=True)
+    if terminal:
+        print(f"writing {dst} ...", file=sys.stderr, flush=True)
     save_pretrained(model, dst, max_shard_bytes=args.max_shard_size)
     end = time.perf_counter()
 

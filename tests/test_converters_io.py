@@ -288,3 +288,41 @@ def test_failed_save_existing_folder_untouched(tmp_path, monkeypatch):
         save_state_dict(_weights(), tmp_path, max_shard_bytes=100, config={"v": 2})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     _assert_same(load_state_dict(tmp_path), old)
+
+
+# ---- NaN / Inf weights -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("where", [0, 517, 4095])  # first, middle, last element
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_min_and_max_see_every_nan_and_inf(dtype, where, bad):
+    """check_finite relies on MLX's min and max propagating NaN (and Inf showing in one of them)."""
+    x = mx.random.normal((64, 64)).astype(dtype)
+    x[where // 64, where % 64] = bad
+    r = mx.stack([mx.min(x), mx.max(x)]).astype(mx.float32)
+    assert not mx.all(mx.isfinite(r)).item()
+
+
+@pytest.mark.parametrize("dtype,bad", [(mx.float32, -float("inf")), (mx.float16, float("inf")),
+                                       (mx.bfloat16, float("nan"))])
+def test_nonfinite_weights_are_refused_naming_file_tensor_and_count(tmp_path, dtype, bad):
+    w = _weights()
+    w["b.weight"] = w["b.weight"].astype(dtype)
+    w["b.weight"][1, :3] = bad
+    save_state_dict(w, tmp_path, max_shard_bytes=200)  # several shards: the file named is the shard
+    shard = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]["b.weight"]
+    with pytest.raises(CheckpointFormatError) as info:
+        load_state_dict(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / shard}: tensor 'b.weight' has 3 NaN/Inf values;"), message
+    assert "allow_nonfinite=True" in message and "\n" not in message
+    with pytest.warns(UserWarning, match=r"tensor 'b.weight' has 3 NaN/Inf values; loaded anyway"):
+        loaded = load_state_dict(tmp_path, allow_nonfinite=True)
+    assert mx.logical_not(mx.isfinite(loaded["b.weight"])).sum().item() == 3
+
+
+def test_finite_weights_and_integer_tensors_pass(tmp_path):
+    w = _weights()
+    w["q.packed"] = mx.full((4, 8), 255, mx.uint8)  # integers are never NaN
+    save_state_dict(w, tmp_path)
+    _assert_same(load_state_dict(tmp_path), w)
