@@ -142,7 +142,10 @@ def problem(value: Any, hint: Any) -> Optional[str]:
 @functools.lru_cache(maxsize=None)
 def _hints(cls: type) -> dict:
     """``{field name: resolved annotation}`` of a dataclass (string annotations resolved)."""
-    resolved = typing.get_type_hints(cls)
+    try:
+        resolved = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that does not resolve (a registered module's): unchecked
+        resolved = {}
     return {f.name: resolved.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
 

@@ -17,7 +17,9 @@ converter module maps a checkpoint onto them and provides
   picks its export from it.
 
 Adding a Llama-like architecture is one such module plus one line in :data:`ARCHITECTURES`
-(or a :func:`register_architecture` call). Helpers the modules share live in :mod:`.common`.
+(or a :func:`register_architecture` call). Helpers the modules share live in :mod:`.base`; the
+types of ``config.json`` fields are checked from ``ModelArgs``' annotations (:mod:`.fields`), and
+layers swapped after ``build`` are recorded and rebuilt by :mod:`.swaps`.
 
 The model returned by :func:`from_pretrained` carries a :class:`PretrainedInfo` as
 ``model.pretrained`` (the ``model_type``, the original ``config.json`` and the source
