@@ -292,15 +292,26 @@ def test_failed_save_existing_folder_untouched(tmp_path, monkeypatch):
 
 # ---- NaN / Inf weights -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("where", [0, 517, 4095])  # first, middle, last element
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_min_and_max_see_every_nan_and_inf(dtype, where, bad):
-    """check_finite relies on MLX's min and max propagating NaN (and Inf showing in one of them)."""
-    x = mx.random.normal((64, 64)).astype(dtype)
-    x[where // 64, where % 64] = bad
-    r = mx.stack([mx.min(x), mx.max(x)]).astype(mx.float32)
-    assert not mx.all(mx.isfinite(r)).item()
+SPECIALS = [0.0, -0.0, 1.0, -1.0, float("nan"), -float("nan"), float("inf"), -float("inf")]
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32, mx.float64])
+def test_the_bit_rule_agrees_with_isfinite(dtype):
+    """_has_nonfinite reads the bits: it must say exactly what isfinite says, for each special value
+    alone and hidden at any place among normal values, subnormals and the largest finite ones."""
+    from mlx_zeta.converters.io import _has_nonfinite
+
+    finfo = np.finfo(np.float32 if dtype in (mx.bfloat16, mx.float32) else
+                     np.float16 if dtype == mx.float16 else np.float64)
+    edges = [float(finfo.max), -float(finfo.max), float(finfo.tiny) / 4, -float(finfo.tiny) / 4]
+    with mx.stream(mx.cpu):  # float64 runs on the CPU only
+        for value in SPECIALS + edges:
+            for where in (0, 517, 4095):
+                x = mx.array(np.random.default_rng(where).standard_normal(4096), dtype)
+                x[where] = value
+                x[(where + 1) % 4096] = edges[where % 4]
+                want = not mx.all(mx.isfinite(x)).item()
+                assert _has_nonfinite(x).item() == want, (value, where)
 
 
 @pytest.mark.parametrize("dtype,bad", [(mx.float32, -float("inf")), (mx.float16, float("inf")),
