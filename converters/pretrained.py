@@ -311,6 +311,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.D
             raise ValueError(f"[save_pretrained] {type(model).__name__} has no model.pretrained (it did not come "
                              "from from_pretrained): pass config= with its model_type")
         config = info.config
+    if not isinstance(config, Mapping):
+        raise ValueError(f"[save_pretrained] expected config to be a dict of config.json fields, got "
+                         f"{type(config).__name__}")
     config = {k: v for k, v in config.items() if k not in (QUANTIZATION_KEY, TERNARY_KEY)}
     if "model_type" not in config:
         raise ValueError("[save_pretrained] expected config to name its model_type")
