@@ -119,3 +119,27 @@ def test_affine_record_without_layers_keeps_the_old_meaning(tmp_path):
     del config["mlx_zeta_quantization"]["layers"]
     (out / "config.json").write_text(json.dumps(config))
     assert mx.array_equal(mlx_zeta.from_pretrained(out)(IDS), model(IDS)).item()
+
+
+def test_a_bitnet_checkpoint_with_a_quantized_head_loads_back_exactly(tmp_path):
+    """The converter's own packed layers are not recorded (build makes them); freeze_model(head_bits=4)
+    on it quantizes the head alone, and only the head is quantized again on the reload."""
+    from mlx_zeta.converters import bitnet
+    from mlx_zeta.quant import pack_2bit
+
+    config = {**CONFIG, "model_type": "bitnet", "quantization_config": {"quant_method": "bitnet"}}
+    mx.random.seed(1)
+    model = bitnet.build(bitnet.ModelArgs.from_dict(config))
+    for path, layer in model.named_modules():
+        if type(layer) in (TernaryLinear, bitnet.SubNormTernaryLinear):
+            codes = mx.random.randint(-1, 2, (layer.out_features, layer.in_features)).astype(mx.int8)
+            layer.packed, layer.weight_scale = pack_2bit(codes), mx.array(3.0)
+    model.update(tree_map(lambda p: p + 0.1 * mx.random.normal(p.shape) if p.dtype == mx.float32 and p.ndim else p,
+                          model.parameters()))
+    freeze_model(model, head_bits=4)
+    out = mlx_zeta.save_pretrained(model, tmp_path / "out", config=config)
+    again = mlx_zeta.from_pretrained(out)
+    assert type(again.token_emb) is nn.Embedding
+    assert mx.array_equal(model(IDS), again(IDS)).item()
+    saved = json.loads((out / "config.json").read_text())
+    assert "mlx_zeta_ternary" not in saved and saved["mlx_zeta_quantization"]["layers"] == ["to_logits"]
