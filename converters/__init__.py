@@ -7,9 +7,10 @@ lazily, inside the function that needs it.
 
 __all__: list = []
 
-from .io import CheckpointFormatError, check_keys, load_state_dict, save_state_dict
+from .io import CheckpointFormatError, check_finite, check_keys, load_state_dict, save_state_dict
+from .fields import ConfigError
 
-__all__ += ["CheckpointFormatError", "check_keys", "load_state_dict", "save_state_dict"]
+__all__ += ["CheckpointFormatError", "ConfigError", "check_finite", "check_keys", "load_state_dict", "save_state_dict"]
 from .pretrained import (  # noqa: E402
     ARCHITECTURES, TASKS, BaseModelArgs, PretrainedInfo, from_pretrained, get_architecture, register_architecture,
     resolve, save_pretrained, task_of, unregister_architecture)

@@ -8,6 +8,7 @@ a sibling converter (a mapping that *is* another one, as BitNet's is Llama's, ma
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
@@ -15,7 +16,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["ACTIVATIONS", "activation", "rename", "check_architectures", "BaseModelArgs", "TransformerArgs"]
+from .fields import ConfigError, check_fields, shown
+
+__all__ = ["ACTIVATIONS", "activation", "rename", "check_architectures", "BaseModelArgs", "TransformerArgs",
+           "ConfigError"]
 
 # Hugging Face activation names (``hidden_act`` & co., transformers' ``ACT2FN``) -> MLX functions, same math.
 ACTIVATIONS: Mapping[str, Callable[[mx.array], mx.array]] = MappingProxyType({
@@ -52,15 +56,58 @@ def check_architectures(architectures: Optional[Sequence[str]], supported: Seque
         raise ValueError(f"[{where}] unsupported architectures {unknown}; supported: {', '.join(supported)}")
 
 
+def _fields_checked_first(post_init: Callable) -> Callable:
+    """``post_init`` preceded by the type check of every field (once, by the outermost call)."""
+
+    @functools.wraps(post_init)
+    def checked(self) -> None:
+        if type(self).__post_init__ is checked:  # not when a subclass's __post_init__ calls super()
+            check_fields(type(self), _values(self), _owner(type(self)))
+        post_init(self)
+
+    return checked
+
+
+def _owner(cls: type) -> str:
+    return f"[{cls.__module__.rsplit('.', 1)[-1]}.{cls.__qualname__}]"  # "[llama.ModelArgs]"
+
+
+def _values(args: Any) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+
+
 @dataclasses.dataclass
 class BaseModelArgs:
-    """Base of every architecture's ``ModelArgs``: a dataclass filled from a config dict."""
+    """Base of every architecture's ``ModelArgs``: a dataclass filled from a config dict.
+
+    Every field is type-checked against its annotation when the dataclass is built, before any
+    ``__post_init__`` of a subclass runs (:mod:`.fields` states the rules: a ``bool`` field takes
+    only ``true``/``false``, an ``int`` field only integers, a ``float`` field finite numbers, an
+    ``Optional`` one also ``null``, ...); a wrong value is a one-line
+    :class:`~mlx_zeta.converters.fields.ConfigError` naming the field, the type and the value.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None:  # a subclass's own checks see only well-typed fields
+            cls.__post_init__ = _fields_checked_first(own)
+
+    def __post_init__(self) -> None:
+        check_fields(type(self), _values(self), _owner(type(self)))
 
     @classmethod
-    def from_dict(cls, params: Mapping[str, Any]) -> "BaseModelArgs":
-        """The dataclass from ``params``, ignoring keys that are not fields (configs carry many)."""
+    def from_dict(cls, params: Mapping[str, Any], source: str = "config.json") -> "BaseModelArgs":
+        """The dataclass from ``params``, ignoring keys that are not fields (configs carry many).
+
+        A ``ConfigError`` ``"<source>: field 'x' expected ..., got ..."`` names a value of the wrong
+        type or a required field that is absent (``source``: the file the dict was read from)."""
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object of config fields, got {shown(params)}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in names})
+        values = {k: v for k, v in params.items() if k in names}
+        check_fields(cls, values, source)
+        return cls(**values)
 
 
 @dataclasses.dataclass
@@ -73,3 +120,5 @@ class TransformerArgs(BaseModelArgs):
     num_attention_heads: int
     intermediate_size: int
     vocab_size: int
+
+    POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")

@@ -70,6 +70,8 @@ class ModelArgs(TransformerArgs):
     architectures: Optional[List[str]] = None
     add_pooling_layer: Optional[bool] = None  # not a transformers key: set it to override the inference
 
+    POSITIVE = TransformerArgs.POSITIVE + ("max_position_embeddings", "type_vocab_size")
+
     def __post_init__(self):
         where = f"[{self.model_type} converter]"
         if self.position_embedding_type != "absolute":

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -65,11 +65,16 @@ from mlx_zeta.structs import Decoder, Transformer
 
 from . import llama
 from .base import rename
+from .fields import check_entries
 
 MODEL_TYPES = ("bitnet",)
 TASK = "causal-lm"
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 QUANTIZATION_MODES = ("offline", "online")
+# The quantization_config entries this converter reads, with their types.
+QUANTIZATION_ENTRIES = {"quant_method": str, "linear_class": str, "quantization_mode": str,
+                        "use_rms_norm": Optional[bool], "rms_norm_eps": Optional[float],
+                        "modules_to_not_convert": Optional[List[str]]}
 
 
 def _error(message: str) -> ValueError:
@@ -95,6 +100,7 @@ class ModelArgs(llama.ModelArgs):
             raise _error(f"expected a quantization_config with quant_method 'bitnet' (packed ternary projections), "
                          f"got {found!r}: a bitnet checkpoint without it holds float projections, which this "
                          "converter does not load")
+        check_entries(q, QUANTIZATION_ENTRIES, "config.json: field 'quantization_config'")
         if self.linear_class not in LINEAR_CLASSES:
             raise _error(f"unsupported quantization_config linear_class {self.linear_class!r}; "
                          f"supported: {', '.join(LINEAR_CLASSES)}")

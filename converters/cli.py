@@ -1,13 +1,14 @@
 """The ``mlx-zeta`` command line (also ``python -m mlx_zeta.converters.cli``).
 
     mlx-zeta convert SRC DST [--dtype bfloat16] [--quantize 4 [--group-size 64]]
-                             [--revision REV] [--max-shard-size 5GB] [--overwrite]
+                             [--revision REV] [--max-shard-size 5GB] [--overwrite] [--allow-nonfinite]
 
 ``convert`` reads a Hugging Face checkpoint (a folder or a Hub repo id) with
 :func:`~mlx_zeta.converters.pretrained.from_pretrained`, optionally casts and quantizes it
 (MLX affine, :func:`~mlx_zeta.converters.pretrained.quantize`), and writes it with
 :func:`~mlx_zeta.converters.pretrained.save_pretrained`, which writes atomically: on any
-error DST is left as it was.
+error DST is left as it was. Weights holding NaN/Inf are refused unless ``--allow-nonfinite``
+(then a warning); a source without tokenizer files gets a ``note:`` line on stderr.
 
     mlx-zeta export-coreml SRC OUT.mlpackage [--task lm|encoder|vit|auto] [--capacity N]
                            [--prefill-len N] [--seq-len N] [--precision float16|float32]
@@ -38,6 +39,7 @@ import argparse
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -84,6 +86,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", type=parse_size, default="5GB", metavar="SIZE",
                    help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace the weights in an existing non-empty DST")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN/Inf with a warning instead of refusing them")
     p.set_defaults(handler=_convert)
 
 
@@ -106,7 +110,13 @@ def _convert(args: argparse.Namespace) -> int:
     group_size = args.group_size or 64
 
     start = time.perf_counter()
-    model = from_pretrained(args.src, dtype=args.dtype, revision=args.revision, progress=True)
+    terminal = sys.stderr.isatty()  # progress (a bar, "writing ...") on a terminal only: an error stays one line
+    with warnings.catch_warnings(record=True) as caught:  # --allow-nonfinite: each warning as one line
+        warnings.simplefilter("always", UserWarning)
+        model = from_pretrained(args.src, dtype=args.dtype, revision=args.revision, progress=terminal,
+                                allow_nonfinite=args.allow_nonfinite)
+    for w in caught:
+        print(f"{PROG} convert: warning: {w.message}", file=sys.stderr)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     loaded = time.perf_counter()
     if args.quantize is not None:
@@ -115,7 +125,8 @@ def _convert(args: argparse.Namespace) -> int:
             raise ValueError(f"[convert] no layer's input width is a multiple of the group size {group_size}; "
                              "nothing would be quantized")
         print(f"quantized {layers} layers to {args.quantize} bits (group size {group_size})", file=sys.stderr)
-    print(f"writing {dst} ...", file=sys.stderr, flush=True)
+    if terminal:
+        print(f"writing {dst} ...", file=sys.stderr, flush=True)
     save_pretrained(model, dst, max_shard_bytes=args.max_shard_size)
     end = time.perf_counter()
 
@@ -123,6 +134,8 @@ def _convert(args: argparse.Namespace) -> int:
     shards = sum(p.suffix == ".safetensors" for p in files if is_weight_file(p.name))
     written = sum(p.stat().st_size for p in files)
     kind = model.pretrained.model_type
+    if not model.pretrained.tokenizer:
+        print(f"note: no tokenizer files found in {args.src}; the converted folder has none", file=sys.stderr)
     print(f"converted {args.src} ({kind}, {n_params:,} parameters) -> {dst}: {_human(written)} in "
           f"{shards} shard(s) + {len(files) - shards} other file(s); {end - start:.1f} s "
           f"(load {loaded - start:.1f} s, write {end - loaded:.1f} s)")

@@ -60,6 +60,8 @@ class ModelArgs(BaseModelArgs):
     add_cross_attention: bool = False
     architectures: Optional[Sequence[str]] = None
 
+    POSITIVE = ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions", "n_inner")
+
     def __post_init__(self):
         where = "gpt2 converter"
         activation(self.activation_function, where, "activation_function")
@@ -116,7 +118,9 @@ _MASK_BUFFER = re.compile(_LAYER + r"attn\.(bias|masked_bias)$")
 def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
     """Hugging Face names and layouts to the ``Transformer``'s: ``Conv1D`` weights ``(in, out)``
     transposed, ``c_attn`` split into ``to_q``/``to_k``/``to_v``, mask buffers and a tied
-    ``lm_head`` dropped. Pure and idempotent (mlx_zeta names pass through)."""
+    ``lm_head`` dropped. Transposed and split weights are made row-contiguous, the layout
+    ``save_pretrained`` writes, so the reloaded model runs the same matmuls (bit-identical logits).
+    Pure and idempotent (mlx_zeta names pass through)."""
     out: Dict[str, mx.array] = {}
     for name, value in weights.items():
         name = name[len("transformer."):] if name.startswith("transformer.") else name
@@ -130,7 +134,7 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
                 raise ValueError(f"[gpt2 converter] expected h.{layer}.attn.c_attn.{kind} to hold 3 * n_embd = "
                                  f"{3 * args.n_embd} outputs (q, k, v), got shape {tuple(value.shape)}")
             for proj, part in zip("qkv", mx.split(fused, 3, axis=0)):
-                out[f"attn_layers.layers.{layer}.attn.to_{proj}.{kind}"] = part
+                out[f"attn_layers.layers.{layer}.attn.to_{proj}.{kind}"] = mx.contiguous(part)
             continue
-        out[rename(name, _RENAMES)] = value.T if _CONV1D_WEIGHT.match(name) else value
+        out[rename(name, _RENAMES)] = mx.contiguous(value.T) if _CONV1D_WEIGHT.match(name) else value
     return out

@@ -34,10 +34,15 @@ import mlx.nn as nn
 from mlx_zeta.structs import Decoder, Transformer
 
 from .base import TransformerArgs, rename
+from .fields import check_entries
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TASK = "causal-lm"
 ROPE_TYPES = ("default", "linear", "llama3")
+# The numbers each rope_type reads (all finite JSON numbers).
+ROPE_NUMBERS = {"default": ("rope_theta",), "linear": ("rope_theta", "factor"),
+                "llama3": ("rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings")}
 
 
 @dataclass
@@ -57,6 +62,7 @@ class ModelArgs(TransformerArgs):
     hidden_act: str = "silu"
 
     HIDDEN_ACT = "silu"  # the one activation the converter builds (subclasses set theirs)
+    POSITIVE = TransformerArgs.POSITIVE + ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
     def __post_init__(self):
         if self.hidden_act != self.HIDDEN_ACT:
@@ -98,6 +104,8 @@ def rope_inv_freq(dim: int, rope: Dict[str, Any]) -> tuple[Optional[mx.array], f
     kind = rope["rope_type"]
     if kind not in ROPE_TYPES:
         raise ValueError(f"[llama converter] unsupported rope_type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+    numbers = ROPE_NUMBERS[kind]
+    check_entries(rope, dict.fromkeys(numbers, float), f"config.json: rope_scaling (rope_type {kind!r})", numbers)
     if kind == "default":
         return None, 1.0
     factor = float(rope["factor"])

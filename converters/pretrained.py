@@ -17,7 +17,9 @@ converter module maps a checkpoint onto them and provides
   picks its export from it.
 
 Adding a Llama-like architecture is one such module plus one line in :data:`ARCHITECTURES`
-(or a :func:`register_architecture` call). Helpers the modules share live in :mod:`.common`.
+(or a :func:`register_architecture` call). Helpers the modules share live in :mod:`.base`; the
+types of ``config.json`` fields are checked from ``ModelArgs``' annotations (:mod:`.fields`), and
+layers swapped after ``build`` are recorded and rebuilt by :mod:`.swaps`.
 
 The model returned by :func:`from_pretrained` carries a :class:`PretrainedInfo` as
 ``model.pretrained`` (the ``model_type``, the original ``config.json`` and the source
@@ -31,7 +33,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Any, Dict, Mapping, Optional, Union
@@ -40,14 +41,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_zeta.common import atomic_path
-
 from .base import ACTIVATIONS, BaseModelArgs, TransformerArgs, activation
+from .fields import ConfigError, shown
 from .io import CONFIG, resolve_dtype, check_keys, load_state_dict, save_state_dict
+from .swaps import QUANTIZATION_KEY, TERNARY_KEY, quantize, rebuild, record
 
 __all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "TASKS", "BaseModelArgs", "TransformerArgs", "PretrainedInfo",
            "from_pretrained", "save_pretrained", "resolve", "get_architecture", "register_architecture",
-           "unregister_architecture", "task_of", "quantize"]
+           "unregister_architecture", "task_of", "quantize", "tokenizer_files", "ConfigError"]
 
 # model_type -> the module that converts it (a module of this package, or one added by
 # :func:`register_architecture`). Read-only view; it follows registrations.
@@ -70,9 +71,11 @@ _PROTOCOL = ("ModelArgs", "build", "sanitize")
 AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json",
                    "generation_config.json", "preprocessor_config.json")
+# The auxiliary files that are a tokenizer (a folder with none of them has no tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-QUANTIZATION_KEY = "mlx_zeta_quantization"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,16 @@ class PretrainedInfo:
     model_type: str
     config: Mapping[str, Any]
     source: Optional[Path] = None
+
+    @property
+    def tokenizer(self) -> tuple:
+        """The tokenizer files of the source folder (empty when it has none, or there is no source)."""
+        return tokenizer_files(self.source) if self.source is not None else ()
+
+
+def tokenizer_files(folder: str | os.PathLike) -> tuple:
+    """The names of :data:`TOKENIZER_FILES` present in ``folder`` (empty: the folder has no tokenizer)."""
+    return tuple(name for name in TOKENIZER_FILES if (Path(folder) / name).is_file())
 
 
 def get_architecture(model_type: Any) -> ModuleType:
@@ -195,34 +208,24 @@ def _read_config(folder: Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"[from_pretrained] {path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ValueError(f"[from_pretrained] {path} has no 'model_type'; supported: {', '.join(sorted(ARCHITECTURES))}")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config fields, got {shown(config)}")
+    if not isinstance(config.get("model_type"), str):
+        found = shown(config["model_type"]) if "model_type" in config else "none"
+        raise ConfigError(f"{path}: expected field 'model_type' to be a string naming the architecture (one of "
+                          f"{', '.join(sorted(ARCHITECTURES))}), got {found}")
     return config
 
 
-def _quantized(model: nn.Module) -> list:
-    return [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
-
-
-def quantize(model: nn.Module, bits: int, group_size: int = 64) -> int:
-    """MLX affine quantization (``nn.quantize``), in place, of every Linear and Embedding whose
-    input width divides ``group_size``; returns how many layers were quantized.
-
-    :func:`save_pretrained` records ``{bits, group_size}`` in ``config.json`` and
-    :func:`from_pretrained` quantizes the fresh model the same way before loading.
-    A model that is already quantized is refused (``ValueError``)."""
-    done = _quantized(model)
-    if done:
-        raise ValueError(f"[quantize] the model is already quantized ({done[0].bits}-bit, group size "
-                         f"{done[0].group_size}); convert from the unquantized checkpoint instead")
-    group_size, bits = int(group_size), int(bits)
-    nn.quantize(model, group_size=group_size, bits=bits,
-                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
-    return len(_quantized(model))
+def _args(arch: ModuleType, config: Mapping[str, Any], source: Path) -> Any:
+    """``arch.ModelArgs`` from ``config``; errors name the file (``source``) for our own ModelArgs."""
+    if isinstance(arch.ModelArgs, type) and issubclass(arch.ModelArgs, BaseModelArgs):
+        return arch.ModelArgs.from_dict(config, source=str(source))
+    return arch.ModelArgs.from_dict(config)
 
 
 def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
-                    revision: Optional[str] = None, progress: bool = False) -> nn.Module:
+                    revision: Optional[str] = None, progress: bool = False, allow_nonfinite: bool = False) -> nn.Module:
     """Load a Hugging Face checkpoint (or one written by :func:`save_pretrained`) as an mlx_zeta model.
 
     Args:
@@ -231,14 +234,18 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | 
             dtype); packed integer weights stay as they are. Default: the checkpoint's dtypes.
         revision: Hub revision (branch, tag or commit) for a repo id.
         progress: show a progress bar while the weights are read.
+        allow_nonfinite: load weights holding NaN or Inf with a warning instead of refusing them.
 
     Returns:
-        The model in eval mode, with ``model.pretrained`` (:class:`PretrainedInfo`).
+        The model in eval mode, with ``model.pretrained`` (:class:`PretrainedInfo`; its
+        ``tokenizer`` lists the source's tokenizer files, empty when it has none).
 
     Raises:
-        ValueError: unknown ``model_type`` (the supported ones listed), missing or unexpected
-            parameters (by name), shape mismatches (the key and both shapes), unreadable files
-            (``CheckpointFormatError`` naming the file), a repo id not cached while offline.
+        ValueError: unknown ``model_type`` (the supported ones listed), a config field of the
+            wrong type (``ConfigError`` naming ``config.json``, the field, the expected type and
+            the value), missing or unexpected parameters (by name), shape mismatches (the key and
+            both shapes), unreadable files or NaN/Inf weights (``CheckpointFormatError`` naming the
+            file and tensor), a repo id not cached while offline.
 
     Example:
         >>> model = from_pretrained("path/to/tiny-llama", dtype="float32")
@@ -247,12 +254,10 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | 
     folder = resolve(path_or_repo_id, revision)
     config = _read_config(folder)
     arch = get_architecture(config["model_type"])
-    args = arch.ModelArgs.from_dict(config)
+    args = _args(arch, config, folder / CONFIG)
     model = arch.build(args)
-    if QUANTIZATION_KEY in config:
-        spec = config[QUANTIZATION_KEY]
-        quantize(model, spec["bits"], spec.get("group_size", 64))
-    weights = arch.sanitize(load_state_dict(folder, dtype=dtype), args)
+    rebuild(model, config, str(folder / CONFIG))
+    weights = arch.sanitize(load_state_dict(folder, dtype=dtype, allow_nonfinite=allow_nonfinite), args)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     check_keys(expected, weights, where=f"{folder} ({config['model_type']})")
     items = list(weights.items())
@@ -268,9 +273,18 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | 
     return model
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as staged:
-        shutil.copyfile(src, staged)
+def _auxiliary(source: Optional[Path], path: Path) -> Dict[str, Path]:
+    """``{name: source file}`` of the :data:`AUXILIARY_FILES` to copy; JSON ones must parse."""
+    if source is None or Path(source).resolve() == path.resolve():
+        return {}
+    found = {name: Path(source) / name for name in AUXILIARY_FILES if (Path(source) / name).is_file()}
+    for name, file in found.items():
+        if name.endswith(".json"):
+            try:
+                json.loads(file.read_bytes())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"[save_pretrained] {file} is not valid JSON ({e}); fix or remove it") from e
+    return found
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
@@ -278,9 +292,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.D
     """Write ``model`` as ``config.json`` plus (sharded) safetensors that :func:`from_pretrained` reads.
 
     The parameters are written under the model's own names (so loading them back runs
-    no conversion), in ``dtype`` if given (floating ones only). Tokenizer and generation
-    files of the source folder are copied beside them. Nothing half-written is left:
-    weights and ``config.json`` go through :func:`save_state_dict`'s temporary folder.
+    no conversion), in ``dtype`` if given (floating ones only). Layers swapped after the
+    converter built the model (MLX quantization, ``quantize_model`` / ``freeze_model``) are
+    recorded in ``config.json`` (:mod:`.swaps`) so that :func:`from_pretrained` rebuilds them.
+    Tokenizer and generation files of the source folder are copied beside them (a JSON one
+    that does not parse is refused). Nothing half-written is left: weights, those files and
+    ``config.json`` go through :func:`save_state_dict`'s temporary folder together.
 
     Args:
         model: a model from :func:`from_pretrained` (or any model, with ``config``).
@@ -294,21 +311,18 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.D
             raise ValueError(f"[save_pretrained] {type(model).__name__} has no model.pretrained (it did not come "
                              "from from_pretrained): pass config= with its model_type")
         config = info.config
-    config = dict(config)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"[save_pretrained] expected config to be a dict of config.json fields, got "
+                         f"{type(config).__name__}")
+    config = {k: v for k, v in config.items() if k not in (QUANTIZATION_KEY, TERNARY_KEY)}
     if "model_type" not in config:
         raise ValueError("[save_pretrained] expected config to name its model_type")
-    get_architecture(config["model_type"])
-    quantized = _quantized(model)
-    if quantized:
-        config[QUANTIZATION_KEY] = {"bits": quantized[0].bits, "group_size": quantized[0].group_size}
+    arch = get_architecture(config["model_type"])
+    config.update(record(model, arch.build(_args(arch, config, Path(CONFIG))), config["model_type"]))
     dt = resolve_dtype(dtype)
     weights = {k: v.astype(dt) if dt is not None and mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in tree_flatten(model.parameters())}
     path = Path(path)
-    save_state_dict(weights, path, max_shard_bytes=max_shard_bytes, config=config)
     source = info.source if isinstance(info, PretrainedInfo) else None
-    if source is not None and Path(source).resolve() != path.resolve():
-        for name in AUXILIARY_FILES:
-            if (Path(source) / name).is_file():
-                _copy_atomic(Path(source) / name, path / name)
+    save_state_dict(weights, path, max_shard_bytes=max_shard_bytes, config=config, files=_auxiliary(source, path))
     return path

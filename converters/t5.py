@@ -74,6 +74,9 @@ class ModelArgs(BaseModelArgs):
     decoder_start_token_id: Optional[int] = None
     architectures: Optional[List[str]] = None
 
+    POSITIVE = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+                "relative_attention_num_buckets", "relative_attention_max_distance")
+
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"{_WHO} expected model_type in {MODEL_TYPES}, got {self.model_type!r}")

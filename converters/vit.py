@@ -67,6 +67,8 @@ class ModelArgs(BaseModelArgs):
     num_labels: Optional[int] = None
     add_pooling_layer: Optional[bool] = None
 
+    POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels")
+
     def __post_init__(self):
         activation(self.hidden_act, WHERE, "hidden_act")
         check_architectures(self.architectures, ARCHITECTURES, WHERE)

@@ -66,21 +66,33 @@ def check_sanitize(conv, path: Path, raw: dict | None = None) -> dict:
 
 
 def to_numpy(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
     if isinstance(x, mx.array):
         return np.array(x.astype(mx.float32))
     return x.detach().float().numpy()
 
 
-def assert_grads_close(grads: dict, pairs, rel: float = 1e-4, floor: float = 1.0) -> None:
-    """Each ``(our parameter name, torch gradient)`` pair: max |diff| <= ``rel * max(scale, floor)``
-    with ``scale`` the reference gradient's largest entry (``floor=0``: relative to it alone, which
-    must then be non-zero)."""
+# Gradients against transformers in float32, relative to each tensor's own scale (its largest
+# |entry|): measured max |diff| / scale 2.6e-7 to 1.1e-5 over the 36 tensors of the BERT, Qwen3, T5
+# (both cases), GPT-2 and ViT checks (summation order only); a 0.5% error in one tensor (5e-3) is 50x
+# over the bound. (The floor of 1.0 it replaces let any error below 1e-4 pass, 5% of a gradient of 2e-3.)
+GRAD_RTOL = 1e-4
+
+
+def assert_grads_close(grads: dict, pairs, rel: float = GRAD_RTOL) -> float:
+    """Each ``(our parameter name, torch gradient)`` pair: max |diff| <= ``rel * scale``, ``scale``
+    the reference gradient's own largest entry, which must be non-zero (a zero gradient would make
+    any bound vacuous or impossible). Returns the largest max |diff| / scale seen."""
+    worst = 0.0
     for name, ref in pairs:
         ref = to_numpy(ref)
         scale = float(np.abs(ref).max())
         err = float(np.abs(to_numpy(grads[name]) - ref).max())
-        assert scale > 0 or floor > 0, f"{name}: the reference gradient is zero"
-        assert err <= rel * max(scale, floor), f"{name}: max |diff| {err:.3g} vs grad scale {scale:.3g}"
+        assert scale > 0, f"{name}: the reference gradient is zero"
+        assert err <= rel * scale, f"{name}: max |diff| {err:.3g} vs grad scale {scale:.3g} (rel {err / scale:.3g})"
+        worst = max(worst, err / scale)
+    return worst
 
 
 def assert_close(ours, ref, dtype: str = "float32", what: str = "output") -> float:

@@ -243,6 +243,6 @@ def test_each_model_has_one_home_and_old_paths_still_resolve():
     with pytest.raises(ImportError, match="MatMulFreeLM moved: import it from mlx_zeta.models"):
         from mlx_zeta.quant import MatMulFreeLM  # noqa: F401  (the quant layer does not reach up for it)
     code = ("import sys, mlx_zeta.models; print(sorted(m for m in sys.modules if m.startswith('mlx_zeta.converters.')"
-            " and m.split('.')[-1] not in ('pretrained', 'io', 'base')))")
+            " and m.split('.')[-1] not in ('pretrained', 'io', 'base', 'fields', 'swaps')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]", out  # (mlx_zeta/__init__ itself loads pretrained, io and base)
+    assert out.strip() == "[]", out  # (mlx_zeta/__init__ itself loads pretrained, io, base, fields, swaps)

@@ -60,8 +60,10 @@ def test_quantize_4_is_smaller_and_close_to_the_float_model(src, tmp_path, capsy
     assert code == 0, err
     assert "quantized 14 layers to 4 bits (group size 32)" in err  # 2 x 6 Linears, embedding, head
     config = json.loads((tmp_path / "q4" / "config.json").read_text())
-    assert config["mlx_zeta_quantization"] == {"bits": 4, "group_size": 32}
+    spec = config["mlx_zeta_quantization"]
+    assert (spec["bits"], spec["group_size"], len(spec["layers"])) == (4, 32, 14) and "to_logits" in spec["layers"]
     # 4-bit words + a float32 scale and bias per 32 weights: 0.75 bytes per weight against 4
+    assert weight_bytes(tmp_path / "q4") > 0  # a folder without weights must not pass as 0 < 0.25 * x
     assert weight_bytes(tmp_path / "q4") < 0.25 * weight_bytes(src)
     reloaded = mlx_zeta.from_pretrained(tmp_path / "q4")
     in_memory = mlx_zeta.from_pretrained(src)
@@ -99,7 +101,7 @@ def _missing_key(tmp_path, src):
 @pytest.mark.parametrize("case, message", [
     ("missing", r"missing' is neither an existing folder nor a Hub repo id"),
     ("unknown", r"unsupported model_type 'mamba'; supported: .*llama"),
-    ("broken", r"checkpoint does not match the model:; missing keys 1: attn_layers\.layers\.1\.attn\.to_k\.weight"),
+    ("broken", r"checkpoint does not match the model: missing keys 1: attn_layers\.layers\.1\.attn\.to_k\.weight"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_dst(case, message, src, tmp_path, capsys):
     folder = {"missing": lambda: tmp_path / "missing", "unknown": lambda: _unknown_type(tmp_path),
@@ -155,6 +157,24 @@ def test_installed_console_script_converts(src, tmp_path):
     proc = subprocess.run([str(script), "convert", str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"converted {src} (llama, ") and "loading hf" in proc.stderr  # the tqdm bar
+    # progress (the tqdm bar, "writing ...") goes to a terminal only, not to this pipe
+    assert proc.stdout.startswith(f"converted {src} (llama, ") and "loading hf" not in proc.stderr
     model = mlx_zeta.from_pretrained(tmp_path / "bf16")
     assert all(v.dtype == mx.bfloat16 for _, v in tree_flatten(model.parameters()))
+
+
+def test_a_source_without_tokenizer_gets_a_note_and_one_with_it_is_copied(src, tmp_path, capsys):
+    import shutil
+
+    code, _, err = run(capsys, "convert", src, tmp_path / "bare")
+    assert code == 0 and f"note: no tokenizer files found in {src}; the converted folder has none" in err, err
+    assert mlx_zeta.from_pretrained(tmp_path / "bare").pretrained.tokenizer == ()
+    with_tokenizer = Path(shutil.copytree(src, tmp_path / "with"))
+    files = {"tokenizer.json": '{"model": {"type": "BPE"}}', "tokenizer_config.json": "{}", "merges.txt": "a b\n"}
+    for name, text in files.items():
+        (with_tokenizer / name).write_text(text)
+    code, _, err = run(capsys, "convert", with_tokenizer, tmp_path / "out")
+    assert code == 0 and "note:" not in err, err
+    assert {name: (tmp_path / "out" / name).read_text() for name in files} == files
+    assert mlx_zeta.from_pretrained(tmp_path / "out").pretrained.tokenizer == (
+        "tokenizer.json", "tokenizer_config.json", "merges.txt")

@@ -162,6 +162,9 @@ def test_loss_gradients_match_transformers(tmp_path):
                            ("attn_layers.layers.1.attn.q_norm.weight", layer.self_attn.q_norm.weight.grad),
                            ("attn_layers.layers.1.ff.proj_out.weight", layer.mlp.down_proj.weight.grad),
                            ("token_emb.weight", hf.model.embed_tokens.weight.grad)])
+    name, ref = "attn_layers.layers.1.attn.q_norm.weight", layer.self_attn.q_norm.weight.grad
+    with pytest.raises(AssertionError, match="q_norm.weight: max |diff|"):  # a 0.5% error in one tensor fails
+        assert_grads_close({name: g[name] * 1.005}, [(name, ref)])
 
 
 # --------------------------------------------------------------------------- errors

@@ -288,3 +288,52 @@ def test_failed_save_existing_folder_untouched(tmp_path, monkeypatch):
         save_state_dict(_weights(), tmp_path, max_shard_bytes=100, config={"v": 2})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     _assert_same(load_state_dict(tmp_path), old)
+
+
+# ---- NaN / Inf weights -------------------------------------------------------------------------
+
+SPECIALS = [0.0, -0.0, 1.0, -1.0, float("nan"), -float("nan"), float("inf"), -float("inf")]
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32, mx.float64])
+def test_the_bit_rule_agrees_with_isfinite(dtype):
+    """_has_nonfinite reads the bits: it must say exactly what isfinite says, for each special value
+    alone and hidden at any place among normal values, subnormals and the largest finite ones."""
+    from mlx_zeta.converters.io import _has_nonfinite
+
+    finfo = np.finfo(np.float32 if dtype in (mx.bfloat16, mx.float32) else
+                     np.float16 if dtype == mx.float16 else np.float64)
+    edges = [float(finfo.max), -float(finfo.max), float(finfo.tiny) / 4, -float(finfo.tiny) / 4]
+    with mx.stream(mx.cpu):  # float64 runs on the CPU only
+        for value in SPECIALS + edges:
+            for where in (0, 517, 4095):
+                x = mx.array(np.random.default_rng(where).standard_normal(4096), dtype)
+                x[where] = value
+                x[(where + 1) % 4096] = edges[where % 4]
+                want = not mx.all(mx.isfinite(x)).item()
+                assert _has_nonfinite(x).item() == want, (value, where)
+
+
+@pytest.mark.parametrize("dtype,bad", [(mx.float32, -float("inf")), (mx.float16, float("inf")),
+                                       (mx.bfloat16, float("nan"))])
+def test_nonfinite_weights_are_refused_naming_file_tensor_and_count(tmp_path, dtype, bad):
+    w = _weights()
+    w["b.weight"] = w["b.weight"].astype(dtype)
+    w["b.weight"][1, :3] = bad
+    save_state_dict(w, tmp_path, max_shard_bytes=200)  # several shards: the file named is the shard
+    shard = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]["b.weight"]
+    with pytest.raises(CheckpointFormatError) as info:
+        load_state_dict(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / shard}: tensor 'b.weight' has 3 NaN/Inf values;"), message
+    assert "allow_nonfinite=True" in message and "\n" not in message
+    with pytest.warns(UserWarning, match=r"tensor 'b.weight' has 3 NaN/Inf values; loaded anyway"):
+        loaded = load_state_dict(tmp_path, allow_nonfinite=True)
+    assert mx.logical_not(mx.isfinite(loaded["b.weight"])).sum().item() == 3
+
+
+def test_finite_weights_and_integer_tensors_pass(tmp_path):
+    w = _weights()
+    w["q.packed"] = mx.full((4, 8), 255, mx.uint8)  # integers are never NaN
+    save_state_dict(w, tmp_path)
+    _assert_same(load_state_dict(tmp_path), w)

@@ -265,6 +265,7 @@ def test_ternary_lm_weight_bin_at_most_a_seventh_of_fp16(tmp_path):
     lut = export_coreml(model, (tokens,), tmp_path / "ternary.mlpackage")
     dense = export_coreml(model, (tokens,), tmp_path / "dense.mlpackage", compress="ternary-dense")
     lut_b, dense_b = weight_bytes(lut), weight_bytes(dense)
+    assert lut_b > 0  # no weight.bin found must not pass as 7 * 0 <= 0
     print(f"\nternary weight.bin {lut_b} B vs fp16 {dense_b} B ({dense_b / lut_b:.2f}x)")
     assert 7 * lut_b <= dense_b
 

@@ -173,6 +173,7 @@ def test_ternary_package_weight_bytes_at_most_a_seventh(tmp_path):
     dense = export_coreml(layer, x, tmp_path / "dense.mlpackage", compress="ternary-dense")
     assert lut.is_dir() and dense.is_dir()
     print(f"ternary weight.bin {_weight_bytes(lut)} B vs fp16 {_weight_bytes(dense)} B")
+    assert _weight_bytes(lut) > 0  # no weight.bin found must not pass as 0 * 7 <= 0
     assert _weight_bytes(lut) * 7 <= _weight_bytes(dense)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.mlpackage", "lut.mlpackage"]  # no temp left
 

@@ -27,8 +27,8 @@ def check_keys(expected: Mapping[str, tuple], weights: Mapping[str, Any], where:
         where (str): what is being checked (a file or model name), put first in
           the message.
 
-    The message lists missing and unexpected keys (sorted, at most 20 of each
-    shown, plus the count) and every shape mismatch with both shapes.
+    The message, one line, lists missing and unexpected keys (sorted, at most 20 of
+    each shown, plus the count) and the shape mismatches (at most 20) with both shapes.
     """
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -39,15 +39,13 @@ def check_keys(expected: Mapping[str, tuple], weights: Mapping[str, Any], where:
     ]
     if not (missing or unexpected or mismatched):
         return
-    lines = [f"[{where}] checkpoint does not match the model:"]
+    parts = []
     if missing:
-        lines.append(f"  missing keys {_listing(missing)}")
+        parts.append(f"missing keys {_listing(missing)}")
     if unexpected:
-        lines.append(f"  unexpected keys {_listing(unexpected)}")
+        parts.append(f"unexpected keys {_listing(unexpected)}")
     if mismatched:
-        lines.append(f"  shape mismatches {len(mismatched)}:")
-        for k, want, got in mismatched[:_MAX_LISTED]:
-            lines.append(f"    {k}: model expects {want}, checkpoint has {got}")
-        if len(mismatched) > _MAX_LISTED:
-            lines.append(f"    ... ({len(mismatched) - _MAX_LISTED} more)")
-    raise ValueError("\n".join(lines))
+        shapes = [f"{k}: model expects {want}, checkpoint has {got}" for k, want, got in mismatched[:_MAX_LISTED]]
+        more = f", ... ({len(mismatched) - _MAX_LISTED} more)" if len(mismatched) > _MAX_LISTED else ""
+        parts.append(f"shape mismatches {len(mismatched)}: {', '.join(shapes)}{more}")
+    raise ValueError(f"[{where}] checkpoint does not match the model: {'; '.join(parts)}")

@@ -1,0 +1,160 @@
+"""Layers a model gained after its converter built it, recorded in ``config.json`` so that
+:func:`~mlx_zeta.converters.pretrained.from_pretrained` builds the same model again.
+
+Two kinds of swap are recorded by :func:`record` (called by ``save_pretrained``) and redone by
+:func:`rebuild` (called by ``from_pretrained`` between ``build`` and loading the weights):
+
+- MLX affine quantization (:func:`quantize`, or ``freeze_model(head_bits=...)``):
+  ``"mlx_zeta_quantization": {"bits": 4, "group_size": 64, "layers": [paths]}``. A record
+  without ``layers`` (written before they were listed) quantizes, as then, every Linear and
+  Embedding whose input width ``group_size`` divides;
+- ternary layers where the converter builds an ``nn.Linear`` (``quantize_model`` makes
+  :class:`~mlx_zeta.quant.BitLinear`, ``freeze_model`` packs them into
+  :class:`~mlx_zeta.quant.TernaryLinear`): ``"mlx_zeta_ternary": [{"class": "TernaryLinear",
+  "options": {constructor keywords}, "layers": [paths]}, ...]``, one entry per class and options.
+
+Ternary layers that the converter builds itself (BitNet checkpoints) are not recorded: they are
+what ``build`` makes. A layer of any other class where ``build`` makes something else cannot be
+rebuilt, and ``save_pretrained`` refuses it by name rather than write a folder that does not load.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+import mlx.nn as nn
+
+from mlx_zeta.quant import BitLinear, TernaryLinear
+
+from .fields import ConfigError, expected, problem
+
+__all__ = ["QUANTIZATION_KEY", "TERNARY_KEY", "quantize", "quantized_layers", "record", "rebuild"]
+
+QUANTIZATION_KEY = "mlx_zeta_quantization"
+TERNARY_KEY = "mlx_zeta_ternary"
+AFFINE_BITS = (2, 3, 4, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+_TERNARY = {"BitLinear": BitLinear, "TernaryLinear": TernaryLinear}
+_AFFINE = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def quantized_layers(model: nn.Module) -> list:
+    """``[(path, layer)]`` of the model's MLX affine-quantized Linear and Embedding layers."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, _AFFINE)]
+
+
+def quantize(model: nn.Module, bits: int, group_size: int = 64) -> int:
+    """MLX affine quantization (``nn.quantize``), in place, of every Linear and Embedding whose
+    input width divides ``group_size``; returns how many layers were quantized.
+
+    ``save_pretrained`` records ``{bits, group_size, layers}`` in ``config.json`` and
+    ``from_pretrained`` quantizes the same layers of the fresh model before loading.
+    A model that is already quantized is refused (``ValueError``)."""
+    done = quantized_layers(model)
+    if done:
+        raise ValueError(f"[quantize] the model is already quantized ({done[0][1].bits}-bit, group size "
+                         f"{done[0][1].group_size}); convert from the unquantized checkpoint instead")
+    group_size, bits = int(group_size), int(bits)
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+    return len(quantized_layers(model))
+
+
+def _options(layer: nn.Module) -> Dict[str, Any]:
+    """The constructor keywords (besides the sizes) that rebuild ``layer``, a BitLinear or TernaryLinear."""
+    norm = "norm" in layer
+    options = {"bias": "bias" in layer, "norm": norm, "norm_eps": float(layer.norm.eps) if norm else 1e-6,
+               "quant_eps": float(layer.quant_eps)}
+    if isinstance(layer, TernaryLinear):
+        options.update(activation=layer.activation, scale_convention=layer.scale_convention,
+                       packing=layer.packing, kernel=layer.kernel)
+    return options
+
+
+def record(model: nn.Module, fresh: nn.Module, model_type: str) -> Dict[str, Any]:
+    """The ``config.json`` entries that make ``build`` (which made ``fresh``) give ``model``'s layers."""
+    built = dict(fresh.named_modules())
+    ternary: List[Dict[str, Any]] = []
+    for path, layer in model.named_modules():
+        was = built.get(path)
+        if was is None or type(was) is type(layer) or isinstance(layer, _AFFINE):
+            continue
+        if type(layer) not in _TERNARY.values() or type(was) is not nn.Linear:
+            raise ValueError(f"[save_pretrained] {path} is a {type(layer).__name__} where the {model_type} converter "
+                             f"builds a {type(was).__name__}; from_pretrained could not rebuild it")
+        entry = {"class": type(layer).__name__, "options": _options(layer)}
+        same = [e for e in ternary if e["class"] == entry["class"] and e["options"] == entry["options"]]
+        (same[0] if same else entry).setdefault("layers", []).append(path)
+        if not same:
+            ternary.append(entry)
+    out: Dict[str, Any] = {TERNARY_KEY: ternary} if ternary else {}
+    affine = quantized_layers(model)
+    kinds = {(m.bits, m.group_size) for _, m in affine}
+    if len(kinds) > 1:
+        raise ValueError(f"[save_pretrained] the quantized layers mix bits and group sizes {sorted(kinds)}; "
+                         "config.json records one (bits, group_size)")
+    if affine:
+        bits, group_size = kinds.pop()
+        out[QUANTIZATION_KEY] = {"bits": bits, "group_size": group_size, "layers": [p for p, _ in affine]}
+    return out
+
+
+def _field(config: Mapping[str, Any], key: str, hint: Any, source: str) -> Any:
+    value = config[key]
+    wrong = problem(value, hint)
+    if wrong is not None:
+        raise ConfigError(f"{source}: field {key!r} expected {expected(hint)}, {wrong}")
+    return value
+
+
+def _rebuild_ternary(model: nn.Module, entries: list, source: str) -> None:
+    modules = dict(model.named_modules())
+    swaps = []
+    for i, entry in enumerate(entries):
+        where = f"{source}: field {TERNARY_KEY!r} entry {i}"
+        if entry.get("class") not in _TERNARY or problem(entry.get("options"), Dict[str, Any]) \
+                or problem(entry.get("layers"), List[str]):
+            raise ConfigError(f"{where} expected {{'class': one of {sorted(_TERNARY)}, 'options': an object, "
+                              f"'layers': an array of strings}}, got keys {sorted(entry)}")
+        for path in entry["layers"]:
+            linear = modules.get(path)
+            if type(linear) is not nn.Linear:
+                found = f"a {type(linear).__name__}" if linear is not None else "nothing"
+                raise ConfigError(f"{where}: expected {path!r} to be a Linear layer of the model, found {found}")
+            out_features, in_features = linear.weight.shape
+            try:
+                swaps.append((path, _TERNARY[entry["class"]](in_features, out_features, **entry["options"])))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where}: bad options for {entry['class']} {path!r}: {e}") from e
+    if swaps:
+        from mlx.utils import tree_unflatten
+
+        model.update_modules(tree_unflatten(swaps))
+
+
+def _rebuild_affine(model: nn.Module, spec: Mapping[str, Any], source: str) -> None:
+    where = f"{source}: field {QUANTIZATION_KEY!r}"
+    bits, group_size = spec.get("bits"), spec.get("group_size", 64)
+    if bits not in AFFINE_BITS or problem(bits, int) or group_size not in GROUP_SIZES or problem(group_size, int):
+        raise ConfigError(f"{where} expected bits in {AFFINE_BITS} and group_size in {GROUP_SIZES}, got bits "
+                          f"{bits!r}, group_size {group_size!r}")
+    layers: Optional[list] = spec.get("layers")
+    if layers is None:  # written before the layers were listed
+        quantize(model, bits, group_size)
+        return
+    if problem(layers, List[str]):
+        raise ConfigError(f"{where} expected 'layers' to be an array of strings, got {layers!r:.60}")
+    modules = dict(model.named_modules())
+    unknown = [p for p in layers if not hasattr(modules.get(p), "to_quantized")]
+    if unknown:
+        raise ConfigError(f"{where} lists {unknown[0]!r}, which is no Linear or Embedding layer of the model")
+    chosen = set(layers)
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda p, m: p in chosen)
+
+
+def rebuild(model: nn.Module, config: Mapping[str, Any], source: str = "config.json") -> None:
+    """Redo, in place on a freshly built ``model``, the swaps that :func:`record` wrote into ``config``."""
+    if TERNARY_KEY in config:
+        _rebuild_ternary(model, _field(config, TERNARY_KEY, List[Dict[str, Any]], source), source)
+    if QUANTIZATION_KEY in config:
+        _rebuild_affine(model, _field(config, QUANTIZATION_KEY, Dict[str, Any], source), source)
