@@ -42,7 +42,9 @@ def count_tokens(batch: Batch) -> int:
     elif isinstance(batch, (tuple, list)):
         first = batch[0] if batch else None
     if not (hasattr(first, "shape") and isinstance(getattr(first, "size", None), int)):
-        got = type(batch).__name__ if first is batch else f"{type(batch).__name__} whose first entry is {type(first).__name__}"
+        kind = type(batch).__name__
+        got = (kind if first is batch else f"an empty {kind}" if not batch
+               else f"{kind} whose first entry is {type(first).__name__}")
         raise ValueError(f"[Trainer] expected each batch to be an array, or a tuple, list or dict whose first entry is "
                          f"an array (model(batch) with the default loss_fn), got {got}")
     return int(first.size)
@@ -253,7 +255,7 @@ class Trainer:
             except StopIteration:
                 steps = max(self._goal, self.step + 1)
                 raise ValueError(f"[Trainer] the data iterator ran out after {self._consumed} micro-batches; expected "
-                                 f"at least {steps * self.grad_accum_steps} ({steps} steps x grad_accum_steps="
+                                 f"at least {steps * self.grad_accum_steps} (steps={steps} x grad_accum_steps="
                                  f"{self.grad_accum_steps})") from None
         self._consumed += 1
         return batch
