@@ -117,15 +117,17 @@ class Trainer:
     is fast-forwarded by the ``step * grad_accum_steps`` micro-batches already consumed.
     Either way, training 100 steps equals training 50, stopping and resuming for 50.
 
-    A step that raises (a bad batch, a loss that is not finite, Ctrl-C) leaves the model's
-    parameters, the optimizer state, the loss scaler, MLX's global random state and the step
-    as they were before it, under ``compile=True`` too, so training can go on with the next
-    batch: one good step after a failed one equals that good step alone. The micro-batches it
-    drew from an iterator are gone (an iterator cannot be rewound); a callable ``data`` is
-    asked for the same indices again. A step whose loss or gradient norm is NaN or infinite
-    raises ``ValueError`` (except with float16 loss scaling, which skips such steps by design).
-    A batch the default ``tokens_fn`` cannot count, or an iterator that runs out, raises a
-    one-line ``ValueError`` naming the Trainer.
+    A step that fails (a bad batch, a loss or gradient norm that is NaN or infinite, Ctrl-C
+    during the forward and backward passes) leaves the model's parameters, the optimizer
+    state, the loss scaler, MLX's global random state and the step as they were before it,
+    under ``compile=True`` too, so training can go on: a good step after a failed one equals
+    that good step alone. The loss and gradient norm are read back once per step, before the
+    update is built, so a non-finite one never reaches the weights (float16 loss scaling skips
+    such a step instead, by design); the snapshot is dropped before the update runs, so MLX
+    may still reuse the old weights' buffers for the new ones. Micro-batches drawn from an
+    iterator are gone (it cannot be rewound); a callable ``data`` is asked for the same
+    indices again. A batch the default ``tokens_fn`` cannot count, or an iterator that runs
+    out, raises a one-line ``ValueError`` naming the Trainer.
 
     Logging (rank 0 only): every ``log_every`` steps a record ``{"step", "loss", "lr",
     "grad_norm", "tokens_per_s", "time"}`` (plus ``"loss_scale"`` for float16) is
@@ -281,12 +283,23 @@ class Trainer:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns its log record.
 
         If it raises, the model, optimizer, loss scaler, random state and step are left as before it."""
+        start = time.perf_counter()
         saved = self._snapshot()
         try:
-            return self._step()
+            loss, grads, tokens = self._gradients()
+            applied, norm = self._update(loss, grads)  # builds the update; nothing is computed yet
         except BaseException:
             self._restore(saved)
             raise
+        del saved, grads  # the old weights and moments are now held by the update's graph alone: MLX may reuse them
+        mx.eval(loss, norm, self.model.state, self.optimizer.state)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        record = dict(step=self.step, loss=loss.item(), lr=float(self.optimizer.learning_rate.item()),
+                      grad_norm=norm.item(), tokens_per_s=tokens / elapsed, time=elapsed)
+        if self.scaler is not None:
+            record.update(loss_scale=self.scaler.scale, skipped=not applied)
+        return record
 
     def _micro_batch(self, params: dict, batch: Batch, scale: mx.array, k: int):
         """:meth:`_micro_grads` (compiled or not) of micro-batch ``k``; a ValueError or TypeError
@@ -299,8 +312,8 @@ class Trainer:
             where = f"micro-batch {k + 1} of {self.grad_accum_steps} in step {self.step + 1}"
             raise type(error)(f"[Trainer] the loss failed on {where}: {error}") from error
 
-    def _step(self) -> Dict[str, Any]:
-        start = time.perf_counter()
+    def _gradients(self):
+        """(mean loss, mean float32 gradients, tokens) of one step's micro-batches, averaged over ranks."""
         params = self.model.trainable_parameters()  # the float32 masters
         scale = mx.array(1.0 if self.scaler is None else self.scaler.scale)
         loss_sum, grads, tokens = None, None, 0
@@ -322,25 +335,22 @@ class Trainer:
             grads = average_gradients(grads, self.group)
             loss = mx.distributed.all_sum(loss, group=self.group) / self.group.size()
             tokens *= self.group.size()
-        applied = True
+        return loss, grads, tokens
+
+    def _update(self, loss: mx.array, grads: dict):
+        """(applied, gradient norm): the update built from ``grads``, once they are known to be finite.
+
+        Float16 loss scaling skips a step with non-finite gradients; otherwise a NaN or infinite
+        loss or gradient norm raises before the update exists (one read-back per step)."""
         if self.scaler is not None:
             applied = self.scaler.update(bool(all_finite(grads).item()))
-        if applied:
-            norm = self._apply_fn(grads)
-        else:
-            norm = _global_norm(grads)
-        mx.eval(loss, norm, self.model.state, self.optimizer.state)
-        loss, norm = loss.item(), norm.item()
-        if self.scaler is None and not (math.isfinite(loss) and math.isfinite(norm)):
+            return applied, self._apply_fn(grads) if applied else _global_norm(grads)
+        norm = _global_norm(grads)
+        mx.eval(loss, norm)
+        if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
             raise ValueError(f"[Trainer] expected a finite loss and gradient norm at step {self.step + 1}, got loss "
-                             f"{loss} and gradient norm {norm}; the step was not applied")
-        self.step += 1
-        elapsed = time.perf_counter() - start
-        record = dict(step=self.step, loss=loss, lr=float(self.optimizer.learning_rate.item()),
-                      grad_norm=norm, tokens_per_s=tokens / elapsed, time=elapsed)
-        if self.scaler is not None:
-            record.update(loss_scale=self.scaler.scale, skipped=not applied)
-        return record
+                             f"{loss.item()} and gradient norm {norm.item()}; the step was not applied")
+        return True, self._apply_fn(grads)
 
     # ------------------------------------------------------------------ the loop
 
