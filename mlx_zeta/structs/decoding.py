@@ -31,7 +31,7 @@ def check_token_ids(owner: str, name: str, ids: Any, vocab_size: Optional[int]) 
     position, e.g. ``[AutoregressiveWrapper] expected prompt token ids in [0, 512), got
     100000 at (0, 3)``.
 
-    This reads the ids' minimum and maximum back to the host (one synchronisation), so it
+    This reads one number back to the host (the index of the first bad id; a synchronisation), so it
     is called by the user-facing entry points that take concrete ids (``generate`` and
     ``stream`` of :class:`~mlx_zeta.structs.AutoregressiveWrapper`,
     :class:`~mlx_zeta.structs.XTransformer`, :class:`~mlx_zeta.models.T5Model`,
