@@ -347,6 +347,27 @@ def test_generation_uses_eval_mode_and_restores_it(rng):
 # ------------------------------------------------------------------ errors
 
 
+@pytest.mark.parametrize("bad", [VOCAB, 600, 100_000, -1, -(2**31)])
+def test_prompt_ids_outside_the_vocabulary_raise_before_the_net_runs(rng, bad):
+    """An id outside [0, VOCAB) indexes past the embedding table: before the check, 100000 crashed the
+    process (segfault) and 600 returned garbage that changed from run to run. Now generate and stream
+    refuse it, naming the id, its position (row-major first) and the vocabulary, and the net never runs."""
+    log = []
+    rec = Recorder(lm(rotary_pos_emb=True), log)
+    rec.num_tokens = VOCAB
+    model = AutoregressiveWrapper(rec)
+    ids = np.array(prompt_tokens(rng))
+    ids[1, 3] = ids[1, 4] = bad
+    want = rf"^\[AutoregressiveWrapper\] expected prompt token ids in \[0, {VOCAB}\), got {bad} at \(1, 3\)$"
+    with pytest.raises(ValueError, match=want):
+        model.generate(mx.array(ids), 4, temperature=0)
+    with pytest.raises(ValueError, match=want):
+        model.stream(mx.array(ids), 4)  # raised by stream() itself, before iterating
+    assert log == []
+    ids[1, 3:] = VOCAB - 1  # the largest id is fine
+    assert model.generate(mx.array(ids), 2, temperature=0).shape == (B, 2)
+
+
 def test_errors(rng):
     net = lm(rotary_pos_emb=True)
     model = AutoregressiveWrapper(net)
@@ -360,9 +381,10 @@ def test_errors(rng):
         AutoregressiveWrapper(net, pad_value=0.5)
     with pytest.raises(ValueError, match=err + r"expected integer tokens of shape \(batch, seq\) with seq >= 2, got shape \(2, 1\)"):
         model(mx.zeros((B, 1), dtype=mx.int32))
-    with pytest.raises(ValueError, match=err + r"expected an integer prompt of shape \(batch, n\) with n >= 1, got shape \(5,\)"):
+    with pytest.raises(ValueError, match=err + r"expected prompt as integer token ids of shape \(batch, n\) with "
+                                                r"batch, n >= 1, got shape \(5,\)"):
         model.generate(prompt[0], 4)
-    with pytest.raises(ValueError, match=err + r"expected an integer prompt .* dtype mlx.core.float32"):
+    with pytest.raises(ValueError, match=err + r"expected prompt as integer token ids .* dtype mlx.core.float32"):
         model.generate(prompt.astype(mx.float32), 4)
     with pytest.raises(ValueError, match=err + r"expected seq_len to be an int >= 1, got 0"):
         model.generate(prompt, 0)

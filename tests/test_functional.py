@@ -1,6 +1,7 @@
 """mlx_zeta.functional core: trace, validate, placeholders, composition, transforms, module interop."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import mlx_zeta  # noqa: F401
@@ -65,8 +66,34 @@ def test_validate_custom_init_and_errors():
     assert F.validate(params["scale"], (8,)) is params["scale"]  # identity at apply time
     with pytest.raises(ValueError, match=r"conflicts with declared shape \(9,\)"):
         F.validate(params["scale"], (9,))
-    with pytest.raises(ValueError, match="needs an init"):
-        F.trace(lambda p, x: F.validate(p["w"], (2,)), mx.random.key(0), X)
+    with pytest.raises(ValueError, match=r"^\[validate\] init of parameter 'w' returned shape \(3,\), declared shape \(2,\)$"):
+        F.trace(lambda p, x: F.validate(p["w"], (2,), init=lambda key, shape: mx.zeros((3,))), mx.random.key(0), X)
+
+
+def test_validate_without_init_traces_zephyrs_readme_pattern():
+    """zephyr's README: ``x @ validate(params["weights"], (x.shape[-1], out_target))`` with no initializer
+    (before: "needs an init to be traced"). The default is zephyr's: weights (rank >= 2) are
+    z / sqrt(shape[0]) with z a standard normal truncated to (-2, 2); biases (rank <= 1) are zeros."""
+    def model(params, x, out_target):
+        return x @ F.validate(params["weights"], (x.shape[-1], out_target)) + F.validate(params["bias"], (out_target,))
+
+    x, key = mx.ones((2, 256)), mx.random.key(5)
+    params = F.trace(model, key, x, out_target=64)
+    w = params["weights"]
+    assert F.tree_shapes(params) == {"weights": (256, 64), "bias": (64,)}
+    assert mx.array_equal(params["bias"], mx.zeros((64,))).item()
+    # determinism under the key, by hand: the first parameter draws with the second half of split(key)
+    want = mx.random.truncated_normal(-2.0, 2.0, (256, 64), key=mx.random.split(key)[1]) / 16
+    assert mx.array_equal(w, want).item()
+    assert not mx.array_equal(w, F.trace(model, mx.random.key(6), x, out_target=64)["weights"]).item()
+    # statistics: a standard normal truncated to (-2, 2) has variance 1 - 4 phi(2) / (2 Phi(2) - 1), scaled by 1/16
+    phi2 = math.exp(-2.0) / math.sqrt(2 * math.pi)
+    std = math.sqrt(1 - 4 * phi2 / math.erf(math.sqrt(2.0))) / 16  # 0.8796 / 16
+    values = np.array(w, dtype=np.float64).ravel()  # 16384 draws: the std's relative error is ~0.5%
+    assert abs(values.std() / std - 1) < 0.03
+    assert abs(values.mean()) < 4 * std / math.sqrt(values.size)
+    assert np.abs(values).max() < 2 / 16  # truncated: a plain normal exceeds 2 sigma ~750 times in 16384 draws
+    assert model(params, x, 64).shape == (2, 64)
 
 
 def test_loaded_parameter_with_wrong_shape_names_path_and_both_shapes():

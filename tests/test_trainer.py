@@ -240,3 +240,104 @@ def test_validation():
         Trainer(model, optim.SGD(learning_rate=0.1), [], resume=True, group=None)
     with pytest.raises(ValueError, match="eval_fn"):
         Trainer(model, optim.SGD(learning_rate=0.1), [], eval_every=3, group=None)
+
+
+# ------------------------------------------------------------------ a failed step changes nothing
+
+
+def scaled_loss(model, batch):
+    """The LM loss times a per-batch factor: a factor of NaN makes a bad batch that fails only after
+    the update has been computed (the loss check comes last)."""
+    tokens, factor = batch
+    return model(tokens) * factor
+
+
+def one_good_step(bad, compile, precision="float32"):
+    """Parameters, optimizer state, loss and RNG after [a failing step on `bad`, then] one good step."""
+    model = build(emb_dropout=0.1)  # dropout: the step draws from the global random state
+    good = (mx.array(token_batches(1)[0]), mx.array(1.0))
+    opt = optim.AdamW(learning_rate=warmup_cosine(1e-2, 2, 10), bias_correction=True)
+    trainer = Trainer(model, opt, iter([good] if bad is None else [bad, good]), loss_fn=scaled_loss,
+                      max_grad_norm=0.5, compile=compile, precision=precision, **quiet())
+    mx.random.seed(7)
+    if bad is not None:
+        with pytest.raises(ValueError, match=r"^\[Trainer\] ") as info:
+            trainer.train_step()
+        assert "\n" not in str(info.value) and trainer.step == 0
+    record = trainer.train_step()
+    state = {k: np.array(v) for k, v in tree_flatten(opt.state)}
+    scaler = None if trainer.scaler is None else trainer.scaler.state_dict()
+    return flat(model), state, record["loss"], np.array(mx.random.state[0]), scaler, trainer.step
+
+
+BAD_BATCHES = {
+    "wrong-shape": lambda: (mx.array(token_batches(1)[0, 0]), mx.array(1.0)),  # raises while tracing the gradient
+    "nan-loss": lambda: (mx.array(token_batches(1, seed=3)[0]), mx.array(float("nan"))),  # after the update ran
+}
+
+
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize("bad", sorted(BAD_BATCHES))
+def test_a_failed_step_then_a_good_one_equals_the_good_step_alone(bad, compile):
+    """Issue 15 item 2: a step that raises leaves parameters, optimizer state (moments, step count,
+    scheduled learning rate), the global random state and the step counter as they were, so the next
+    good step is bit for bit the good step alone. Before: under compile=True the model was left
+    holding traced arrays ("Attempting to eval an array without a primitive"), and a NaN loss was applied."""
+    want = one_good_step(None, compile)
+    got = one_good_step(BAD_BATCHES[bad](), compile)
+    for name, value in want[0].items():
+        np.testing.assert_array_equal(got[0][name], value, err_msg=name)
+    assert got[1].keys() == want[1].keys()
+    for name, value in want[1].items():
+        np.testing.assert_array_equal(got[1][name], value, err_msg=name)
+    assert got[2] == want[2]  # the loss (float32 bits)
+    np.testing.assert_array_equal(got[3], want[3])  # the global random key after the step
+    assert got[5] == want[5] == 1
+
+
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+def test_a_step_interrupted_while_building_its_update_is_undone(compile):
+    """Ctrl-C right after the update was built (weights, Adam moments and step count already replaced,
+    by traced arrays under compile=True) and after the float16 loss scaler counted the step: all of it
+    is put back, and the next step equals a first step (the scaler grows after growth_interval=2)."""
+    def run(interrupt):
+        model = build()
+        batch = mx.array(token_batches(1)[0])
+        opt = optim.AdamW(learning_rate=1e-2, bias_correction=True)
+        trainer = Trainer(model, opt, iter([batch] * 3), precision="float16", compile=compile, **quiet())
+        trainer.scaler.growth_interval = 2
+        if interrupt:
+            apply = trainer._apply_fn
+
+            def stop(grads):
+                apply(grads)
+                trainer._apply_fn = apply
+                raise KeyboardInterrupt
+
+            trainer._apply_fn = stop
+            with pytest.raises(KeyboardInterrupt):
+                trainer.train_step()
+            assert trainer.scaler.state_dict() == dict(scale=2.0 ** 15, good_steps=0)
+        trainer.train_step()
+        return flat(model), {k: np.array(v) for k, v in tree_flatten(opt.state)}, trainer.scaler.state_dict()
+
+    want, got = run(False), run(True)
+    assert got[2] == want[2] == dict(scale=2.0 ** 15, good_steps=1)
+    for i in (0, 1):
+        assert got[i].keys() == want[i].keys()
+        for name, value in want[i].items():
+            np.testing.assert_array_equal(got[i][name], value, err_msg=name)
+
+
+def test_callable_data_is_asked_for_the_same_index_after_a_failed_step():
+    asked = []
+
+    def data(i):
+        asked.append(i)
+        return mx.array(token_batches(1)[0]) if len(asked) > 1 else "not a batch"
+
+    trainer = Trainer(build(), optim.SGD(learning_rate=0.1), data, **quiet())
+    with pytest.raises(ValueError, match=r"^\[Trainer\] expected each batch to be an array"):
+        trainer.train_step()
+    trainer.train_step()
+    assert asked == [0, 0] and trainer.step == 1

@@ -21,6 +21,7 @@ from mlx_zeta.functional.core import (
     _,
     chain,
     check,
+    default_init,
     flexible,
     from_module,
     normal,
@@ -31,6 +32,7 @@ from mlx_zeta.functional.core import (
     to_module,
     trace,
     tree_shapes,
+    truncated_normal,
     uniform,
     validate,
     zeros,
@@ -50,8 +52,8 @@ from mlx_zeta.functional.nets import (
 )
 
 __all__ = [
-    "Init", "Params", "_", "branch_linear", "chain", "check", "conv_1d", "conv_2d", "dropout", "flexible",
+    "Init", "Params", "_", "branch_linear", "chain", "check", "conv_1d", "conv_2d", "default_init", "dropout", "flexible",
     "from_module", "layer_norm", "linear", "max_pool", "mlp", "multi_head_attention", "multi_head_self_attention",
     "normal", "ones", "rms_norm", "skip", "thread_key", "thread_params", "to_module", "trace", "tree_shapes",
-    "uniform", "validate", "zeros",
+    "truncated_normal", "uniform", "validate", "zeros",
 ]

@@ -19,6 +19,8 @@ returned, and works under ``mx.grad``, ``mx.value_and_grad``, ``mx.compile`` and
 from __future__ import annotations
 
 import functools
+import math
+from numbers import Integral
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -27,7 +29,8 @@ from mlx.utils import tree_flatten, tree_map
 
 __all__ = [
     "_", "Params", "flexible", "trace", "validate", "check", "chain", "skip", "thread_key", "thread_params",
-    "from_module", "to_module", "tree_shapes", "zeros", "ones", "uniform", "normal", "Init",
+    "from_module", "to_module", "tree_shapes", "zeros", "ones", "uniform", "normal", "truncated_normal",
+    "default_init", "Init",
 ]
 
 Init = Callable[[mx.array, Tuple[int, ...]], mx.array]
@@ -54,6 +57,32 @@ def uniform(scale: float) -> Init:
 def normal(std: float = 1.0) -> Init:
     """:math:`N(0, \\text{std}^2)`."""
     return lambda key, shape: std * mx.random.normal(shape, key=key)
+
+
+def truncated_normal(std: float = 1.0, lower: float = -2.0, upper: float = 2.0) -> Init:
+    """:math:`\\text{std} \\cdot z` with :math:`z` a standard normal truncated to ``(lower, upper)``
+    (as ``jax.nn.initializers.truncated_normal``: no variance correction, so for ``(-2, 2)`` the
+    values have standard deviation :math:`0.8796\\,\\text{std}` and stay below :math:`2\\,\\text{std}`)."""
+    return lambda key, shape: std * mx.random.truncated_normal(lower, upper, shape, key=key)
+
+
+def default_init(key: mx.array, shape: Tuple[int, ...]) -> mx.array:
+    r"""The initializer :func:`validate` uses when given none (zephyr's default).
+
+    .. math::
+
+        w = \frac{z}{\sqrt{\max(\text{shape}[0], 1)}},\quad z \sim \mathcal{N}(0, 1) \text{ truncated to } (-2, 2)
+        \quad (\text{rank} \ge 2), \qquad w = 0 \quad (\text{rank} \le 1, \text{biases}),
+
+    so a weight's values lie in :math:`\pm 2/\sqrt{\text{shape}[0]}` with standard deviation
+    :math:`0.8796/\sqrt{\text{shape}[0]}` (the truncated standard normal's
+    :math:`\sqrt{1 - 4\varphi(2)/(2\Phi(2) - 1)}`). ``shape[0]`` is the fan-in in zephyr's
+    ``(in, out)`` layout, ``validate(params["weights"], (x.shape[-1], out))``; for this package's
+    ``(out, in)`` layout (``mlx.nn.Linear``'s) pass an ``init`` explicitly, as :func:`linear` does.
+    """
+    if len(shape) <= 1:
+        return mx.zeros(shape)
+    return truncated_normal(1.0 / math.sqrt(max(shape[0], 1)))(key, shape)
 
 
 # --------------------------------------------------------------------------- placeholders
@@ -162,15 +191,23 @@ def validate(param: Union[mx.array, Params], shape: Sequence[int], init: Optiona
     """Declare a parameter: its shape and initializer.
 
     Under :func:`trace` it creates the parameter with ``init(key, shape)`` (a fresh key
-    each) and records it at its path; a path validated twice (shared weights) returns
+    each; without ``init``, :func:`default_init`, zephyr's truncated normal for weights
+    and zeros for biases) and records it at its path; a path validated twice (shared weights) returns
     the same array. Applied to an array it is the identity after a shape check, and
     under :func:`check` the check names the parameter's path.
 
     Raises:
-        ValueError: the declared shape conflicts with the parameter's (naming the path
-            where known and both shapes), or a checked parameter is missing.
+        ValueError: the declared shape is not a sequence of ints >= 0, ``init`` is not callable,
+            the declared shape conflicts with the parameter's (naming the path where known and
+            both shapes), or a checked parameter is missing.
     """
-    shape = tuple(int(s) for s in shape)
+    where = f" of parameter '{param.path}'" if isinstance(param, Params) else ""
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(d, Integral) and not isinstance(d, bool) and d >= 0
+                                                       for d in shape):
+        raise ValueError(f"[validate] expected the shape{where} as a tuple of ints >= 0, got {shape!r}")
+    if init is not None and not callable(init):
+        raise ValueError(f"[validate] expected init{where} to be a function init(key, shape), got {type(init).__name__}")
+    shape = tuple(int(d) for d in shape)
     if isinstance(param, Params):
         rec, path = param._recorder, param.path
         if rec.loaded is not None:
@@ -188,12 +225,11 @@ def validate(param: Union[mx.array, Params], shape: Sequence[int], init: Optiona
             if tuple(existing.shape) != shape:
                 raise ValueError(f"[validate] parameter '{path}' declared twice with shapes {tuple(existing.shape)} and {shape}")
             return existing
-        if init is None:
-            raise ValueError(f"[validate] parameter '{path}' of shape {shape} needs an init to be traced")
         rec.key, sub = mx.random.split(rec.key)
-        value = init(sub, shape)
-        if tuple(value.shape) != shape:
-            raise ValueError(f"[validate] init of parameter '{path}' returned shape {tuple(value.shape)}, declared {shape}")
+        value = (default_init if init is None else init)(sub, shape)
+        if not isinstance(value, mx.array) or tuple(value.shape) != shape:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, mx.array) else type(value).__name__
+            raise ValueError(f"[validate] init of parameter '{path}' returned {got}, declared shape {shape}")
         rec.store[param._path] = value
         return value
     if not isinstance(param, mx.array):

@@ -8,6 +8,7 @@ import mlx.nn as nn
 from mlx_zeta.common import check_int
 from mlx_zeta.structs.attention_layers import Decoder, Encoder
 from mlx_zeta.structs.autoregressive import AutoregressiveWrapper
+from mlx_zeta.structs.decoding import check_token_ids
 from mlx_zeta.structs.transformer import Transformer
 from mlx_zeta.structs.vit import IntPair, ViTransformerWrapper
 
@@ -122,6 +123,8 @@ class PalmE(nn.Module):
 
     def generate(self, img: mx.array, prompt: mx.array, seq_len: int, **sampling: Any) -> mx.array:
         """``seq_len`` new tokens after ``prompt``, conditioned on the image (prepended on the
-        prefill call; later steps reuse the decoder's KV cache)."""
+        prefill call; later steps reuse the decoder's KV cache). ``prompt`` must hold token ids in
+        ``[0, num_tokens)`` (:func:`~mlx_zeta.structs.decoding.check_token_ids`)."""
+        check_token_ids("PalmE", "prompt", prompt, self.decoder.num_tokens)
         return AutoregressiveWrapper(self.decoder).generate(prompt, seq_len, prepend_embeds=self.embed_image(img),
                                                             **sampling)

@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from mlx_zeta.common import check_int
 from mlx_zeta.structs import Decoder, Encoder
-from mlx_zeta.structs.decoding import decode_steps, global_key
+from mlx_zeta.structs.decoding import check_token_ids, decode_steps, global_key
 from mlx_zeta.structs.sampling import check_sampling_args
 
 __all__ = ["T5Model"]
@@ -178,7 +178,12 @@ class T5Model(nn.Module):
                temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                min_p: Optional[float] = None, key: Optional[mx.array] = None) -> Iterator[mx.array]:
         """Like :meth:`generate` without the start token: yield each step's tokens, shape ``(B,)`` int32.
-        Arguments are checked when ``stream`` is called."""
+        Arguments are checked when ``stream`` is called: ``input_ids`` and ``decoder_start_token_id``
+        must be ids in ``[0, vocab_size)`` (:func:`~mlx_zeta.structs.decoding.check_token_ids`)."""
+        vocab = self.shared.weight.shape[0]
+        check_token_ids("T5Model", "input_ids", input_ids, vocab)
+        check_int("T5Model", "decoder_start_token_id", self.start_token, 0, vocab - 1,
+                  says=f"expected decoder_start_token_id to be a token id in [0, {vocab})")
         check_int("T5Model", "max_new_tokens", max_new_tokens, 1)
         check_sampling_args("T5Model", temperature, top_k, top_p, min_p, key)
         if not stop_at_eos:
@@ -186,7 +191,9 @@ class T5Model(nn.Module):
         elif eos_token_id is None:
             eos = self.eos_ids
         else:
-            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            eos = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+            for end in eos:
+                check_int("T5Model", "eos_token_id", end, says="expected eos_token_id to be an int or a list of ints")
         if eos and self.pad_token_id is None:
             raise ValueError(f"{_WHO} expected pad_token_id in the config to pad finished sequences, got None")
         if key is None:

@@ -8,7 +8,7 @@ import mlx.nn as nn
 
 from mlx_zeta.common import check_int
 from mlx_zeta.structs.attention_layers import AttentionLayers
-from mlx_zeta.structs.decoding import decode_steps, global_key
+from mlx_zeta.structs.decoding import check_token_ids, decode_steps, describe, global_key
 from mlx_zeta.structs.sampling import check_sampling_args
 
 __all__ = ["AutoregressiveWrapper"]
@@ -22,11 +22,6 @@ def _cache_arrays(caches: List[Any]) -> List[mx.array]:
     """The arrays a cache list holds (to evaluate them with each step's token)."""
     held = (getattr(c, name, None) for c in caches for name in ("keys", "values"))
     return [a for a in held if isinstance(a, mx.array)]
-
-
-def _describe(x: Any) -> str:
-    """'shape (..) and dtype ..' of an array, else the type name, for error messages."""
-    return f"shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, mx.array) else type(x).__name__
 
 
 class AutoregressiveWrapper(nn.Module):
@@ -57,6 +52,11 @@ class AutoregressiveWrapper(nn.Module):
     is handed out (the loop is :func:`~mlx_zeta.structs.decoding.decode_steps`, shared with
     :meth:`~mlx_zeta.models.t5.T5Model.generate`). The net is put in eval mode while generating (its previous mode is
     restored afterwards).
+
+    Token ids: :meth:`generate` and :meth:`stream` check the prompt's ids against the net's
+    ``num_tokens`` before any lookup (:func:`~mlx_zeta.structs.decoding.check_token_ids`;
+    an id out of range would read past the embedding table). The training call does not:
+    the check reads the ids back to the host, which a step under ``mx.compile`` cannot do.
 
     Args:
         net (Transformer): a causal :class:`~mlx_zeta.structs.Transformer` (or any module with
@@ -101,7 +101,7 @@ class AutoregressiveWrapper(nn.Module):
         if not isinstance(tokens, mx.array) or tokens.ndim != 2 or tokens.shape[1] < 2 \
                 or not mx.issubdtype(tokens.dtype, mx.integer):
             raise ValueError(f"[AutoregressiveWrapper] expected integer tokens of shape (batch, seq) with seq >= 2, "
-                             f"got {_describe(tokens)}")
+                             f"got {describe(tokens)}")
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (b, n - 1) each
         inputs = mx.where(inputs == self.ignore_index, self.pad_value, inputs)  # ignored positions are not tokens
         mask = net_kwargs.get("mask")
@@ -158,10 +158,7 @@ class AutoregressiveWrapper(nn.Module):
         steps are ``pad_value``.
         """
         name = "AutoregressiveWrapper"
-        if not isinstance(prompt, mx.array) or prompt.ndim != 2 or prompt.shape[1] < 1 \
-                or not mx.issubdtype(prompt.dtype, mx.integer):
-            raise ValueError(f"[{name}] expected an integer prompt of shape (batch, n) with n >= 1, "
-                             f"got {_describe(prompt)}")
+        check_token_ids(name, "prompt", prompt, getattr(self.net, "num_tokens", None))
         check_int(name, "seq_len", seq_len, 1)
         check_sampling_args(name, temperature, top_k, top_p, min_p, key)
         check_int(name, "eos_token", eos_token, optional=True)
@@ -174,7 +171,7 @@ class AutoregressiveWrapper(nn.Module):
         mask, prefix = net_kwargs.get("mask"), net_kwargs.get("prepend_embeds")
         if mask is not None and (not isinstance(mask, mx.array) or mask.shape != (b, n) or mask.dtype != mx.bool_):
             raise ValueError(f"[{name}] expected a boolean mask of shape ({b}, {n}) over the prompt, "
-                             f"got {_describe(mask)}")
+                             f"got {describe(mask)}")
         p = 0 if prefix is None else prefix.shape[1]
         limit = self.net.max_seq_len
         if cache and isinstance(self.net, nn.Module) and "pos_emb" in self.net and p + n + seq_len - 1 > limit:

@@ -6,13 +6,62 @@ cache) and :meth:`mlx_zeta.models.t5.T5Model.generate` (an encoder-decoder) both
 through :func:`decode_steps`; what differs between them is only how the next logits are made.
 """
 
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
 from mlx_zeta.structs.sampling import sample
 
-__all__ = ["decode_steps", "global_key"]
+__all__ = ["check_token_ids", "decode_steps", "describe", "global_key"]
+
+
+def describe(x: Any) -> str:
+    """'shape (..) and dtype ..' of an array, else the type name, for error messages."""
+    return f"shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, mx.array) else type(x).__name__
+
+
+def check_token_ids(owner: str, name: str, ids: Any, vocab_size: Optional[int]) -> mx.array:
+    r"""Check that ``ids`` are token ids a model with ``vocab_size`` tokens can look up.
+
+    ``ids`` must be an integer ``mx.array`` of shape :math:`(B, n)` with :math:`B, n \ge 1`,
+    every id in :math:`[0, \text{vocab\_size})` (``vocab_size=None`` skips the range,
+    for nets that do not say their vocabulary). An id outside it would index past the
+    embedding table: MLX's gather does not check bounds, so the result is garbage or a
+    crash of the process. The error names the first bad id in row-major order and its
+    position, e.g. ``[AutoregressiveWrapper] expected prompt token ids in [0, 512), got
+    100000 at (0, 3)``.
+
+    This reads one number back to the host (the index of the first bad id; a synchronisation), so it
+    is called by the user-facing entry points that take concrete ids (``generate`` and
+    ``stream`` of :class:`~mlx_zeta.structs.AutoregressiveWrapper`,
+    :class:`~mlx_zeta.structs.XTransformer`, :class:`~mlx_zeta.models.T5Model`,
+    :class:`~mlx_zeta.models.PalmE`), never inside forward passes, which may run under
+    ``mx.compile`` where no value can be read.
+
+    Args:
+        owner (str): the class named in brackets.
+        name (str): the argument's name (``prompt``, ``input_ids``, ...).
+        ids: the argument.
+        vocab_size (int, optional): the number of rows of the embedding table.
+
+    Returns:
+        ``ids``.
+
+    Raises ``ValueError`` for a non-array, a wrong rank or an empty axis, a non-integer dtype, or an id out of range.
+    """
+    if not isinstance(ids, mx.array) or ids.ndim != 2 or 0 in ids.shape or not mx.issubdtype(ids.dtype, mx.integer):
+        raise ValueError(f"[{owner}] expected {name} as integer token ids of shape (batch, n) with batch, n >= 1, "
+                         f"got {describe(ids)}")
+    if vocab_size is None:
+        return ids
+    wide = ids.astype(mx.int64)  # compared in int64: a uint8 array would wrap the bound; huge uint64 ids turn negative
+    bad = ((wide < 0) | (wide >= vocab_size)).reshape(-1)
+    first = mx.where(bad, mx.arange(bad.size), bad.size).min().item()  # row-major index of the first bad id
+    if first < bad.size:
+        row, col = divmod(first, ids.shape[1])
+        raise ValueError(f"[{owner}] expected {name} token ids in [0, {vocab_size}), got {ids[row, col].item()} "
+                         f"at ({row}, {col})")
+    return ids
 
 
 def global_key() -> mx.array:
@@ -30,7 +79,8 @@ def decode_steps(step: Callable[[mx.array], mx.array], logits: mx.array, max_tok
     Each step draws :math:`y_t` = :func:`~mlx_zeta.structs.sample` ``(logits_t)`` with a fresh
     split of ``key`` (``temperature=0`` is greedy), then asks ``step(y_t)`` for the next logits.
     A row that has emitted one of the ``eos`` ids is finished: its later tokens are
-    ``pad_value``. The loop ends after ``max_tokens`` tokens, or right after the token that
+    ``pad_value`` (``step`` is still fed the sampled token of such a row, always a valid id,
+    so ``pad_value`` need not be one, e.g. ``-1``). The loop ends after ``max_tokens`` tokens, or right after the token that
     finishes the last row (callers that want a fixed length pad the rest themselves).
 
     The next step is built and scheduled with ``mx.async_eval`` before the current token is
@@ -59,21 +109,22 @@ def decode_steps(step: Callable[[mx.array], mx.array], logits: mx.array, max_tok
 
     def pick(logits, key, done):
         key, sub = mx.random.split(key)
-        tok = sample(logits, key=sub, **sampling)  # (B,)
+        drawn = sample(logits, key=sub, **sampling)  # (B,), what the model is fed next
+        tok = drawn  # what the caller gets
         if done is not None:
-            tok = mx.where(done, pad_value, tok).astype(mx.int32)
+            tok = mx.where(done, pad_value, drawn).astype(mx.int32)
             done = done | (tok[:, None] == ends).any(axis=-1)
-        return tok, key, done
+        return drawn, tok, key, done
 
     done = None if ends is None else mx.zeros((logits.shape[0],), mx.bool_)
-    tok, key, done = pick(logits, key, done)
+    drawn, tok, key, done = pick(logits, key, done)
     mx.async_eval(tok, key, *([] if done is None else [done]), *pending())
     for i in range(max_tokens):
         if i + 1 < max_tokens:  # build and schedule step i + 1 while step i's token is handed out
-            nxt, key, nxt_done = pick(step(tok), key, done)
+            nxt_drawn, nxt, key, nxt_done = pick(step(drawn), key, done)
             mx.async_eval(nxt, key, *([] if nxt_done is None else [nxt_done]), *pending())
         yield tok
         if done is not None and done.all().item():  # every row ended
             return
         if i + 1 < max_tokens:
-            tok, done = nxt, nxt_done
+            drawn, tok, done = nxt_drawn, nxt, nxt_done

@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from mlx_zeta.structs.attention_layers import Decoder, Encoder
 from mlx_zeta.structs.autoregressive import AutoregressiveWrapper
+from mlx_zeta.structs.decoding import check_token_ids
 from mlx_zeta.structs.transformer import Transformer
 
 __all__ = ["XTransformer"]
@@ -153,6 +154,9 @@ class XTransformer(nn.Module):
 
     def generate(self, src: mx.array, start_tokens: mx.array, seq_len: int, mask: Optional[mx.array] = None,
                  **sampling: Any) -> mx.array:
-        """``seq_len`` new target tokens after ``start_tokens``, conditioned on ``src``."""
+        """``seq_len`` new target tokens after ``start_tokens``, conditioned on ``src``. Both must be
+        token ids of their vocabulary (:func:`~mlx_zeta.structs.decoding.check_token_ids`)."""
+        check_token_ids("XTransformer", "src", src, self.encoder.num_tokens)
+        check_token_ids("XTransformer", "start_tokens", start_tokens, self.decoder.net.num_tokens)
         context = self.encode(src, mask=mask)
         return self.decoder.generate(start_tokens, seq_len, context=context, context_mask=mask, **sampling)

@@ -3,6 +3,7 @@ clipping, learning-rate schedules, mixed precision, evaluation, logging, checkpo
 and data-parallel gradient averaging."""
 
 import json
+import math
 import sys
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, TextIO, Union
@@ -31,12 +32,50 @@ def default_loss(model: nn.Module, batch: Batch) -> mx.array:
 
 
 def count_tokens(batch: Batch) -> int:
-    """Elements of the batch's first array (tokens for a (batch, seq) token array)."""
+    """Elements of the batch's first array (tokens for a (batch, seq) token array).
+
+    Raises ``ValueError`` naming the Trainer when the batch is not an array, or a non-empty
+    tuple, list or dict whose first entry is one (an array: anything with ``shape`` and ``size``)."""
+    first = batch
     if isinstance(batch, dict):
-        batch = next(iter(batch.values()))
+        first = next(iter(batch.values()), None)
     elif isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    return int(batch.size)
+        first = batch[0] if batch else None
+    if not (hasattr(first, "shape") and isinstance(getattr(first, "size", None), int)):
+        kind = type(batch).__name__
+        got = (kind if first is batch else f"an empty {kind}" if not batch
+               else f"{kind} whose first entry is {type(first).__name__}")
+        raise ValueError(f"[Trainer] expected each batch to be an array, or a tuple, list or dict whose first entry is "
+                         f"an array (model(batch) with the default loss_fn), got {got}")
+    return int(first.size)
+
+
+def _copy_tree(tree: Any) -> Any:
+    """New dicts and lists around the same leaves (arrays are immutable, so this is a snapshot)."""
+    if isinstance(tree, dict):
+        return {k: _copy_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copy_tree(v) for v in tree)
+    return tree
+
+
+def _restore_tree(live: Any, saved: Any) -> None:
+    """Put ``saved`` (from :func:`_copy_tree`) back into the dict or list ``live`` in place: compiled
+    functions hold the live containers themselves, so they are refilled, not replaced (a tuple,
+    which cannot be refilled, is replaced by its saved copy in its parent)."""
+    if isinstance(live, dict):
+        for k in [k for k in live if k not in saved]:
+            del live[k]
+        items = saved.items()
+    else:
+        del live[len(saved):]
+        live.extend(saved[len(live):])
+        items = enumerate(saved)
+    for k, v in items:
+        if isinstance(v, (dict, list)) and type(live[k]) is type(v):
+            _restore_tree(live[k], v)
+        else:
+            live[k] = v
 
 
 def _global_norm(grads: Any) -> mx.array:
@@ -77,6 +116,18 @@ class Trainer:
     (which must be a fresh one that yields the same sequence, e.g. from the same seed)
     is fast-forwarded by the ``step * grad_accum_steps`` micro-batches already consumed.
     Either way, training 100 steps equals training 50, stopping and resuming for 50.
+
+    A step that fails (a bad batch, a loss or gradient norm that is NaN or infinite, Ctrl-C
+    during the forward and backward passes) leaves the model's parameters, the optimizer
+    state, the loss scaler, MLX's global random state and the step as they were before it,
+    under ``compile=True`` too, so training can go on: a good step after a failed one equals
+    that good step alone. The loss and gradient norm are read back once per step, before the
+    update is built, so a non-finite one never reaches the weights (float16 loss scaling skips
+    such a step instead, by design); the snapshot is dropped before the update runs, so MLX
+    may still reuse the old weights' buffers for the new ones. Micro-batches drawn from an
+    iterator are gone (it cannot be rewound); a callable ``data`` is asked for the same
+    indices again. A batch the default ``tokens_fn`` cannot count, or an iterator that runs
+    out, raises a one-line ``ValueError`` naming the Trainer.
 
     Logging (rank 0 only): every ``log_every`` steps a record ``{"step", "loss", "lr",
     "grad_norm", "tokens_per_s", "time"}`` (plus ``"loss_scale"`` for float16) is
@@ -150,6 +201,7 @@ class Trainer:
         self._data_fn = data if callable(data) and not hasattr(data, "__iter__") else None
         self._data_iter = None if self._data_fn is not None else iter(data)
         self._consumed = 0  # micro-batches taken from the data so far
+        self._goal = 0  # the steps train() was asked for (named when the data runs out)
 
         self.model.train()
         self.optimizer.init(self.model.trainable_parameters())
@@ -163,7 +215,7 @@ class Trainer:
                 self.scaler.load_state_dict(extra["loss_scaler"])
             if self._data_iter is not None:  # fast-forward past the consumed micro-batches
                 for _ in range(self.step * grad_accum_steps):
-                    next(self._data_iter)
+                    self._next_batch()
             self._consumed = self.step * grad_accum_steps
 
         self._grad_fn, self._apply_fn = self._micro_grads, self._apply
@@ -196,21 +248,80 @@ class Trainer:
         return norm
 
     def _next_batch(self) -> Batch:
-        batch = self._data_fn(self._consumed) if self._data_fn is not None else next(self._data_iter)
+        """The next micro-batch (an iterator that runs out is named with the steps asked for)."""
+        if self._data_fn is not None:
+            batch = self._data_fn(self._consumed)
+        else:
+            try:
+                batch = next(self._data_iter)
+            except StopIteration:
+                steps = max(self._goal, self.step + 1)
+                raise ValueError(f"[Trainer] the data iterator ran out after {self._consumed} micro-batches; expected "
+                                 f"at least {steps * self.grad_accum_steps} (steps={steps} x grad_accum_steps="
+                                 f"{self.grad_accum_steps})") from None
         self._consumed += 1
         return batch
 
+    def _snapshot(self) -> tuple:
+        """Everything a step changes, to put back if it fails."""
+        scaler = None if self.scaler is None else self.scaler.state_dict()
+        return (_copy_tree(self.model.parameters()), _copy_tree(self.optimizer.state), mx.random.state[0], scaler,
+                self._consumed)
+
+    def _restore(self, saved: tuple) -> None:
+        params, opt_state, rng, scaler, consumed = saved
+        self.model.update(params)
+        _restore_tree(self.optimizer.state, opt_state)
+        high, low = (int(v) for v in rng.tolist())
+        mx.random.seed((high << 32) | low)  # seed(s) sets the key (s >> 32, s & 0xFFFFFFFF): the saved key back
+        if scaler is not None:
+            self.scaler.load_state_dict(scaler)
+        if self._data_fn is not None:  # a callable is asked for the same micro-batches again
+            self._consumed = consumed
+
     def train_step(self) -> Dict[str, Any]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its log record."""
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its log record.
+
+        If it raises, the model, optimizer, loss scaler, random state and step are left as before it."""
         start = time.perf_counter()
+        saved = self._snapshot()
+        try:
+            loss, grads, tokens = self._gradients()
+            applied, norm = self._update(loss, grads)  # builds the update; nothing is computed yet
+        except BaseException:
+            self._restore(saved)
+            raise
+        del saved, grads  # the old weights and moments are now held by the update's graph alone: MLX may reuse them
+        mx.eval(loss, norm, self.model.state, self.optimizer.state)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        record = dict(step=self.step, loss=loss.item(), lr=float(self.optimizer.learning_rate.item()),
+                      grad_norm=norm.item(), tokens_per_s=tokens / elapsed, time=elapsed)
+        if self.scaler is not None:
+            record.update(loss_scale=self.scaler.scale, skipped=not applied)
+        return record
+
+    def _micro_batch(self, params: dict, batch: Batch, scale: mx.array, k: int):
+        """:meth:`_micro_grads` (compiled or not) of micro-batch ``k``; a ValueError or TypeError
+        of the loss is raised again with the Trainer, the step and the micro-batch named."""
+        try:
+            return self._grad_fn(params, batch, scale)
+        except (ValueError, TypeError) as error:
+            if type(error) not in (ValueError, TypeError) or str(error).startswith("[Trainer]"):
+                raise
+            where = f"micro-batch {k + 1} of {self.grad_accum_steps} in step {self.step + 1}"
+            raise type(error)(f"[Trainer] the loss failed on {where}: {error}") from error
+
+    def _gradients(self):
+        """(mean loss, mean float32 gradients, tokens) of one step's micro-batches, averaged over ranks."""
         params = self.model.trainable_parameters()  # the float32 masters
         scale = mx.array(1.0 if self.scaler is None else self.scaler.scale)
         loss_sum, grads, tokens = None, None, 0
         n = self.grad_accum_steps
-        for _ in range(n):
+        for k in range(n):
             batch = self._next_batch()
             tokens += self.tokens_fn(batch)
-            loss, g = self._grad_fn(params, batch, scale)
+            loss, g = self._micro_batch(params, batch, scale, k)
             self.model.update(params)  # the gradient function left its working copy in the model
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -224,21 +335,22 @@ class Trainer:
             grads = average_gradients(grads, self.group)
             loss = mx.distributed.all_sum(loss, group=self.group) / self.group.size()
             tokens *= self.group.size()
-        applied = True
+        return loss, grads, tokens
+
+    def _update(self, loss: mx.array, grads: dict):
+        """(applied, gradient norm): the update built from ``grads``, once they are known to be finite.
+
+        Float16 loss scaling skips a step with non-finite gradients; otherwise a NaN or infinite
+        loss or gradient norm raises before the update exists (one read-back per step)."""
         if self.scaler is not None:
             applied = self.scaler.update(bool(all_finite(grads).item()))
-        if applied:
-            norm = self._apply_fn(grads)
-        else:
-            norm = _global_norm(grads)
-        mx.eval(loss, norm, self.model.state, self.optimizer.state)
-        self.step += 1
-        elapsed = time.perf_counter() - start
-        record = dict(step=self.step, loss=loss.item(), lr=float(self.optimizer.learning_rate.item()),
-                      grad_norm=norm.item(), tokens_per_s=tokens / elapsed, time=elapsed)
-        if self.scaler is not None:
-            record.update(loss_scale=self.scaler.scale, skipped=not applied)
-        return record
+            return applied, self._apply_fn(grads) if applied else _global_norm(grads)
+        norm = _global_norm(grads)
+        mx.eval(loss, norm)
+        if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
+            raise ValueError(f"[Trainer] expected a finite loss and gradient norm at step {self.step + 1}, got loss "
+                             f"{loss.item()} and gradient norm {norm.item()}; the step was not applied")
+        return True, self._apply_fn(grads)
 
     # ------------------------------------------------------------------ the loop
 
@@ -246,6 +358,7 @@ class Trainer:
         """Train until the global step reaches ``steps`` (a resumed run continues from its
         checkpoint's step); returns the losses of the steps run by this call."""
         check_int("Trainer", "steps", steps, 0)
+        self._goal = steps
         show_bar = self.is_main and (self.progress if self.progress is not None else self.stream.isatty())
         bar = None
         if show_bar:
