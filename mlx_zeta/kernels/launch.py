@@ -45,13 +45,18 @@ class Kernel:
             return emulate(self, list(inputs), dialect="metal" if mode == "emulate" else "cuda", **kwargs)
         return _compiled(self, mode)(inputs=list(inputs), **kwargs)
 
+    def mlx_kernel_args(self, dialect: str) -> dict:
+        """The arguments this kernel hands ``mx.fast.metal_kernel`` (``dialect="metal"``) or
+        ``mx.fast.cuda_kernel`` (``"cuda"``): name, input and output names, body and header."""
+        src = load_source(self.family, dialect)
+        body = src.bodies.get(self.name)
+        if body is None:
+            raise ValueError(f"[mlx_zeta.kernels] {src.path} has no kernel {self.name!r}; it has {sorted(src.bodies)}")
+        return dict(name=f"mlx_zeta_{self.family}_{self.name}", input_names=list(self.input_names),
+                    output_names=list(self.output_names), source=body, header=src.header)
+
 
 @functools.lru_cache(maxsize=None)
 def _compiled(kernel: Kernel, mode: str):
-    src = load_source(kernel.family, mode)
-    body = src.bodies.get(kernel.name)
-    if body is None:
-        raise ValueError(f"[mlx_zeta.kernels] {src.path} has no kernel {kernel.name!r}; it has {sorted(src.bodies)}")
     make = mx.fast.metal_kernel if mode == "metal" else mx.fast.cuda_kernel
-    return make(name=f"mlx_zeta_{kernel.family}_{kernel.name}", input_names=list(kernel.input_names),
-                output_names=list(kernel.output_names), source=body, header=src.header)
+    return make(**kernel.mlx_kernel_args(mode))
