@@ -72,6 +72,7 @@ CUDA_TYPES = {mx.bool_: "bool", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32
               mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.float64: "double",
               mx.complex64: "mlx::core::cu::complex64_t"}
 HASH_TYPES = {**CUDA_TYPES, mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.complex64: "complex64_t"}
+_PCH_NOTE = re.compile(r"precompiled header|Warning #629-D|warnings can be suppressed with")  # -pch's log lines
 
 
 class NvrtcError(RuntimeError):
@@ -98,6 +99,8 @@ class Launch:
 
 
 class Resources(NamedTuple):
+    """What ptxas reports for one kernel (bytes, but registers per thread)."""
+
     registers: int
     shared: int  # static shared memory, bytes
     spill_stores: int
@@ -106,6 +109,8 @@ class Resources(NamedTuple):
 
 
 class Compiled(NamedTuple):
+    """One program NVRTC accepted: the cubin, the kernel's mangled name, NVRTC's log, wall seconds."""
+
     cubin: bytes
     lowered_name: str
     log: str
@@ -216,6 +221,13 @@ class Nvrtc:
         self.headers = [(INCLUDE_PREFIX + n).encode() for n in names]
         self.texts = [(DEVICE_HEADERS / n).read_bytes() for n in names]
 
+    @staticmethod
+    def check_arch(arch: str) -> int:
+        """The compute capability of ``sm_<cc>`` (e.g. 90), or ValueError."""
+        if not isinstance(arch, str) or not re.fullmatch(r"sm_\d{2,3}", arch):
+            raise ValueError(f"[nvrtc] expected an arch such as sm_80 or sm_90, got {arch!r}")
+        return int(arch[3:])
+
     def version(self) -> Tuple[int, int]:
         major, minor = ctypes.c_int(), ctypes.c_int()
         self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
@@ -235,7 +247,7 @@ class Nvrtc:
     def compile(self, source: str, func: str, arch: str, extra: Sequence[str] = EXTRA_OPTIONS) -> Compiled:
         """Compile ``source`` for ``arch`` (``sm_80``, ``sm_90``, ...) as MLX does; raise
         :class:`NvrtcError` with NVRTC's log when it fails."""
-        cc = int(arch.removeprefix("sm_"))
+        cc = self.check_arch(arch)
         options = [*MLX_OPTIONS, f"--gpu-architecture=sm_{cc}{'a' if cc >= 90 else ''}", *self.includes, *extra]
         prog = ctypes.c_void_p()
         n = len(self.headers)
@@ -250,8 +262,9 @@ class Nvrtc:
                 *[o.encode() for o in options]))
             seconds = time.perf_counter() - start
             log = self._bytes(prog, "nvrtcGetProgramLogSize", "nvrtcGetProgramLog").rstrip(b"\0").decode()
-            if result:
-                raise NvrtcError(f"[nvrtc] {func} ({arch}) failed to compile:\n{log}")
+            if result:  # without the notes about the precompiled header
+                errors = "\n".join(line for line in log.splitlines() if not _PCH_NOTE.search(line)).strip()
+                raise NvrtcError(f"[nvrtc] {func} ({arch}) failed to compile:\n{errors}")
             lowered = ctypes.c_char_p()
             self._check(self.lib.nvrtcGetLoweredName(prog, name, ctypes.byref(lowered)), "nvrtcGetLoweredName")
             cubin = self._bytes(prog, "nvrtcGetCUBINSize", "nvrtcGetCUBIN")
@@ -323,8 +336,14 @@ def verify_wheel(wheel: Path) -> List[str]:
     """Differences between what this module compiles and an mlx-cuda wheel's libmlx.so: each
     vendored device header must be one of its embedded strings, and every fragment of the
     wrapper must appear in it. Returns the problems (empty: they agree)."""
-    with zipfile.ZipFile(wheel) as z:
-        data = z.read(next(n for n in z.namelist() if n.endswith("lib/libmlx.so")))
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            lib = [n for n in z.namelist() if n.endswith("mlx/lib/libmlx.so")]
+            if not lib:
+                raise ValueError(f"[nvrtc] {wheel} holds no mlx/lib/libmlx.so: expected an mlx-cuda wheel")
+            data = z.read(lib[0])
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"[nvrtc] cannot read {wheel} as a wheel (zip): {e}") from None
     problems = []
     for path in sorted(DEVICE_HEADERS.iterdir()):
         if path.suffix in (".h", ".cuh") and b"\0" + path.read_bytes() + b"\0" not in data:
@@ -334,13 +353,13 @@ def verify_wheel(wheel: Path) -> List[str]:
 
 
 def _table(results: Dict[Tuple[str, Launch], Compiled], archs: Sequence[str]) -> str:
-    rows = ["| kernel instantiation | " + " | ".join(f"{a} regs / smem B / spills B" for a in archs) + " |",
+    rows = ["| kernel instantiation | " + " | ".join(f"{a} regs / smem B / stack B / spills B" for a in archs) + " |",
             "|---|" + "---|" * len(archs)]
     for launch in dict.fromkeys(launch for _, launch in results):
         cells = []
         for arch in archs:
             r = resources(results[(arch, launch)])
-            cells.append(f"{r.registers} / {r.shared} / {r.spill_stores + r.spill_loads}")
+            cells.append(f"{r.registers} / {r.shared} / {r.stack} / {r.spill_stores + r.spill_loads}")
         rows.append(f"| `{launch.label()}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -350,10 +369,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), help="targets, e.g. sm_80 sm_90")
     parser.add_argument("--verify-wheel", type=Path, help="an mlx-cuda-13 wheel to compare against")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"nvrtc.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.verify_wheel:
         problems = verify_wheel(args.verify_wheel)
         print("\n".join(problems) or f"device headers and wrapper fragments match {args.verify_wheel.name}")
         return 1 if problems else 0
+    for arch in args.arch:
+        Nvrtc.check_arch(arch)
     start = time.perf_counter()
     results = compile_all(args.arch)
     if failures(results):
@@ -361,7 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print(_table(results, args.arch))
     major, minor = Nvrtc().version()
-    print(f"\n{len(results)} programs compiled by NVRTC {major}.{minor} in {time.perf_counter() - start:.1f} s "
+    print(f"\n{len(results)} programs (MLX {MLX_COMMIT[:7]}'s wrapper) compiled by NVRTC {major}.{minor} in {time.perf_counter() - start:.1f} s "
           f"(sum of compile calls {sum(c.seconds for c in results.values()):.1f} s)")
     return 0
 
