@@ -17,21 +17,26 @@ ships in mlx-cuda-13 0.32.4, see ``--verify-wheel``) wraps a kernel body in this
     }
     } // namespace mlx::core::cu
 
-and compiles it with NVRTC: MLX's device headers in memory (``tools/mlx_cuda_device/``, the bytes
-embedded in libmlx.so), ``--device-as-default-execution-space``, ``--gpu-architecture=sm_80`` or
-``sm_90a`` (MLX adds ``a`` from compute capability 9), include paths for CCCL and the CUDA
-runtime headers. :func:`compile_source` adds only ``-pch`` (NVRTC reuses the parsed includes
-across programs: ~0.3 s instead of ~2 s a kernel; the test checks the cubin is unchanged) and
-``--ptxas-options=-v`` (the resource report). The wrapper text is generated from what
-:class:`mlx_zeta.kernels.launch.Kernel` hands MLX (:meth:`Kernel.mlx_kernel_args`), for every
-launch :func:`launches` records from the public entry points.
+and compiles it with NVRTC: MLX's device headers in memory (MLX passes 17; the preamble
+reaches three, kept in ``tools/mlx_cuda_device/`` as the bytes embedded in libmlx.so),
+``--device-as-default-execution-space``, ``--gpu-architecture=sm_80`` or ``sm_90a`` (MLX adds
+``a`` from compute capability 9), include paths for CCCL and the CUDA runtime headers.
+:meth:`Nvrtc.compile` adds only ``-pch`` (NVRTC reuses the parsed includes across programs:
+~0.3 s of CPU instead of ~2 s a kernel; the cubin is byte-identical, which the test checks) and
+``--ptxas-options=-v`` (the resource report; it changes only the cubin's toolkit-info note).
+The wrapper text is generated from what :class:`mlx_zeta.kernels.launch.Kernel` hands MLX
+(:meth:`Kernel.mlx_kernel_args`), for every launch :func:`launches` records from the public
+entry points. A check of our sources for CI and kernel authors, not a library feature: it
+lives in ``tools/`` because it needs the test extra's NVIDIA wheels and copies of MLX headers.
 
     python tools/nvrtc.py                    # compile all for sm_80 and sm_90; Markdown table
     python tools/nvrtc.py --arch sm_90
     python tools/nvrtc.py --verify-wheel mlx_cuda_13-0.32.4-....whl   # headers + wrapper vs MLX's binary
 
 Needs the ``nvidia-cuda-nvrtc``, ``nvidia-cuda-runtime`` and ``nvidia-cuda-cccl`` wheels (the
-``test`` extra of pyproject.toml).
+``test`` extra of pyproject.toml; CUDA 13.0, CCCL 3.0.1, where MLX's CUDA wheel bundles CCCL
+3.1.3 and takes the newest NVRTC 13). The NVRTC program is named ``<kernel>.cu`` (MLX appends a
+hash of the source), which only changes file names in the log.
 """
 
 from __future__ import annotations
@@ -126,10 +131,11 @@ def _template_value(v) -> str:
 
 def template_hash(template: Sequence[Tuple[str, object]]) -> str:
     """``template_arguments_hash``: ``_<int>``, ``_t``/``_f``, ``_<type string>`` per argument."""
-    parts = []
-    for _, v in template:
-        parts.append(HASH_TYPES[v] if isinstance(v, mx.Dtype) else ("t" if v else "f") if isinstance(v, bool) else str(v))
-    return "".join("_" + p for p in parts)
+    def part(v) -> str:
+        if isinstance(v, mx.Dtype):
+            return HASH_TYPES[v]
+        return ("t" if v else "f") if isinstance(v, bool) else str(v)
+    return "".join("_" + part(v) for _, v in template)
 
 
 def mlx_source(launch: Launch) -> Tuple[str, str]:
@@ -390,8 +396,9 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     print(_table(results, args.arch))
     major, minor = Nvrtc().version()
-    print(f"\n{len(results)} programs (MLX {MLX_COMMIT[:7]}'s wrapper) compiled by NVRTC {major}.{minor} in {time.perf_counter() - start:.1f} s "
-          f"(sum of compile calls {sum(c.seconds for c in results.values()):.1f} s)")
+    wall, calls = time.perf_counter() - start, sum(c.seconds for c in results.values())
+    print(f"\n{len(results)} programs (MLX {MLX_COMMIT[:7]}'s wrapper) compiled by NVRTC {major}.{minor} "
+          f"in {wall:.1f} s (sum of compile calls {calls:.1f} s)")
     return 0
 
 
