@@ -30,7 +30,8 @@ enum AttnParam {
   AP_ALIBI, AP_T5, AP_KBEGIN, AP_CHUNK, AP_NCHUNKS, AP_COUNT
 };
 
-#define ATTN_NEG_INF (-inf)  // inf: defined by MLX's CUDA kernel preamble
+// MLX defines no `inf`; its preamble (mlx/backend/cuda/device/utils.cuh) includes <cuda/std/limits>.
+#define ATTN_NEG_INF (-cuda::std::numeric_limits<float>::infinity())
 
 struct AttnArgs {
   int b_count, hq, hkv, lq, lk, causal, window, mask_mode, msb, msh, msq, msk, alibi, t5, k_begin, chunk, nchunks;

@@ -220,8 +220,11 @@ inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
 #define __device__ inline
 #define __forceinline__
 #define __restrict__
-// Integer min / max (CUDA device built-ins) and `inf`, which MLX's cuda_kernel preamble defines.
+// Integer min / max (CUDA device built-ins), and cuda::std, which MLX's cuda_kernel preamble
+// includes (<cuda/std/limits>, ...): libcu++ mirrors the C++ standard library.
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
-#define inf (std::numeric_limits<float>::infinity())
+namespace cuda {
+namespace std = ::std;
+}
 #endif  // EMU_CUDA
