@@ -136,7 +136,8 @@ def test_other_kernels_keep_running_on_the_device(device):
     np.testing.assert_allclose(np.array(decode()), np.array(decode(use_kernel=False)), rtol=1e-5, atol=1e-5)
     assert device.launches[before:] == ["attention_decode", "attention_decode_combine"]
     ternary = ternary_call(9)
-    assert mx.array_equal(ternary(), ternary(use_kernel=False)).item() and device.launches[-1] == "ternary_gemm"
+    np.testing.assert_allclose(np.array(ternary()), np.array(ternary(use_kernel=False)), rtol=1e-5, atol=1e-5)
+    assert device.launches[-1] == "ternary_gemm"  # the emulated device kernel sums in its own order: close, not equal
 
 
 def test_gradients_after_a_failure_are_the_references(device):
