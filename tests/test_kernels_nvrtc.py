@@ -105,7 +105,7 @@ def test_wrapper_shape_arguments_and_bool_template():
     body = "y[0] = a_shape[0] + a_strides[1] + a_ndim + s_shape[0];"
     fake = dict(name="k", input_names=["a", "s"], output_names=["y"], source=body, header="")
     kernel = Kernel("fake", "k", ("a", "s"), ("y",))
-    launch = nvrtc.Launch(kernel, ((mx.bfloat16, 2), (mx.int32, 0)), (("F", False), ("U", mx.float16)), (mx.int64,))
+    launch = nvrtc.Launch(kernel, ((mx.bfloat16, 2, 6), (mx.int32, 0, 1)), (("F", False), ("U", mx.float16)), (mx.int64,))
     with mock.patch.object(Kernel, "mlx_kernel_args", lambda self, dialect: fake):
         func, text = nvrtc.mlx_source(launch)
     assert func == "custom_kernel_k_f_float16_t"

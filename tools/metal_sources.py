@@ -34,17 +34,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
-from unittest import mock
+from typing import List, Optional, Sequence, Tuple
 
 import mlx_zeta  # noqa: F401  (routes BLAS before mlx.core loads)
 import mlx.core as mx
 
-from mlx_zeta.kernels import attention, ternary
-from mlx_zeta.kernels.launch import Kernel
-from mlx_zeta.kernels.source import CONSTANT_LIMIT, device_sized
+from mlx_zeta.kernels.source import CONSTANT_LIMIT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_launches import Launch, recorded_launches  # noqa: E402
 
 MLX_COMMIT = "846d176227a0ac13d2667e58d2bb68b322109ab0"
 PRELUDE = '#include "mlx/backend/metal/kernels/utils.h"  // MLX prepends metal::utils(), this header\n'
@@ -63,16 +62,6 @@ ATTRIBUTES = (("dispatch_quadgroups_per_threadgroup", "uint"), ("dispatch_simdgr
               ("thread_position_in_grid", "uint3"), ("thread_position_in_threadgroup", "uint3"),
               ("threadgroup_position_in_grid", "uint3"), ("threadgroups_per_grid", "uint3"),
               ("threads_per_grid", "uint3"), ("threads_per_simdgroup", "uint"), ("threads_per_threadgroup", "uint3"))
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One kernel instantiation our code launches: what decides the source MLX generates."""
-
-    kernel: Kernel
-    inputs: Tuple[Tuple[mx.Dtype, int, int], ...]  # (dtype, ndim, size) per input, after device_sized
-    template: Tuple[Tuple[str, object], ...]
-    outputs: Tuple[mx.Dtype, ...]
 
 
 def _value(v: object) -> str:
@@ -130,33 +119,10 @@ def mlx_source(launch: Launch) -> Tuple[str, str]:
     return func, text
 
 
-def _recorder(found: Dict[Launch, None]):
-    def record(self, inputs, *, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None,
-               mode="metal"):
-        ins = tuple((x.dtype, x.ndim, x.size) for x in map(device_sized, inputs))  # as Kernel.__call__ passes them
-        found[Launch(self, ins, tuple(template), tuple(output_dtypes))] = None
-        return [mx.zeros(tuple(s), d) for s, d in zip(output_shapes, output_dtypes)]
-    return record
-
-
 def launches() -> List[Launch]:
-    """Every distinct instantiation the public entry points launch: ``fused_attention`` over
-    :data:`~mlx_zeta.kernels.attention.DTYPES` x ``HEAD_DIMS`` x {no mask, keep mask, additive
-    mask} x {decode, prefill}, ``ternary_matmul`` over int8 / float32 / float16 / bfloat16 x rows
-    1 .. ``GEMV_MAX_ROWS`` + 1, one per kernel name. ``Kernel.__call__`` is replaced by a recorder
-    while they run, so nothing executes."""
-    found: Dict[Launch, None] = {}
-    with mock.patch.object(Kernel, "__call__", _recorder(found)):
-        for dtype in attention.DTYPES:
-            for d in attention.HEAD_DIMS:
-                for lq in (1, attention.DECODE_MAX_QUERIES + 1):
-                    q, kv = mx.zeros((1, 2, lq, d), dtype), mx.zeros((1, 1, lq, d), dtype)
-                    for mask in (None, mx.ones((lq, lq), mx.bool_), mx.zeros((lq, lq), mx.float16)):
-                        attention.fused_attention(q, kv, kv, mask=mask, causal=True, use_kernel="emulate")
-        for dtype in (mx.int8, mx.float32, mx.float16, mx.bfloat16):
-            for m in range(1, ternary.GEMV_MAX_ROWS + 2):
-                ternary.ternary_matmul(mx.zeros((m, 16), dtype), mx.zeros((2, 16), mx.uint8), 8, use_kernel="emulate")
-    return list({kernel_name(launch): launch for launch in found}.values())  # inputs differing only in ndim: one source
+    """One launch per distinct Metal source among :func:`recorded_launches` (inputs that differ
+    only in ndim give one source)."""
+    return list({kernel_name(launch): launch for launch in recorded_launches("emulate")}.values())
 
 
 def write_all(out: Path) -> List[Path]:

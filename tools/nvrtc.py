@@ -50,17 +50,15 @@ import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
-from unittest import mock
 
 import mlx_zeta  # noqa: F401  (routes BLAS before mlx.core loads)
 import mlx.core as mx
 
-from mlx_zeta.kernels import attention, ternary
-from mlx_zeta.kernels.launch import Kernel
-from mlx_zeta.kernels.source import device_sized
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_launches import Launch, recorded_launches  # noqa: E402
 
 MLX_COMMIT = "846d176227a0ac13d2667e58d2bb68b322109ab0"
 ARCHS = ("sm_80", "sm_90")
@@ -82,25 +80,6 @@ _PCH_NOTE = re.compile(r"precompiled header|Warning #629-D|warnings can be suppr
 
 class NvrtcError(RuntimeError):
     """NVRTC rejected a program; the message carries the kernel and NVRTC's log."""
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One kernel instantiation our code launches: what decides the source MLX generates."""
-
-    kernel: Kernel
-    inputs: Tuple[Tuple[mx.Dtype, int], ...]  # (dtype, ndim) per input, after device_sized
-    template: Tuple[Tuple[str, object], ...]
-    outputs: Tuple[mx.Dtype, ...]
-
-    def label(self) -> str:
-        """e.g. ``attention_prefill<T=float16, D=64, BQ=16, BK=32> mask=bool``."""
-        def show(v):
-            return str(v).split(".")[-1] if isinstance(v, mx.Dtype) else str(v)
-        args = ", ".join(f"{n}={show(v)}" for n, v in self.template)
-        names = self.kernel.input_names
-        extra = "".join(f" {n}={show(self.inputs[names.index(n)][0])}" for n in ("x", "mask") if n in names)
-        return f"{self.kernel.name}<{args}>{extra}"
 
 
 class Resources(NamedTuple):
@@ -144,7 +123,7 @@ def mlx_source(launch: Launch) -> Tuple[str, str]:
     body, names = args["source"], args["input_names"]
     func = "custom_kernel_" + args["name"] + template_hash(launch.template)
     lines = []
-    for name, (dtype, ndim) in zip(names, launch.inputs):
+    for name, (dtype, ndim, _) in zip(names, launch.inputs):
         lines.append(f"    const {CUDA_TYPES[dtype]}* {name},\n")
         if ndim > 0:
             for suffix, kind in (("_shape", "Shape"), ("_strides", "Strides"), ("_ndim", "int")):
@@ -163,36 +142,10 @@ def mlx_source(launch: Launch) -> Tuple[str, str]:
 
 
 # ------------------------------------------------------------------ what our code launches
-def _record(found: Dict[Launch, None]):
-    def fake_call(self, inputs, *, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None,
-                  mode="metal"):
-        ins = tuple((x.dtype, device_sized(x).ndim) for x in inputs)
-        found[Launch(self, ins, tuple(template), tuple(output_dtypes))] = None
-        return [mx.zeros(tuple(s), d) for s, d in zip(output_shapes, output_dtypes)]
-    return fake_call
-
-
 def launches() -> List[Launch]:
-    """Every distinct instantiation the public entry points launch: ``fused_attention`` over
-    :data:`~mlx_zeta.kernels.attention.DTYPES` x ``HEAD_DIMS`` x {no mask, keep mask, additive
-    mask} x {decode, prefill}, ``ternary_matmul`` over int8/float32/float16/bfloat16 x rows
-    1..``GEMV_MAX_ROWS`` + 1. ``Kernel.__call__`` is replaced by a recorder while they run, so
-    nothing executes."""
-    found: Dict[Launch, None] = {}
-    with mock.patch.object(Kernel, "__call__", _record(found)):
-        for dtype in attention.DTYPES:
-            for d in attention.HEAD_DIMS:
-                for lq in (1, attention.DECODE_MAX_QUERIES + 1):
-                    q = mx.zeros((1, 2, lq, d), dtype)
-                    kv = mx.zeros((1, 1, lq, d), dtype)
-                    for mask in (None, mx.ones((lq, lq), mx.bool_), mx.zeros((lq, lq), mx.float16)):
-                        attention.fused_attention(q, kv, kv, mask=mask, causal=True, use_kernel="emulate-cuda")
-        for dtype in (mx.int8, mx.float32, mx.float16, mx.bfloat16):
-            for m in range(1, ternary.GEMV_MAX_ROWS + 2):
-                ternary.ternary_matmul(mx.zeros((m, 16), dtype), mx.zeros((2, 16), mx.uint8), 8,
-                                       use_kernel="emulate-cuda")
-    # inputs that differ only in ndim give one source when the body reads no <name>_shape
-    return list({mlx_source(launch)[1]: launch for launch in found}.values())
+    """One launch per distinct CUDA source among :func:`recorded_launches` (inputs that differ
+    only in ndim give one source when the body reads no ``<name>_shape``)."""
+    return list({mlx_source(launch)[1]: launch for launch in recorded_launches("emulate-cuda")}.values())
 
 
 # ------------------------------------------------------------------ NVRTC through ctypes
