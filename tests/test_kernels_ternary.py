@@ -13,7 +13,7 @@ import mlx.core as mx
 
 import mlx_zeta.quant.ternary as ternary_layer
 from mlx_zeta.kernels import KernelSource, load_source, use_kernels
-from mlx_zeta.kernels.emulate import compiler, concurrent_groups, emulate
+from mlx_zeta.kernels.emulate import KernelFault, compiler, concurrent_groups, emulate
 from mlx_zeta.kernels.ternary import kernel_launch, ternary_matmul, ternary_matmul_reference
 from mlx_zeta.quant import BitLinear
 from mlx_zeta.kernels.packing import pack_2bit
@@ -137,6 +137,10 @@ def _gemm_case():
 def test_planted_index_bugs_are_caught(bug):
     x, packed, ref = _gemm_case()
     kernel, inputs, launch = kernel_launch(x, packed, 100)
+    if bug == "K bound off by one":  # the last row of x (33 x 100) or of w (25 x 100) is read one past its end
+        with pytest.raises(KernelFault, match=r"out-of-bounds read of device buffer (x at index 3300|w at index 2500) "):
+            emulate(kernel, inputs, source=_planted(*PLANTED[bug]), **launch)
+        return
     y = emulate(kernel, inputs, source=_planted(*PLANTED[bug]), **launch)[0]
     assert not np.array_equal(np.array(y), ref), f"planted bug not caught: {bug}"
 
