@@ -42,6 +42,7 @@ class Bug(NamedTuple):
 
 
 MB, CB = "threadgroup_barrier(mem_flags::mem_threadgroup);", "__syncthreads();"
+LOGIT = "attn_logit(a, dot, b, h, i, j, slopes, t5_table, t5_buckets, mask);"
 
 
 def _gemv(collective_old, collective_new):
@@ -79,9 +80,8 @@ def _prefill(barrier):
             "\n  for (int x = c; x < BK; x += TPQ) {", tries=3),
         Bug("wrong index: key tile", "const int j = k0 + x / D;", "const int j = k0 + x / D + 1;"),
         Bug("wrong offset: GQA head", "h / (a.hq / a.hkv)) * a.lk * D;", "h % a.hkv) * a.lk * D;"),
-        Bug("read before write: hidden scores", "      s = attn_logit(a, dot, b, h, i, j, slopes, t5_table, t5_buckets, "
-            "mask);\n    }\n    ss[row * BK + x] = s;", "      ss[row * BK + x] = attn_logit(a, dot, b, h, i, j, slopes, "
-            "t5_table, t5_buckets, mask);\n    }"),
+        Bug("read before write: hidden scores", f"      s = {LOGIT}\n    }}\n    ss[row * BK + x] = s;",
+            f"      ss[row * BK + x] = {LOGIT}\n    }}"),  # slots of hidden keys keep the poison
     ]
 
 
@@ -145,9 +145,11 @@ def _ternary(m, k, n, dtype, seed):
 
 def _attention(lq, d):
     rng = np.random.default_rng(lq)
-    q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32)) for s in ((1, 4, lq, d), (1, 2, 33, d), (1, 2, 33, d)))
+    shapes = ((1, 4, lq, d), (1, 2, 33, d), (1, 2, 33, d))
+    q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32)) for s in shapes)
     kw = dict(causal=True, num_splits=3)
-    return lambda mode: (fa.fused_attention(q, k, v, use_kernel=mode, **kw), fa.fused_attention(q, k, v, use_kernel=False, **kw))
+    return lambda mode: (fa.fused_attention(q, k, v, use_kernel=mode, **kw),
+                         fa.fused_attention(q, k, v, use_kernel=False, **kw))
 
 
 RUNS = {  # (family, body[, case]) -> f(mode) -> (kernel output, reference)
@@ -170,7 +172,8 @@ def prebuilt():
     seen, real = {}, launch.emulate
 
     def spy(kernel, inputs, **kw):
-        seen.setdefault((kernel.family, kernel.name, kw.get("dialect", "metal")), (kernel, [x.dtype for x in inputs], kw))
+        key = (kernel.family, kernel.name, kw.get("dialect", "metal"))
+        seen.setdefault(key, (kernel, [x.dtype for x in inputs], kw))
         return real(kernel, inputs, **kw)
 
     with pytest.MonkeyPatch.context() as patch:  # records dtypes and template values; runs as before

@@ -138,7 +138,7 @@ def test_planted_index_bugs_are_caught(bug):
     x, packed, ref = _gemm_case()
     kernel, inputs, launch = kernel_launch(x, packed, 100)
     if bug == "K bound off by one":  # the last row of x (33 x 100) or of w (25 x 100) is read one past its end
-        with pytest.raises(KernelFault, match=r"out-of-bounds read of device buffer (x at index 3300|w at index 2500) "):
+        with pytest.raises(KernelFault, match=r"out-of-bounds read of device buffer (x at index 3300|w at index 2500)"):
             emulate(kernel, inputs, source=_planted(*PLANTED[bug]), **launch)
         return
     y = emulate(kernel, inputs, source=_planted(*PLANTED[bug]), **launch)[0]

@@ -81,8 +81,8 @@ from mlx_zeta.kernels.source import KernelSource, device_sized, load_source
 if TYPE_CHECKING:
     from mlx_zeta.kernels.launch import Kernel
 
-__all__ = ["emulate", "compile_kernel", "compiler", "concurrent_groups", "kernel_sources", "KernelFault", "MAX_THREADS", "METAL_THREADGROUP_MEMORY",
-           "CUDA_STATIC_SHARED_MEMORY"]
+__all__ = ["emulate", "compile_kernel", "compiler", "concurrent_groups", "kernel_sources", "KernelFault",
+           "MAX_THREADS", "METAL_THREADGROUP_MEMORY", "CUDA_STATIC_SHARED_MEMORY"]
 
 MAX_THREADS = 1024  # per threadgroup / block, on Apple GPUs and NVIDIA alike
 METAL_THREADGROUP_MEMORY = 32 * 1024  # bytes per threadgroup (Apple GPUs)
@@ -109,7 +109,8 @@ def compiler() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _flags(cxx: str) -> Tuple[str, ...]:
-    """Compiler flags: GCC needs ``-fsanitize-sections`` to give threadgroup arrays redzones (clang has no such flag)."""
+    """The flags for ``cxx``: GCC needs ``-fsanitize-sections`` to give threadgroup arrays redzones
+    (clang has no such flag)."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     return (*_FLAGS, *(() if "clang" in version else ("-fsanitize-sections=emu_tg",)))
 
@@ -164,7 +165,8 @@ def _program(kernel: "Kernel", dialect: str, header: str, body: str, in_dtypes, 
         f"#undef {shared}\n", spaces[1], "#line 1 \"launcher\"\n",
         f"static const emu::BufferInfo emu_buffers[] = {{{info}}};\n",
         "int main(int argc, char** argv) {\n",
-        f'  return emu::main(argc, argv, "{kernel.family}.{kernel.name}", emu_buffers, {len(dtypes)}, {len(in_dtypes)},\n',
+        f'  return emu::main(argc, argv, "{kernel.family}.{kernel.name}", emu_buffers, {len(dtypes)}, '
+        f'{len(in_dtypes)},\n',
         f"                   [](emu::Ctx& c, void** b) {{ emu_kernel::kernel_body({', '.join(casts)}); }});\n}}\n",
     ])
     if dialect != "metal":
@@ -208,7 +210,8 @@ def _build(programs: Tuple[str, str | None], dialect: str, name: str) -> Tuple[P
     if cxx is None:
         raise RuntimeError("[emulate] no C++ compiler (g++ or $CXX) on PATH; the emulator compiles kernel text")
     flags = [*_flags(cxx), f"-DEMU_{dialect.upper()}"]
-    header_key = hashlib.sha256((" ".join(flags) + (include / "emulator.h").read_text()).encode()).hexdigest()[:24]
+    headers = "".join(p.read_text() for p in sorted(include.glob("*.h")))  # emulator.h and what it includes
+    header_key = hashlib.sha256((" ".join(flags) + headers).encode()).hexdigest()[:24]
     digest = hashlib.sha256((source + header_key).encode()).hexdigest()[:24]
     exe = _cache_dir() / digest / "kernel"
     sizes = exe.with_name("threadgroup.json")
@@ -224,8 +227,8 @@ def _build(programs: Tuple[str, str | None], dialect: str, name: str) -> Tuple[P
             checked = None
             if check is not None:
                 spaces.write_text(check)
-                checked = subprocess.run([cxx, *flags, "-fsyntax-only", "-fno-elide-type", "-I", str(pch), "-I", str(include),
-                                          str(spaces)], capture_output=True, text=True)
+                checked = subprocess.run([cxx, *flags, "-fsyntax-only", "-fno-elide-type", "-I", str(pch), "-I",
+                                          str(include), str(spaces)], capture_output=True, text=True)
             _, err = build.communicate()
             if build.returncode:
                 raise RuntimeError(f"[emulate] compiling {src} failed:\n{err[-4000:]}")
@@ -293,11 +296,13 @@ def _fault(name: str, stderr: str) -> "KernelFault | None":
                            f"(of {size}-byte elements; it has {int(g.group(4)) // int(size)}){at}", kind, "threadgroup",
                            g.group(3), index)
     if st:
-        index = (int(st.group(4)) - int(st.group(1))) // int(size)
+        start, end, offset = (int(st.group(n)) for n in (1, 2, 4))
+        index = (offset - start) // int(size)
         return KernelFault(f"[emulate] {name}: out-of-bounds {kind} of thread-local array {st.group(3)} at index "
-                           f"{index} (of {size}-byte elements; it has {(int(st.group(2)) - int(st.group(1))) // int(size)})"
-                           f"{at}", kind, "thread", st.group(3), index)
-    return KernelFault(f"[emulate] {name}: invalid {kind} of {size} bytes ({space} memory){at}", kind, space, None, None)
+                           f"{index} (of {size}-byte elements; it has {(end - start) // int(size)}){at}", kind,
+                           "thread", st.group(3), index)
+    return KernelFault(f"[emulate] {name}: invalid {kind} of {size} bytes ({space} memory){at}", kind, space, None,
+                       None)
 
 
 def _to_bytes(x: mx.array) -> bytes:
