@@ -13,6 +13,7 @@ All mutants are compiled up front on every core (``compile_kernel``); the tests 
 
 import concurrent.futures
 import os
+import sys
 from typing import Dict, List, NamedTuple
 
 import mlx_zeta  # noqa: F401
@@ -28,7 +29,8 @@ from mlx_zeta.kernels.emulate import KernelFault, compile_kernel, compiler, kern
 from mlx_zeta.kernels.packing import pack_2bit
 from mlx_zeta.kernels.ternary import ternary_matmul, ternary_matmul_reference
 
-pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler (g++) to run the kernel emulator")
+pytestmark = [pytest.mark.skipif(compiler() is None, reason="no C++ compiler (g++) to run the kernel emulator"),
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="poisoned threadgroup memory needs ELF")]
 
 
 class Bug(NamedTuple):
