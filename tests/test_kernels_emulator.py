@@ -1,6 +1,10 @@
 """The CPU emulator that runs our Metal/CUDA kernel text: its own semantics checked on tiny
 kernels (barriers, threadgroup memory, SIMD collectives, half types, junk-filled outputs,
-deadlock detection), so that the kernel tests built on it can be trusted."""
+deadlock detection) and its hardening (bounds-checked buffers and arrays, poisoned threadgroup
+memory, the device's limits, address spaces as types, threadgroups run concurrently), so that
+the kernel tests built on it can be trusted."""
+
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +12,7 @@ import pytest
 import mlx.core as mx
 
 from mlx_zeta.kernels import Kernel, KernelSource
-from mlx_zeta.kernels.emulate import compiler, emulate
+from mlx_zeta.kernels.emulate import KernelFault, compiler, concurrent_groups, emulate
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler (g++) to run the kernel emulator")
 
@@ -113,5 +117,104 @@ def test_deadlock_and_compile_errors_are_named():
         run(stuck, mx.ones((4,)), (4,), grid=(4, 1, 1), tg=(4, 1, 1), timeout=3.0)
     with pytest.raises(RuntimeError, match=r"compiling .* failed:(.|\n)*not_a_function"):
         run("y[0] = not_a_function(x[0]);", mx.ones((4,)), (4,), grid=(4, 1, 1), tg=(4, 1, 1))
-    with pytest.raises(ValueError, match=r"multiple of a threadgroup"):
+    with pytest.raises(ValueError, match=r"multiple of the threadgroup"):
         run(REVERSE, mx.ones((100,)), (100,), grid=(100, 1, 1), tg=(64, 1, 1))
+
+
+# ---------------------------------------------------------------- hardening
+# Poisoning and measuring threadgroup memory use an ELF section (emulator.h): Linux, where CI runs.
+elf_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threadgroup memory lives in an ELF section")
+# Every index below is hand-picked: one element past either end of a 64-element buffer (2 groups of
+# 32 threads), or of a 32-element threadgroup array / a 4-element thread-local array.
+OOB = {
+    "device read past the end": ("uint i = thread_position_in_grid.x; y[i] = x[i + 1];", "read", "device", "x", 64),
+    "device write past the end": ("uint i = thread_position_in_grid.x; y[i + 1] = x[i];", "write", "device", "y", 64),
+    "device read before the start": ("int i = thread_position_in_grid.x; y[i] = x[i - 1];", "read", "device", "x", -1),
+    "threadgroup write past the end": ("threadgroup float b[32]; uint i = thread_position_in_threadgroup.x; "
+                                       "b[i + 1] = 1.0f; y[thread_position_in_grid.x] = 0.0f;",
+                                       "write", "threadgroup", "b", 32),
+    "thread-local read past the end": ("float a[4] = {1, 2, 3, 4}; uint i = thread_position_in_grid.x; "
+                                       "y[i] = a[i % 5];", "read", "thread", "a", 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OOB))
+def test_out_of_bounds_access_raises_naming_buffer_and_index(case):
+    body, kind, space, buffer, index = OOB[case]
+    with pytest.raises(KernelFault, match=rf"test\.k: out-of-bounds {kind} of .*{buffer} at index {index}\b") as info:
+        run(body, mx.arange(64, dtype=mx.float32), (64,), grid=(64, 1, 1), tg=(32, 1, 1))
+    assert (info.value.kind, info.value.space, info.value.buffer, info.value.index) == (kind, space, buffer, index)
+    assert "at k:1" in str(info.value)  # the body's line, from the program's debug info
+
+
+def test_cuda_shared_memory_is_bounds_checked():
+    body = "__shared__ float b[32]; b[threadIdx.x + 1] = 1.0f; y[blockIdx.x * 32 + threadIdx.x] = 0.0f;"
+    with pytest.raises(KernelFault, match=r"out-of-bounds write of threadgroup array b at index 32"):
+        run(body, mx.ones((64,)), (64,), dialect="cuda", grid=(64, 1, 1), tg=(32, 1, 1))
+
+
+@elf_only
+def test_threadgroup_memory_is_poisoned_for_every_group():
+    """Each thread reads its slot, then writes it: group 0 must see NaN (not 0), and group 1 NaN
+    again (not group 0's values, as a zero-initialised static would give)."""
+    body = """
+threadgroup float b[32];
+threadgroup int n[32];
+const uint i = thread_position_in_threadgroup.x;
+y[thread_position_in_grid.x] = b[i] + float(n[i]);
+threadgroup_barrier(mem_flags::mem_threadgroup);
+b[i] = 7.0f;
+n[i] = 7;
+"""
+    y = np.array(run(body, mx.ones((64,)), (64,), grid=(64, 1, 1), tg=(32, 1, 1)))
+    assert np.isnan(y).all()
+    ints = ("threadgroup int n[32]; const uint i = thread_position_in_threadgroup.x; "
+            "y[thread_position_in_grid.x] = n[i]; n[i] = 7;")
+    y = np.array(run(ints, mx.ones((64,)), (64,), grid=(64, 1, 1), tg=(32, 1, 1)))
+    assert (y == -1).all()  # 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("dialect, body, limit", [
+    ("metal", "threadgroup float a[4096]; threadgroup float b[4097]; a[0] = b[0] = 1; y[0] = a[0] + b[0];", 32768),
+    ("cuda", "__shared__ float a[12289]; a[0] = 1; y[0] = a[0];", 49152)])
+@elf_only
+def test_threadgroup_memory_limit(dialect, body, limit):
+    with pytest.raises(ValueError, match=rf"test\.k: expected at most {limit} bytes of .* per group, got"):
+        run(body, mx.ones((8,)), (8,), dialect=dialect, grid=(8, 1, 1), tg=(8, 1, 1))
+    fits = body.replace("4097", "4096").replace("12289", "12288")  # exactly at the limit: runs
+    y = run(fits, mx.ones((8,)), (8,), dialect=dialect, grid=(8, 1, 1), tg=(8, 1, 1), init_value=0)
+    assert float(y[0]) == (2 if dialect == "metal" else 1)  # a[0] + b[0], or a[0]
+
+
+def test_thread_per_group_limit():
+    with pytest.raises(ValueError, match=r"test\.k: expected at most 1024 threads per threadgroup .* = 1088"):
+        run("y[0] = x[0];", mx.ones((8,)), (8,), grid=(1088, 1, 1), tg=(1088, 1, 1))
+
+
+@pytest.mark.parametrize("line, spaces", [  # (what g++ names as the source type, the target type)
+    ("threadgroup float b[32]; const device float* p = b;", "tg_array<float, ?32>.*device_space, ?const float"),
+    ("threadgroup float* t = y;", "device_space, ?float>.*threadgroup_space, ?float"),
+    ("constant float* c = y;", "device_space, ?float>.*constant_space, ?float"),
+    ("float r = 1.0f; thread float* t = &r; device float* d = t;", "thread_space, ?float>.*device_space, ?float"),
+    ("const constant float* c = nullptr; const device float* d = c;", "constant_space, ?const float>.*device_space")])
+def test_mixing_address_spaces_fails_to_compile(line, spaces):
+    """Metal rejects a pointer of one address space where another is expected; so must the emulator
+    (where the qualifiers are erased, every one of these would compile and run)."""
+    with pytest.raises(RuntimeError, match=rf"test\.k: address-space check failed(.|\n)*{spaces}"):
+        run(line + " y[0] = x[0];", mx.ones((8,)), (8,), grid=(8, 1, 1), tg=(8, 1, 1))
+
+
+# Group g (one thread each) appends to a chain that group g - 1 started: right only when the groups
+# run one after another in order, which neither Metal nor CUDA promises.
+CHAIN = "const uint g = threadgroup_position_in_grid.x; y[g] = g == 0 ? 1.0f : y[g - 1] + 1.0f;"
+
+
+def test_concurrent_groups_expose_reliance_on_group_order():
+    x = mx.ones((8,))
+    sequential = np.array(run(CHAIN, x, (8,), grid=(8, 1, 1), tg=(1, 1, 1)))
+    np.testing.assert_array_equal(sequential, np.arange(1, 9))
+    with concurrent_groups(4):
+        assert not np.array_equal(np.array(run(CHAIN, x, (8,), grid=(8, 1, 1), tg=(1, 1, 1))), sequential)
+        # the reversal kernel of the tests above has no such reliance: the same answer as in order
+        y = np.array(run(REVERSE, mx.arange(128, dtype=mx.float32), (128,)))
+    np.testing.assert_array_equal(y, 2 * np.concatenate([np.arange(64)[::-1], np.arange(64, 128)[::-1]]))

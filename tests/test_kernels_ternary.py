@@ -13,7 +13,7 @@ import mlx.core as mx
 
 import mlx_zeta.quant.ternary as ternary_layer
 from mlx_zeta.kernels import KernelSource, load_source, use_kernels
-from mlx_zeta.kernels.emulate import compiler, emulate
+from mlx_zeta.kernels.emulate import KernelFault, compiler, concurrent_groups, emulate
 from mlx_zeta.kernels.ternary import kernel_launch, ternary_matmul, ternary_matmul_reference
 from mlx_zeta.quant import BitLinear
 from mlx_zeta.kernels.packing import pack_2bit
@@ -99,6 +99,17 @@ def test_cuda_twin(M, K, N, dtype):
         np.testing.assert_allclose(np.array(y), ref, **FLOAT_TOL[dtype])
 
 
+def test_groups_run_concurrently():
+    """Each threadgroup of GEMV and GEMM writes only its own outputs and reads nothing another
+    writes: run four at a time in reverse order (concurrent_groups), both texts stay exact."""
+    for M in (3, 33):  # GEMV: 7 groups; GEMM: 2 x 2 groups
+        x, packed, W = _case(8, M, 100, 100)
+        kernel, inputs, launch = kernel_launch(x, packed, 100)
+        with concurrent_groups(4):
+            for mode in ("emulate", "emulate-cuda"):
+                assert np.array_equal(np.array(kernel(inputs, mode=mode, **launch)[0]), _exact(x, W)), (M, mode)
+
+
 # ---------------------------------------------------------------- planted bugs in ternary_gemm
 BARRIER = "threadgroup_barrier(mem_flags::mem_threadgroup);"
 # (anchor, replacement, occurrences): the K bound guards both staging loads (either alone
@@ -126,6 +137,10 @@ def _gemm_case():
 def test_planted_index_bugs_are_caught(bug):
     x, packed, ref = _gemm_case()
     kernel, inputs, launch = kernel_launch(x, packed, 100)
+    if bug == "K bound off by one":  # the last row of x (33 x 100) or of w (25 x 100) is read one past its end
+        with pytest.raises(KernelFault, match=r"out-of-bounds read of device buffer (x at index 3300|w at index 2500)"):
+            emulate(kernel, inputs, source=_planted(*PLANTED[bug]), **launch)
+        return
     y = emulate(kernel, inputs, source=_planted(*PLANTED[bug]), **launch)[0]
     assert not np.array_equal(np.array(y), ref), f"planted bug not caught: {bug}"
 
