@@ -66,6 +66,16 @@ def _human(n: float) -> str:
     raise AssertionError  # unreachable
 
 
+def _check_destination(command: str, dst: Path, overwrite: bool, replaces: str) -> None:
+    """A destination folder that is absent, empty, or one ``--overwrite`` lets ``command`` replace
+    (``replaces``: what of it is replaced, for the message); anything else is a one-line ``ValueError``."""
+    if (dst.exists() or dst.is_symlink()) and not dst.is_dir():
+        raise ValueError(f"[{command}] destination {dst} exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise ValueError(f"[{command}] destination {dst} exists and is not empty; pass --overwrite to replace "
+                         f"{replaces}")
+
+
 # --------------------------------------------------------------------------- convert
 
 
@@ -98,13 +108,9 @@ def _convert(args: argparse.Namespace) -> int:
     from .pretrained import from_pretrained, quantize, save_pretrained
 
     dst: Path = args.dst
-    if dst.exists() and not dst.is_dir():
-        raise ValueError(f"[convert] destination {dst} exists and is not a folder")
-    if Path(args.src).expanduser().resolve() == dst.resolve():
+    if Path(args.src).expanduser().resolve() == dst.resolve() and (dst.is_dir() or not dst.exists()):
         raise ValueError(f"[convert] destination {dst} is the source folder; pick another one")
-    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
-        raise ValueError(f"[convert] destination {dst} exists and is not empty; pass --overwrite to replace "
-                         "its weights")
+    _check_destination("convert", dst, args.overwrite, replaces="its weights")
     if args.group_size is not None and args.quantize is None:
         raise ValueError("[convert] --group-size needs --quantize")
     group_size = args.group_size or 64
@@ -218,22 +224,14 @@ _EXPORTS = {"causal-lm": ("lm", _export_lm, ("capacity", "prefill_len")),
             "vision": ("vit", _export_vit, ())}
 
 
-def _check_destination(dst: Path, overwrite: bool) -> None:
-    """An ``.mlpackage`` path that is absent, an empty folder, or a folder ``--overwrite`` may replace."""
-    if dst.suffix != ".mlpackage":
-        raise ValueError(f"[export-coreml] expected an output path ending in .mlpackage, got {dst}")
-    if (dst.exists() or dst.is_symlink()) and not dst.is_dir():
-        raise ValueError(f"[export-coreml] destination {dst} exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise ValueError(f"[export-coreml] destination {dst} exists and is not empty; pass --overwrite to replace it")
-
-
 def _export_coreml(args: argparse.Namespace) -> int:
     from .coreml import import_coremltools, package_summary
     from .pretrained import from_pretrained
 
     dst: Path = args.dst
-    _check_destination(dst, args.overwrite)
+    if dst.suffix != ".mlpackage":
+        raise ValueError(f"[export-coreml] expected an output path ending in .mlpackage, got {dst}")
+    _check_destination("export-coreml", dst, args.overwrite, replaces="it")
     for flag in ("capacity", "prefill_len", "seq_len"):
         value = getattr(args, flag)
         if value is not None and value < 1:

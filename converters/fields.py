@@ -35,7 +35,8 @@ import typing
 from numbers import Integral, Real
 from typing import Any, Mapping, Optional
 
-__all__ = ["ConfigError", "check_fields", "check_entries", "missing_fields", "expected", "problem", "shown"]
+__all__ = ["ConfigError", "check_fields", "check_entries", "check_value", "missing_fields", "expected", "problem",
+           "shown"]
 
 
 class ConfigError(ValueError):
@@ -60,21 +61,17 @@ def shown(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _args(hint: Any) -> tuple:
-    return tuple(a for a in typing.get_args(hint))
-
-
 def expected(hint: Any) -> str:
     """The words for what ``hint`` accepts: ``a JSON boolean``, ``a JSON integer or null``, ..."""
-    origin = typing.get_origin(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return "any value"
     if hint is type(None):
         return "null"
     if origin is typing.Union:
-        arms = [a for a in _args(hint) if a is not type(None)]
+        arms = [a for a in args if a is not type(None)]
         words = " or ".join(expected(a) for a in arms)
-        return words + " or null" if len(arms) < len(_args(hint)) else words
+        return words + " or null" if len(arms) < len(args) else words
     if hint is bool:
         return "a JSON boolean"
     if hint is int:
@@ -84,7 +81,7 @@ def expected(hint: Any) -> str:
     if hint is str:
         return "a string"
     if origin in (list, tuple, abc.Sequence) or hint in (list, tuple):
-        item = _args(hint)[:1]
+        item = args[:1]
         return f"an array of {_plural(item[0])}" if item and item[0] is not Any else "an array"
     if origin in (dict, abc.Mapping) or hint in (dict, Mapping):
         return "an object"
@@ -99,11 +96,11 @@ def _plural(hint: Any) -> str:
 
 def problem(value: Any, hint: Any) -> Optional[str]:
     """``None`` when ``hint`` accepts ``value``; else what was wrong (``"got the string 'false'"``)."""
-    origin = typing.get_origin(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return None
     if origin is typing.Union:  # the arm of the value's own kind says more ("item 1 is ..."), if one does
-        problems = [problem(value, a) for a in _args(hint)]
+        problems = [problem(value, a) for a in args]
         if None in problems:
             return None
         specific = [p for p in problems if p != f"got {shown(value)}"]
@@ -121,7 +118,7 @@ def problem(value: Any, hint: Any) -> Optional[str]:
     elif origin in (list, tuple, abc.Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return f"got {shown(value)}"
-        item = _args(hint)[0] if _args(hint) else Any
+        item = args[0] if args else Any
         for i, v in enumerate(value):
             if problem(v, item) is not None:
                 return f"got an array whose item {i} is {shown(v)}"
@@ -129,7 +126,7 @@ def problem(value: Any, hint: Any) -> Optional[str]:
     elif origin in (dict, abc.Mapping) or hint in (dict, Mapping):
         if not isinstance(value, Mapping):
             return f"got {shown(value)}"
-        key, item = _args(hint) if _args(hint) else (Any, Any)
+        key, item = args if args else (Any, Any)
         for k, v in value.items():
             if problem(k, key) is not None or problem(v, item) is not None:
                 return f"got an object whose entry {k!r} is {shown(v)}"
@@ -163,9 +160,15 @@ def _check(values: Mapping[str, Any], hints: Mapping[str, Any], lead: str, noun:
         raise ConfigError(f"{lead} missing required {noun} {absent[0]!r} ({expected(hints[absent[0]])}){more}")
     for name, hint in hints.items():
         if name in values:
-            wrong = problem(values[name], hint)
-            if wrong is not None:
-                raise ConfigError(f"{lead} {noun} {name!r} expected {expected(hint)}, {wrong}")
+            check_value(values[name], hint, f"{lead} {noun} {name!r}")
+
+
+def check_value(value: Any, hint: Any, what: str) -> Any:
+    """``value`` if ``hint`` accepts it, else a ConfigError ``"<what> expected <type>, got <value>"``."""
+    wrong = problem(value, hint)
+    if wrong is not None:
+        raise ConfigError(f"{what} expected {expected(hint)}, {wrong}")
+    return value
 
 
 def check_fields(cls: type, values: Mapping[str, Any], where: str) -> None:

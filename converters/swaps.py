@@ -26,7 +26,7 @@ import mlx.nn as nn
 
 from mlx_zeta.quant import BitLinear, TernaryLinear
 
-from .fields import ConfigError, expected, problem
+from .fields import ConfigError, check_value, problem
 
 __all__ = ["QUANTIZATION_KEY", "TERNARY_KEY", "quantize", "quantized_layers", "record", "rebuild"]
 
@@ -99,14 +99,6 @@ def record(model: nn.Module, fresh: nn.Module, model_type: str) -> Dict[str, Any
     return out
 
 
-def _field(config: Mapping[str, Any], key: str, hint: Any, source: str) -> Any:
-    value = config[key]
-    wrong = problem(value, hint)
-    if wrong is not None:
-        raise ConfigError(f"{source}: field {key!r} expected {expected(hint)}, {wrong}")
-    return value
-
-
 def _rebuild_ternary(model: nn.Module, entries: list, source: str) -> None:
     modules = dict(model.named_modules())
     swaps = []
@@ -155,6 +147,8 @@ def _rebuild_affine(model: nn.Module, spec: Mapping[str, Any], source: str) -> N
 def rebuild(model: nn.Module, config: Mapping[str, Any], source: str = "config.json") -> None:
     """Redo, in place on a freshly built ``model``, the swaps that :func:`record` wrote into ``config``."""
     if TERNARY_KEY in config:
-        _rebuild_ternary(model, _field(config, TERNARY_KEY, List[Dict[str, Any]], source), source)
+        entries = check_value(config[TERNARY_KEY], List[Dict[str, Any]], f"{source}: field {TERNARY_KEY!r}")
+        _rebuild_ternary(model, entries, source)
     if QUANTIZATION_KEY in config:
-        _rebuild_affine(model, _field(config, QUANTIZATION_KEY, Dict[str, Any], source), source)
+        spec = check_value(config[QUANTIZATION_KEY], Dict[str, Any], f"{source}: field {QUANTIZATION_KEY!r}")
+        _rebuild_affine(model, spec, source)
