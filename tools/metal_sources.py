@@ -40,7 +40,7 @@ from typing import List, Optional, Sequence, Tuple
 import mlx_zeta  # noqa: F401  (routes BLAS before mlx.core loads)
 import mlx.core as mx
 
-from mlx_zeta.kernels.source import CONSTANT_LIMIT
+from mlx_zeta.kernels.source import CONSTANT_LIMIT, METAL_TYPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_launches import Launch, recorded_launches  # noqa: E402
@@ -49,9 +49,6 @@ MLX_COMMIT = "846d176227a0ac13d2667e58d2bb68b322109ab0"
 PRELUDE = '#include "mlx/backend/metal/kernels/utils.h"  // MLX prepends metal::utils(), this header\n'
 XCRUN_FLAGS = ("-std=metal3.1", "-fno-fast-math")
 # get_type_string (mlx/backend/common/compiled.cpp)
-METAL_TYPES = {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.bool_: "bool",
-               mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t", mx.int64: "int64_t", mx.uint8: "uint8_t",
-               mx.uint16: "uint16_t", mx.uint32: "uint32_t", mx.uint64: "uint64_t"}
 # metal_attributes of metal_kernel(), in MLX's order: added to the signature when the body contains the name
 ATTRIBUTES = (("dispatch_quadgroups_per_threadgroup", "uint"), ("dispatch_simdgroups_per_threadgroup", "uint"),
               ("dispatch_threads_per_threadgroup", "uint3"), ("grid_origin", "uint3"), ("grid_size", "uint3"),

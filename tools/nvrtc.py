@@ -56,6 +56,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import mlx_zeta  # noqa: F401  (routes BLAS before mlx.core loads)
 import mlx.core as mx
 
+from mlx_zeta.kernels.source import CUDA_TYPES as MLX_CUDA_TYPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_launches import Launch, recorded_launches  # noqa: E402
@@ -70,10 +71,7 @@ NAMESPACE_CLOSE = "\n}\n\n} // namespace mlx::core::cu\n"
 MLX_OPTIONS = ("--device-as-default-execution-space",)
 EXTRA_OPTIONS = ("-pch", "--ptxas-options=-v")
 # dtype_to_cuda_type (mlx/backend/cuda/utils.cpp) and get_type_string (backend/common/compiled.cpp)
-CUDA_TYPES = {mx.bool_: "bool", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t", mx.int64: "int64_t",
-              mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t", mx.uint64: "uint64_t",
-              mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.float64: "double",
-              mx.complex64: "mlx::core::cu::complex64_t"}
+CUDA_TYPES = {**MLX_CUDA_TYPES, mx.complex64: "mlx::core::cu::complex64_t"}  # the types MLX can pass
 HASH_TYPES = {**CUDA_TYPES, mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.complex64: "complex64_t"}
 _PCH_NOTE = re.compile(r"precompiled header|Warning #629-D|warnings can be suppressed with")  # -pch's log lines
 

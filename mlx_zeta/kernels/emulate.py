@@ -76,7 +76,7 @@ import mlx.core as mx
 
 from mlx_zeta.common import atomic_path, check_choice, check_int
 from mlx_zeta.kernels.address_spaces import lower
-from mlx_zeta.kernels.source import KernelSource, device_sized, load_source
+from mlx_zeta.kernels.source import CUDA_TYPES, METAL_TYPES, KernelSource, device_sized, load_source
 
 if TYPE_CHECKING:
     from mlx_zeta.kernels.launch import Kernel
@@ -88,10 +88,6 @@ MAX_THREADS = 1024  # per threadgroup / block, on Apple GPUs and NVIDIA alike
 METAL_THREADGROUP_MEMORY = 32 * 1024  # bytes per threadgroup (Apple GPUs)
 CUDA_STATIC_SHARED_MEMORY = 48 * 1024  # bytes of static __shared__ per block (more needs dynamic shared memory)
 
-_METAL_TYPES = {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.int32: "int32_t",
-                mx.uint32: "uint32_t", mx.int8: "int8_t", mx.uint8: "uint8_t", mx.int64: "int64_t",
-                mx.int16: "int16_t", mx.uint16: "uint16_t", mx.bool_: "bool"}
-_CUDA_TYPES = {**_METAL_TYPES, mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"}
 _METAL_ATTRIBUTES = (
     "uint3 thread_position_in_grid", "uint3 threadgroup_position_in_grid", "uint3 thread_position_in_threadgroup",
     "uint3 threads_per_threadgroup", "uint3 threadgroups_per_grid", "uint thread_index_in_threadgroup",
@@ -135,7 +131,7 @@ def _program(kernel: "Kernel", dialect: str, header: str, body: str, in_dtypes, 
     parameters become constants of its namespace: GCC places the statics of a plain function in
     the section the launcher poisons), and a ``main`` that launches it. For Metal also the
     address-space check: the same header and body with qualifiers as types (:func:`lower`)."""
-    types = _METAL_TYPES if dialect == "metal" else _CUDA_TYPES
+    types = METAL_TYPES if dialect == "metal" else CUDA_TYPES
     space_in, space_out = ("const device ", "device ") if dialect == "metal" else ("const ", "")
     params = [f"{space_in}{types[d]}* {n}" for n, d in zip(kernel.input_names, in_dtypes)]
     params += [f"{space_out}{types[d]}* {n}" for n, d in zip(kernel.output_names, out_dtypes)]

@@ -22,7 +22,15 @@ from typing import Dict
 
 import mlx.core as mx
 
-__all__ = ["KernelSource", "load_source", "device_sized", "CONSTANT_LIMIT"]
+__all__ = ["KernelSource", "load_source", "device_sized", "CONSTANT_LIMIT", "METAL_TYPES", "CUDA_TYPES"]
+
+# How MLX spells each dtype in the kernel source it generates around a body (its
+# ``get_type_string``): Metal names, and the CUDA ones where they differ. The emulator declares
+# the same signature; tools/metal_sources.py and tools/nvrtc.py rebuild MLX's own text with them.
+METAL_TYPES = {mx.bool_: "bool", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t", mx.int64: "int64_t",
+               mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t", mx.uint64: "uint64_t",
+               mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.float32: "float"}
+CUDA_TYPES = {**METAL_TYPES, mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float64: "double"}
 
 _MARKER = re.compile(r"^// ==== (header|kernel: (\w+)) ====\s*$", re.M)
 
