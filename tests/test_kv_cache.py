@@ -171,3 +171,35 @@ def test_key_mask_pads_cached_positions():
                                   [[True, True, True, True, False], [True, True, True, False, True]])
     full = mx.array(np.arange(14).reshape(2, 7) % 3 == 0)  # positions 0..6
     np.testing.assert_array_equal(np.array(cache.key_mask(full, 2, B, "t")), np.array(full)[:, 2:])
+
+
+@pytest.mark.parametrize("kind", ["kv", "rotating"])
+def test_trim_then_decode_equals_a_cache_that_never_saw_the_trimmed_positions(rng, kind):
+    """Law: feeding 7 positions, forgetting the newest 3 and feeding 2 others leaves the same keys/values as
+    feeding the first 4 and those 2; the attention output over them is therefore the same too."""
+    make = (lambda: KVCache(step=4)) if kind == "kv" else (lambda: RotatingKVCache(max_size=16))
+    k = mx.array(rng.standard_normal((1, 2, 9, 8)).astype(np.float32))
+    v = mx.array(rng.standard_normal((1, 2, 9, 8)).astype(np.float32))
+    trimmed, fresh = make(), make()
+    trimmed.update_and_fetch(k[:, :, :7], v[:, :, :7])
+    assert trimmed.can_trim(3) and trimmed.trim(3) == 3 and trimmed.offset == 4
+    got = trimmed.update_and_fetch(k[:, :, 7:], v[:, :, 7:])
+    fresh.update_and_fetch(mx.concatenate([k[:, :, :4], k[:, :, 7:]], axis=2)[:, :, :4],
+                           mx.concatenate([v[:, :, :4], v[:, :, 7:]], axis=2)[:, :, :4])
+    want = fresh.update_and_fetch(k[:, :, 7:], v[:, :, 7:])
+    assert trimmed.offset == fresh.offset == 6
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    assert trimmed.trim(100) == 6 and trimmed.offset == 0  # clipped to what is held
+
+
+def test_trim_refuses_what_it_cannot_do_exactly():
+    rot = RotatingKVCache(max_size=4)
+    rot.update_and_fetch(mx.zeros((1, 1, 6, 2)), mx.zeros((1, 1, 6, 2)))  # two positions already dropped
+    assert not rot.can_trim(1) and rot.can_trim(0)
+    with pytest.raises(ValueError, match=r"^\[RotatingKVCache\] cannot forget 1 cached positions exactly"):
+        rot.trim(1)
+    with pytest.raises(ValueError, match=r"^\[StaticKVCache\] cannot forget cached positions"):
+        StaticKVCache(4).trim(1)
+    with pytest.raises(ValueError, match=r"^\[KVCache\] expected n to be an int >= 0"):
+        KVCache().trim(-1)

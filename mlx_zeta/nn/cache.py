@@ -108,6 +108,24 @@ class Cache:
         self.values = None
         self.offset = 0
 
+    def can_trim(self, n: int) -> bool:
+        """Whether :meth:`trim` can forget the newest ``n`` positions exactly (base: no)."""
+        return False
+
+    def trim(self, n: int) -> int:
+        r"""Forget the newest ``n`` positions, so the cache holds the first ``offset - n``
+        (a rejected speculative draft, a prompt that shares only a prefix with the cached one).
+        ``n`` is clipped to ``[0, offset]``; returns the number forgotten. A cache that cannot
+        do it exactly (:meth:`can_trim` is False) raises ``ValueError``."""
+        raise ValueError(f"[{type(self).__name__}] cannot forget cached positions (trim); make a new cache")
+
+    def _trim_count(self, n: int) -> int:
+        check_int(type(self).__name__, "n", n, 0)
+        if not self.can_trim(n):
+            raise ValueError(f"[{type(self).__name__}] cannot forget {n} cached positions exactly (trim); "
+                             f"make a new cache")
+        return min(n, int(self.offset))
+
     @property
     def state(self) -> Tuple[Optional[mx.array], Optional[mx.array]]:
         """The stored ``(keys, values)``, or ``(None, None)`` when empty."""
@@ -164,6 +182,16 @@ class KVCache(Cache):
         self.keys[..., prev : self.offset, :] = keys
         self.values[..., prev : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def can_trim(self, n: int) -> bool:
+        """Always: a growing cache keeps every position."""
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the newest ``n`` positions (their storage is overwritten by the next update)."""
+        n = self._trim_count(n)
+        self.offset -= n
+        return n
 
     @property
     def state(self) -> Tuple[Optional[mx.array], Optional[mx.array]]:
@@ -231,6 +259,19 @@ class RotatingKVCache(Cache):
         self.keys = keys[:, :, -self.max_size :]
         self.values = values[:, :, -self.max_size :]
         return keys, values
+
+    def can_trim(self, n: int) -> bool:
+        """Only while nothing has been dropped (``offset <= max_size``): after that, forgetting the
+        newest positions would leave the window short of the older ones it has already let go."""
+        return self.offset <= self.max_size or n == 0
+
+    def trim(self, n: int) -> int:
+        """Forget the newest ``n`` positions (see :meth:`can_trim`)."""
+        n = self._trim_count(n)
+        if n:
+            self.offset -= n
+            self.keys, self.values = self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+        return n
 
 
 class StaticKVCache(Cache):
