@@ -129,15 +129,15 @@ def _vm_kib(pid: int, field: str) -> int | None:
     return None
 
 
-def run_convert(src: Path, dst: Path) -> dict:
-    """``mlx-zeta convert src dst`` in a fresh process: wall seconds, its summary line, and its
+def run_convert(src: Path, dst: Path, *options: str) -> dict:
+    """``mlx-zeta convert src dst [options]`` in a fresh process: wall seconds, its summary line, and its
     peak RSS in bytes: the kernel's high-water mark (``VmHWM``) read when it starts writing
     (``load_peak``) and when it prints its summary (``peak``, after the save). Not
     ``wait4``'s ``ru_maxrss``: Linux carries the forking parent's high-water mark (this
     process's, large once models are loaded) into the child's across ``exec``."""
     script = Path(sys.executable).parent / "mlx-zeta"
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "mlx_zeta.converters.cli"]
-    cmd += ["convert", str(src), str(dst)]
+    cmd += ["convert", str(src), str(dst), *options]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
