@@ -2,6 +2,7 @@
 stop strings, prompt-cache reuse, and bad input. Independent references: transformers' logits
 processors and ``generate`` on the same random checkpoint, numpy loops written from the math."""
 
+import importlib
 import json
 
 import mlx_zeta  # noqa: F401  (routes BLAS before mlx.core loads)
@@ -132,6 +133,24 @@ def test_greedy_tokens_equal_transformers_generate(tiny, penalty):
     want = _hf_greedy(hf, ids, 16, **({} if penalty is None else {"repetition_penalty": penalty}))
     got = [r.token for r in stream_generate(model, tok, ids, 16, eos_token_ids=[], repetition_penalty=penalty)]
     assert got == want
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 512])
+def test_prefill_in_chunks_equals_one_full_forward(tiny, monkeypatch, chunk):
+    """All but the last prompt id in chunks (only the caches evaluated), the last alone: the
+    logits equal the last row of one forward over the whole prompt, the caches hold every
+    position, and the greedy tokens still equal transformers' (chunk 4 divides the 8 ids before the last)."""
+    gen = importlib.import_module("mlx_zeta.lm.generate")  # the module (mlx_zeta.lm.generate is the function)
+    _, hf, model, tok = tiny
+    ids = [2, 11, 5, 30, 4, 17, 23, 8, 40]
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", chunk)
+    caches = model.make_cache()
+    got = gen._prefill(model, caches, ids)
+    want = model(mx.array([ids]))[:, -1]
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=1e-5)
+    assert [c.offset for c in caches] == [len(ids)] * len(caches)
+    tokens = [r.token for r in stream_generate(model, tok, ids, 8, eos_token_ids=[])]
+    assert tokens == _hf_greedy(hf, ids, 8)
 
 
 def test_defaults_come_from_generation_config(tiny):

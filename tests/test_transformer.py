@@ -109,6 +109,28 @@ def test_return_embeddings_equals_stack_output(rng):
     assert_close(emb @ model.token_emb.weight.T, model(mx.array(x)), what="tied logits = embeddings @ E^T")
 
 
+@pytest.mark.parametrize("kw", [dict(layer=dict(rotary_pos_emb=True, attn_kv_heads=2)),
+                                dict(layer=dict(alibi_pos_bias=True), tie_embedding=True, prefix=True)])
+def test_last_only_equals_the_last_row(rng, kw):
+    """``last_only=True`` gives the last row of the full output (logits or embeddings), with and
+    without a cache, with a prefix; the cache then holds every position as after a full call."""
+    kw = dict(kw)
+    layer, prefix = kw.pop("layer"), kw.pop("prefix", False)
+    model = Transformer(num_tokens=VOCAB, max_seq_len=MAX_LEN, attn_layers=Decoder(dim=DIM, depth=DEPTH, heads=4,
+                                                                                    **layer), **kw)
+    x = mx.array(tokens(rng))
+    extra = dict(prepend_embeds=mx.array(rng.standard_normal((B, 3, DIM)).astype(np.float32))) if prefix else {}
+    for out in (dict(), dict(return_embeddings=True)):
+        full = model(x, **extra, **out)
+        got = model(x, **extra, **out, last_only=True)
+        assert got.shape == (B, 1, full.shape[-1])
+        assert_close(got, full[:, -1:], what=f"last_only {out}")
+    cache, whole = model.make_cache(), model.make_cache()
+    assert_close(model(x, cache=cache, last_only=True, **extra), model(x, cache=whole, **extra)[:, -1:], what="cached")
+    step = x[:, :1]
+    assert_close(model(step, cache=cache), model(step, cache=whole), what="step after a last_only prefill")
+
+
 # ------------------------------------------------------------------ KV-cached decoding
 
 DECODE_CASES = {

@@ -199,12 +199,15 @@ class _StopScan:
 
 
 def _prefill(model: nn.Module, caches: list, ids: List[int]) -> mx.array:
-    """Run ``ids`` through the model in chunks of :data:`PREFILL_CHUNK`; the last position's logits (1, V)."""
-    chunks = [ids[i:i + PREFILL_CHUNK] for i in range(0, len(ids), PREFILL_CHUNK)]
-    for chunk in chunks[:-1]:
-        model(mx.array([chunk]), cache=caches)
+    """Run ``ids`` through the model; the last position's logits (1, V). All but the last id go in
+    chunks of :data:`PREFILL_CHUNK` of which only the caches are evaluated (MLX's lazy graph then
+    skips the last layer's attention output and feed-forward, the final norm and the head for
+    them); the last id goes alone, as a decoding step."""
+    head = ids[:-1]
+    for i in range(0, len(head), PREFILL_CHUNK):
+        model(mx.array([head[i:i + PREFILL_CHUNK]]), cache=caches)
         mx.eval([c.state for c in caches])
-    return model(mx.array([chunks[-1]]), cache=caches)[:, -1]
+    return model(mx.array([ids[-1:]]), cache=caches)[:, -1]
 
 
 def _causal_steps(model: nn.Module, ids: List[int], s: _Settings, cache: PromptCache,

@@ -10,6 +10,7 @@ from mlx_zeta.common import check_int
 from mlx_zeta.structs.attention_layers import AttentionLayers
 from mlx_zeta.structs.decoding import check_token_ids, decode_steps, describe, global_key
 from mlx_zeta.structs.sampling import check_sampling_args
+from mlx_zeta.structs.transformer import Transformer
 
 __all__ = ["AutoregressiveWrapper"]
 
@@ -206,7 +207,8 @@ class AutoregressiveWrapper(nn.Module):
             seq = prompt  # (b, n + i), the uncached path's whole sequence
             if use_cache:
                 caches = net.make_cache()
-                logits = net(prompt, cache=caches, **net_kwargs)[:, -1]  # prefill
+                last = {"last_only": True} if isinstance(net, Transformer) else {}  # no head over the prompt
+                logits = net(prompt, cache=caches, **net_kwargs, **last)[:, -1]  # prefill
                 if mask is not None:  # (b, p + n): every position so far
                     mask = mx.concatenate([mx.ones((b, p), mx.bool_), mask], axis=1)
             else:

@@ -46,7 +46,9 @@ class Transformer(nn.Module):
         logits_dim (int, optional): output size. Default: ``num_tokens``.
 
     Call ``(x, mask=None, cache=None, return_embeddings=False, prepend_embeds=None,
-    context=None, context_mask=None)``. ``mask`` (True = keep) covers the tokens of ``x``
+    context=None, context_mask=None, last_only=False)``. ``last_only``: the output of the
+    last position alone, :math:`(B, 1, \cdot)` (a prefill before decoding needs no other
+    logits; skips the head's :math:`(L - 1) \cdot \text{dim} \cdot V` multiply-adds). ``mask`` (True = keep) covers the tokens of ``x``
     (prepended positions are kept; with a cache, cached positions too) or, with a cache,
     every position so far (``offset + seq``, e.g. a left-padded batch); ``cache`` is the
     list from :meth:`make_cache`.
@@ -54,7 +56,7 @@ class Transformer(nn.Module):
     Shape:
         - x: :math:`(B, L)` integer tokens; prepend_embeds: :math:`(B, P, \text{emb\_dim})`.
         - output: :math:`(B, P + L, \text{logits\_dim})`, or :math:`(B, P + L, \text{dim})` with
-          ``return_embeddings``.
+          ``return_embeddings``; :math:`P + L` becomes 1 with ``last_only``.
 
     Example:
         >>> model = Transformer(num_tokens=256, max_seq_len=128,
@@ -103,7 +105,8 @@ class Transformer(nn.Module):
 
     def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[List[Cache]] = None,
                  return_embeddings: bool = False, prepend_embeds: Optional[mx.array] = None,
-                 context: Optional[mx.array] = None, context_mask: Optional[mx.array] = None) -> mx.array:
+                 context: Optional[mx.array] = None, context_mask: Optional[mx.array] = None,
+                 last_only: bool = False) -> mx.array:
         if x.ndim != 2 or not mx.issubdtype(x.dtype, mx.integer):
             raise ValueError(f"[Transformer] expected integer tokens of shape (batch, seq), got shape {tuple(x.shape)} "
                              f"and dtype {x.dtype}")
@@ -138,6 +141,8 @@ class Transformer(nn.Module):
         if "project_emb" in self:
             h = self.project_emb(h)
         h = self.attn_layers(h, mask=mask, context=context, context_mask=context_mask, cache=cache)
+        if last_only:
+            h = h[:, -1:]
         if return_embeddings:
             return h
         return self.to_logits(h) if "to_logits" in self else self.token_emb.as_linear(h)
