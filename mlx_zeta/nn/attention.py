@@ -201,8 +201,8 @@ class FlashAttention(nn.Module):
             raise ValueError(f"[FlashAttention] expected a floating attn_bias broadcastable to {target}, "
                              f"got shape {tuple(attn_bias.shape)} and dtype {attn_bias.dtype}")
         if causal:
-            if mask is None and attn_bias is None and lq <= lk:
-                return "causal", None
+            if mask is None and attn_bias is None and lq <= lk:  # one query at the end sees every key: no mask
+                return ("causal" if lq > 1 else None), None
             c = _causal_mask(lq, lk)
             if mask is None:
                 mask = c
