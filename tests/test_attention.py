@@ -33,6 +33,7 @@ CORE_CASES = {
     "causal": (4, 4, 8, 8, True, None, None),
     "causal_q<k": (4, 4, 3, 8, True, None, None),
     "causal_one_query": (4, 2, 1, 9, True, None, None),  # a decoding step: no mask is built, every key seen
+    "causal_long_cached": (4, 2, 150, 170, True, None, None),  # on the CPU: query blocks of 64 (_causal_blocks)
     "causal_q>k": (4, 4, 8, 5, True, None, None),  # first 3 query rows see no key: zeros
     "gqa_causal_padding": (4, 2, 6, 9, True, "padding", None),
     "mqa_bool": (4, 1, 8, 8, False, "bool", None),
