@@ -4,7 +4,8 @@
 Two kinds of swap are recorded by :func:`record` (called by ``save_pretrained``) and redone by
 :func:`rebuild` (called by ``from_pretrained`` between ``build`` and loading the weights):
 
-- MLX affine quantization (:func:`quantize`, or ``freeze_model(head_bits=...)``):
+- MLX affine quantization (:func:`quantize`, or ``freeze_model(head_bits=...)``; the Linear
+  layers become :class:`~mlx_zeta.quant.affine.AffineLinear`, MLX's layer with a CPU prefill path):
   ``"mlx_zeta_quantization": {"bits": 4, "group_size": 64, "layers": [paths]}``. A record
   without ``layers`` (written before they were listed) quantizes, as then, every Linear and
   Embedding whose input width ``group_size`` divides;
@@ -25,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import mlx.nn as nn
 
 from mlx_zeta.quant import BitLinear, TernaryLinear
+from mlx_zeta.quant.affine import use_affine_linear
 
 from .fields import ConfigError, check_value, problem
 
@@ -57,6 +59,7 @@ def quantize(model: nn.Module, bits: int, group_size: int = 64) -> int:
     group_size, bits = int(group_size), int(bits)
     nn.quantize(model, group_size=group_size, bits=bits,
                 class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+    use_affine_linear(model)  # the same layers, with a BLAS path for a prompt's many rows on the CPU
     return len(quantized_layers(model))
 
 
@@ -142,6 +145,7 @@ def _rebuild_affine(model: nn.Module, spec: Mapping[str, Any], source: str) -> N
         raise ConfigError(f"{where} lists {unknown[0]!r}, which is no Linear or Embedding layer of the model")
     chosen = set(layers)
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda p, m: p in chosen)
+    use_affine_linear(model)
 
 
 def rebuild(model: nn.Module, config: Mapping[str, Any], source: str = "config.json") -> None:

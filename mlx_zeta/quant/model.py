@@ -8,6 +8,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_zeta.common import check_choice
+from mlx_zeta.quant.affine import use_affine_linear
 from mlx_zeta.quant.bitlinear import BitLinear
 
 __all__ = ["quantize_model", "freeze_model", "default_predicate", "HEAD_NAMES", "TIED_EMBEDDING_NAMES"]
@@ -138,7 +139,7 @@ def freeze_model(model: nn.Module, activation: str = "int8", head_bits: Optional
 
     With ``head_bits`` the remaining float head is quantized too, with MLX's affine
     quantization (``nn.quantize``: ``head_bits`` bits, one scale and bias per ``group_size``
-    input weights): the ``nn.Linear`` named ``to_logits``/``lm_head`` or, when the head is tied
+    input weights; a Linear becomes :class:`~mlx_zeta.quant.affine.AffineLinear`): the ``nn.Linear`` named ``to_logits``/``lm_head`` or, when the head is tied
     to it, the ``nn.Embedding`` named ``token_emb`` (``embed_tokens``, ``wte``), which becomes a
     ``QuantizedEmbedding`` serving both lookups and ``as_linear``. Other float layers are left alone.
 
@@ -156,8 +157,8 @@ def freeze_model(model: nn.Module, activation: str = "int8", head_bits: Optional
         >>> model = quantize_model(Transformer(64, 32, attn_layers=Decoder(dim=64, depth=2, heads=4)))
         >>> # ... train ...
         >>> model = freeze_model(model, head_bits=4)
-        >>> type(model.to_logits).__name__
-        'QuantizedLinear'
+        >>> type(model.to_logits).__name__  # an mlx.nn.QuantizedLinear
+        'AffineLinear'
 
     Reference: Ma et al., "The Era of 1-bit LLMs", https://arxiv.org/abs/2402.17764; Wang et al.,
     "BitNet b1.58 2B4T Technical Report", https://arxiv.org/abs/2504.12285.
@@ -190,4 +191,5 @@ def freeze_model(model: nn.Module, activation: str = "int8", head_bits: Optional
                     raise ValueError(f"[freeze_model] expected the head {path!r} input width to be divisible by "
                                      f"group_size={group_size}, got width {width}")
         nn.quantize(model, group_size=group_size, bits=head_bits, class_predicate=is_head)
+        use_affine_linear(model)  # MLX's layer with a CPU path for many rows (what from_pretrained rebuilds)
     return model
