@@ -16,9 +16,12 @@
    ``mlx_lm.generate.stream_generate``). Timed the same way from outside for both: prompt
    tokens/s = prompt length / time to the first response; generation tokens/s = the
    remaining responses / the time after the first. Peak memory: ``mx.get_peak_memory``
-   after ``mx.reset_peak_memory``. The two libraries alternate within each round; median
-   of ``--repeats`` rounds after a warm-up round. All in one process on MLX's default
-   device, with the BLAS that ``import mlx_zeta`` routes into MLX (mlx-lm gets it too).
+   after ``mx.reset_peak_memory``. Each library runs in a worker process of its own (started
+   by this one, which sends the rounds: the two alternate within each round); median of
+   ``--repeats`` rounds after a warm-up round. Both on MLX's default device, with the BLAS
+   that ``import mlx_zeta`` routes into MLX (the mlx-lm worker imports it too). Separate
+   processes because in one process mlx-lm's own generation stream slowed later work on the
+   default stream by ~17% (measured), which would have charged mlx_zeta for running second.
 
 Needs mlx-lm (``pip install -e '.[bench]'``). Several minutes at full size on two cores:
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -64,8 +68,9 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
 # --------------------------------------------------------------------------- the two libraries
 
 
-def zeta_load(folder: Path):
-    """(generate function, model) for a converted folder: ``mlx_zeta.lm`` when present."""
+def zeta_runner(folder: Path):
+    """A generation function over the converted folder: ``mlx_zeta.lm`` when present, else the
+    older ``AutoregressiveWrapper.stream``."""
     try:
         from mlx_zeta.lm import load, stream_generate
     except ImportError:
@@ -76,17 +81,17 @@ def zeta_load(folder: Path):
         def run(ids: list[int], n: int):
             for tok in wrapper.stream(mx.array(ids, mx.int32)[None], n, temperature=0.0):
                 yield tok.item()
-        return run, wrapper.net
+        return run
     model, tokenizer = load(str(folder))
 
     def run(ids: list[int], n: int):
         for r in stream_generate(model, tokenizer, ids, max_tokens=n, temperature=0.0):
             yield r.token
-    return run, model
+    return run
 
 
-def lm_load(folder: Path, bits: int | None):
-    """(generate function, model): ``mlx_lm.load`` of the source folder, quantized in memory."""
+def lm_runner(folder: Path, bits: int | None):
+    """A generation function: ``mlx_lm.load`` of the source folder, quantized in memory."""
     from mlx_lm import load
     from mlx_lm.generate import stream_generate
     from mlx_lm.utils import quantize_model
@@ -99,7 +104,7 @@ def lm_load(folder: Path, bits: int | None):
     def run(ids: list[int], n: int):
         for r in stream_generate(model, tokenizer, ids, max_tokens=n):
             yield r.token
-    return run, model
+    return run
 
 
 def timed(run, ids: list[int], n: int) -> dict:
@@ -113,26 +118,53 @@ def timed(run, ids: list[int], n: int) -> dict:
             first = time.perf_counter()
     end = time.perf_counter()
     if len(tokens) != n:
-        raise SystemExit(f"expected {n} tokens, got {len(tokens)}")
+        raise RuntimeError(f"expected {n} tokens, got {len(tokens)}")
     return dict(prompt_tps=len(ids) / (first - start), gen_tps=(n - 1) / (end - first),
                 peak=mx.get_peak_memory(), tokens=tokens)
 
 
-def compare(name: str, zeta, lm, ids: list[int], a: argparse.Namespace) -> list[dict]:
-    """Rows for mlx_zeta and mlx-lm: medians over the rounds after the warm-up."""
-    runs: dict[str, list[dict]] = {"mlx_zeta": [], "mlx-lm": []}
-    for round_ in range(a.repeats + 1):
-        for lib, run in (("mlx_zeta", zeta), ("mlx-lm", lm)):
-            r = timed(run, ids, a.tokens)
-            print(f"{name} round {round_}{' (warm-up)' if not round_ else ''} {lib}: prompt {r['prompt_tps']:.1f} "
-                  f"tok/s, generation {r['gen_tps']:.2f} tok/s, peak {r['peak'] / 2**20:.0f} MiB", file=sys.stderr)
-            if round_:
-                runs[lib].append(r)
-    rows = []
-    for lib, rs in runs.items():
-        rows.append(dict(variant=name, lib=lib, tokens=rs[-1]["tokens"], peak=max(r["peak"] for r in rs),
-                         **{k: statistics.median(r[k] for r in rs) for k in ("prompt_tps", "gen_tps")}))
-    return rows
+def worker(conn, lib: str, folder: str, bits: int | None) -> None:
+    """One library in its own process: load, then answer each (ids, n) with :func:`timed`'s dict.
+    Separate processes keep one library's MLX state (its streams, buffer cache) from touching the
+    other's timings (mlx-lm decodes on a stream of its own; after that, default-stream work in the
+    same process measured ~17% slower)."""
+    run = zeta_runner(Path(folder)) if lib == "mlx_zeta" else lm_runner(Path(folder), bits)
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        conn.send(timed(run, *job))
+
+
+def compare(name: str, folders: dict, bits: int | None, ids: list[int], a: argparse.Namespace) -> list[dict]:
+    """Rows for mlx_zeta and mlx-lm (each in a worker process): medians over the rounds after the warm-up."""
+    ctx = multiprocessing.get_context("spawn")
+    pipes, procs = {}, []
+    try:
+        for lib, folder in folders.items():
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=worker, args=(theirs, lib, str(folder), bits), daemon=True)
+            proc.start()
+            procs.append(proc)
+            pipes[lib] = mine
+        for conn in pipes.values():
+            if conn.recv() != "ready":
+                raise RuntimeError("a worker failed to load its model")
+        runs: dict[str, list[dict]] = {lib: [] for lib in pipes}
+        for round_ in range(a.repeats + 1):
+            for lib, conn in pipes.items():
+                conn.send((ids, a.tokens))
+                r = conn.recv()
+                print(f"{name} round {round_}{' (warm-up)' if not round_ else ''} {lib}: prompt {r['prompt_tps']:.1f} "
+                      f"tok/s, generation {r['gen_tps']:.2f} tok/s, peak {r['peak'] / 2**20:.0f} MiB", file=sys.stderr)
+                if round_:
+                    runs[lib].append(r)
+    finally:
+        for conn in pipes.values():
+            conn.send(None)
+        for proc in procs:
+            proc.join(timeout=30)
+    return [dict(variant=name, lib=lib, tokens=rs[-1]["tokens"], peak=max(r["peak"] for r in rs),
+                 **{k: statistics.median(r[k] for r in rs) for k in ("prompt_tps", "gen_tps")})
+            for lib, rs in runs.items()]
 
 
 # --------------------------------------------------------------------------- main
@@ -176,11 +208,7 @@ def main() -> None:
             bits = 4 if variant == "q4" else None
             dst = work / variant
             run_convert(src, dst, *([] if bits is None else ["--quantize", str(bits), "--group-size", str(GROUP_SIZE)]))
-            zeta, zeta_model = zeta_load(dst)
-            lm, lm_model = lm_load(src, bits)
-            rows += compare(variant, zeta, lm, ids, a)
-            del zeta, zeta_model, lm, lm_model
-            mx.clear_cache()
+            rows += compare(variant, {"mlx_zeta": dst, "mlx-lm": src}, bits, ids, a)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(rows, a, n_params, mlx_lm.__version__, reproduce)

@@ -229,9 +229,10 @@ def _causal_steps(model: nn.Module, ids: List[int], s: _Settings, cache: PromptC
 
     counts = token_counts(mx.array([ids]), logits.shape[-1]) if s.processor else None
     try:
+        # no pending=: each step's logits depend on every layer's cache update, so evaluating the token
+        # evaluates the caches (slicing their states each step only added 2 ops per layer)
         for tok, lp in decode_steps(step, logits, s.max_tokens, s.key, **s.sampling, eos=s.eos, logprobs=True,
-                                    processor=s.processor, counts=counts,
-                                    pending=lambda: [a for c in cache.caches for a in c.state if a is not None]):
+                                    processor=s.processor, counts=counts):
             made.append(tok.item())
             yield made[-1], lp.item(), False
     finally:

@@ -179,7 +179,9 @@ def apply_rotary_pos_emb(t: mx.array, freqs: mx.array, scale: Union[mx.array, fl
         scale = (scale[..., -seq_len:, :] if scale.ndim >= 2 else scale).astype(t.dtype)
     rot, rest = t[..., :rot_dim], t[..., rot_dim:]
     cos, sin = mx.cos(freqs).astype(t.dtype), mx.sin(freqs).astype(t.dtype)
-    out = (rot * cos + rotate_half(rot) * sin) * scale
+    out = rot * cos + rotate_half(rot) * sin
+    if not (isinstance(scale, float) and scale == 1.0):  # xPos; a plain rotation skips the multiply by 1
+        out = out * scale
     return mx.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
