@@ -17,7 +17,8 @@
    tokens/s = prompt length / time to the first response; generation tokens/s = the
    remaining responses / the time after the first. Peak memory: ``mx.get_peak_memory``
    after ``mx.reset_peak_memory``. Each library runs in a worker process of its own (started
-   by this one, which sends the rounds: the two alternate within each round); median of
+   by this one, which sends the rounds: the two alternate within each round, the first one
+   of a round taking turns); median of
    ``--repeats`` rounds after a warm-up round. Both on MLX's default device, with the BLAS
    that ``import mlx_zeta`` routes into MLX (the mlx-lm worker imports it too). Separate
    processes because in one process mlx-lm's own generation stream slowed later work on the
@@ -150,7 +151,8 @@ def compare(name: str, folders: dict, bits: int | None, ids: list[int], a: argpa
                 raise RuntimeError("a worker failed to load its model")
         runs: dict[str, list[dict]] = {lib: [] for lib in pipes}
         for round_ in range(a.repeats + 1):
-            for lib, conn in pipes.items():
+            order = list(pipes.items())
+            for lib, conn in (order if round_ % 2 == 0 else order[::-1]):  # ABBA: neither always runs first
                 conn.send((ids, a.tokens))
                 r = conn.recv()
                 print(f"{name} round {round_}{' (warm-up)' if not round_ else ''} {lib}: prompt {r['prompt_tps']:.1f} "
