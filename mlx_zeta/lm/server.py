@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
+from mlx_zeta.converters.pretrained import task_of
 from mlx_zeta.lm.server_requests import (OWNERS, ParsedRequest, RequestError, chunk, completion, error_body,
                                          parse_request, usage_chunk)
 
@@ -120,7 +121,7 @@ class _Worker:
 
                 self.cache = PromptCache(self.model)
             options["prompt_cache"] = self.cache
-        finished = False
+        failed = True
         try:
             responses = self.generate(self.model, self.tokenizer, job.prompt, **options)
             try:
@@ -128,17 +129,28 @@ class _Worker:
                     job.emit(r)
                     if job.cancelled.is_set():
                         break
-                else:
-                    finished = True
             finally:
                 close = getattr(responses, "close", None)
                 if close is not None:
                     close()
             job.emit(_DONE)
+            failed = False
         except Exception as e:  # noqa: BLE001 - handed to the request, the worker lives on
             job.emit(e)
-        if not finished:
-            self.cache = None  # a generation cut short may leave the cache mid-update: start afresh
+        if failed:
+            self.cache = None  # a pass that raised may leave the caches mid-update: start afresh
+
+
+def _settle(model: Any) -> None:
+    """Evaluate every array the model holds, private buffers such as a rotary ``_inv_freq`` too.
+
+    A lazy MLX array belongs to the stream of the thread that built it; the worker thread cannot
+    evaluate one still pending here ("There is no Stream(cpu, 0) in current thread")."""
+    modules = getattr(model, "modules", None)
+    if callable(modules):
+        import mlx.core as mx
+
+        mx.eval([v for m in modules() for v in m.values() if isinstance(v, mx.array)])
 
 
 def _error(e: Exception):
@@ -185,29 +197,29 @@ class _Server:
         self.vocab = getattr(model, "num_tokens", None)
         self.limit = max_prompt_tokens if max_prompt_tokens is not None else getattr(model, "max_seq_len", None)
         self.max_tokens_default = max_tokens_default
-        self.worker = _Worker(generate, model, tokenizer, max_queue, prompt_cache)
+        causal = callable(getattr(model, "make_cache", None)) and task_of(model) != "seq2seq"
+        self.worker = _Worker(generate, model, tokenizer, max_queue, prompt_cache and causal)
         self.created = int(time.time())
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "mlx-zeta"}
 
     def prompt_ids(self, req: ParsedRequest) -> List[int]:
-        owner = OWNERS[req.kind]
-        if req.kind == "chat":
-            if not getattr(self.tokenizer, "has_chat_template", True):
-                raise RequestError(f"[{owner}] expected a model with a chat template, {self.model_id!r} has "
-                                   "none; use /v1/completions", param="messages")
-            try:
-                ids = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
-            except Exception as e:  # noqa: BLE001 - the template's own refusal (e.g. roles out of order)
-                raise RequestError(f"[{owner}] the chat template refused the messages: {e}", param="messages") from None
-        else:
-            ids = self.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
-        ids, param = [int(t) for t in ids], "messages" if req.kind == "chat" else "prompt"
+        """The request's prompt as token ids (chat: through the template), within the length limit."""
+        from mlx_zeta.lm import prompt_ids
+
+        owner, param = OWNERS[req.kind], "messages" if req.kind == "chat" else "prompt"
+        if req.kind == "chat" and not getattr(self.tokenizer, "has_chat_template", True):
+            raise RequestError(f"[{owner}] expected a model with a chat template, {self.model_id!r} has none; "
+                               "use /v1/completions", param=param)
+        try:
+            ids = prompt_ids(self.tokenizer, req.messages if req.kind == "chat" else req.prompt)
+        except Exception as e:  # noqa: BLE001 - the template's or the tokenizer's refusal (e.g. roles out of order)
+            raise RequestError(f"[{owner}] the prompt could not be tokenized: {e}", param=param) from None
         if self.limit is not None and len(ids) > self.limit:
             raise RequestError(f"[{owner}] expected a prompt of at most {self.limit} tokens, got {len(ids)}",
                                param=param, code="context_length_exceeded")
-        return ids
+        return list(ids)
 
     async def next(self, job: _Job, request: Any) -> Any:
         """The job's next response (or ``_DONE``), polling the client meanwhile: gone -> cancel."""
@@ -327,6 +339,7 @@ def make_app(model: Any, tokenizer: Any, model_id: str, *, max_queue: int = 16,
         raise ValueError(f"[make_app] expected model_id to be a non-empty string, got {model_id!r}")
     if generate is None:
         from mlx_zeta.lm import stream_generate as generate
+    _settle(model)
     state = _Server(model, tokenizer, model_id, generate=generate, max_queue=max_queue,
                     max_prompt_tokens=max_prompt_tokens, max_tokens_default=max_tokens_default,
                     prompt_cache=prompt_cache)
@@ -403,7 +416,7 @@ class BackgroundServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
                  timeout: float = 30.0):
         uvicorn = _require()[1]
-        self.sock = _bind(host, port)
+        self.app, self.sock = app, _bind(host, port)
         self.port = self.sock.getsockname()[1]
         self.url = _url(host, self.port)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=1, lifespan="on")

@@ -1,0 +1,337 @@
+"""The OpenAI-compatible server (mlx_zeta/lm/server.py): the real uvicorn server on 127.0.0.1, talked
+to with the official ``openai`` client and with raw HTTP.
+
+References: every answer is compared with :func:`mlx_zeta.lm.generate` / ``stream_generate`` run
+directly on the same tiny checkpoint with the same settings (the server must add nothing and lose
+nothing); queueing and cancellation are checked against a scripted generator whose every step is
+observable."""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from lm_server_tiny import make_tiny_llama  # noqa: E402
+from mlx_zeta.lm import generate, load, prompt_ids, stream_generate  # noqa: E402
+from mlx_zeta.lm.server import BackgroundServer, make_app  # noqa: E402
+
+MODEL = "tiny"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, 東京 café!"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load(make_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with BackgroundServer(make_app(*tiny, MODEL, max_queue=16)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def reference(tiny, prompt, max_tokens, **options):
+    """(text, finish_reason, generated tokens, logprobs) of stream_generate run directly."""
+    rs = list(stream_generate(*tiny, prompt, max_tokens, **options))
+    return "".join(r.text for r in rs), rs[-1].finish_reason, len(rs), [r.logprob for r in rs]
+
+
+def raw(server, method, path, body=b"", headers=None):
+    """(status, decoded JSON or text) of one plain HTTP request."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request(method, path, body, headers or {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data.decode()
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_equals_generate(tiny, client, stream):
+    text, finish, n, _ = reference(tiny, CHAT, 24, temperature=0)
+    assert text == generate(*tiny, CHAT, 24, temperature=0)
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=24, temperature=0)
+    if stream:
+        chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+        usage = chunks[-1].usage
+        assert chunks[-1].choices == [] and all(c.object == "chat.completion.chunk" for c in chunks)
+    else:
+        r = client.chat.completions.create(**kw)
+        got, usage = r.choices[0].message.content, r.usage
+        assert r.choices[0].finish_reason == finish and r.object == "chat.completion" and r.model == MODEL
+    assert got == text
+    p = len(prompt_ids(tiny[1], CHAT))
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (p, n, p + n)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("prompt", ["The quick brown", [5, 17, 230, 44]])
+def test_completion_equals_generate(tiny, client, stream, prompt):
+    text, finish, n, _ = reference(tiny, prompt, 20, temperature=0)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+    if stream:
+        chunks = list(client.completions.create(**kw, stream=True))
+        got = "".join(c.choices[0].text for c in chunks)
+        assert chunks[-1].choices[0].finish_reason == finish
+    else:
+        r = client.completions.create(**kw)
+        got = r.choices[0].text
+        assert (r.choices[0].finish_reason, r.usage.completion_tokens) == (finish, n)
+    assert got == text
+
+
+def test_every_sampling_option_reaches_generate(tiny, client):
+    """Seeded sampling with every option set equals generate with the same options (and differs
+    from greedy, so the options took effect)."""
+    opts = dict(temperature=0.9, top_p=0.95, presence_penalty=0.5, frequency_penalty=0.3, seed=7)
+    ext = dict(top_k=50, min_p=0.01, repetition_penalty=1.2)  # not in the OpenAI API: extra_body
+    bias = {"17": 5.0, "44": -100}
+    want = generate(*tiny, CHAT, 30, **opts, **ext, logit_bias={17: 5.0, 44: -100.0})
+    assert want != generate(*tiny, CHAT, 30, temperature=0)
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=30, logit_bias=bias, extra_body=ext,
+                                       **opts)
+    assert r.choices[0].message.content == want
+
+
+def test_stop_string_and_end_token(tiny, client):
+    full, _, _, _ = reference(tiny, "Hello", 30, temperature=0)
+    stop = full[8:11]
+    cut = full[:full.index(stop)]
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=30, temperature=0, stop=[stop, "\x00"])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+    eos = tiny[1].eos_token_ids[0]
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=30, logit_bias={str(eos): 100})
+    assert (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
+
+
+def test_logprobs(tiny, client):
+    _, _, _, lps = reference(tiny, CHAT, 8, temperature=0)
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, logprobs=True)
+    assert [c.logprob for c in r.choices[0].logprobs.content] == pytest.approx(lps, abs=1e-6)
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0, logprobs=0)
+    _, _, _, lps = reference(tiny, "Hello", 8, temperature=0)
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(lps, abs=1e-6)
+
+
+def test_eight_concurrent_requests(tiny, client):
+    """8 threads at once, chat and text, streamed and not, shared prefixes (the prompt cache in
+    play): each answer equals its own generate."""
+    jobs = [(i % 2 == 0, i % 3 == 0, [{"role": "user", "content": f"Hello {i} " * (1 + i % 3)}] if i % 2 == 0
+             else "The quick brown fox " + "x" * i, 10 + 3 * i) for i in range(8)]
+    want = [generate(*tiny, p, n, temperature=0) for _, _, p, n in jobs]
+
+    def ask(chat, stream, prompt, n):
+        kw = dict(model=MODEL, max_tokens=n, temperature=0, stream=stream)
+        if chat:
+            r = client.chat.completions.create(messages=prompt, **kw)
+            return "".join(c.choices[0].delta.content or "" for c in r) if stream else r.choices[0].message.content
+        r = client.completions.create(prompt=prompt, **kw)
+        return "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda j: ask(*j), jobs))
+    assert got == want
+
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 40
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+BAD = [  # (what, method, path, body, status)
+    ("malformed JSON", "POST", "/v1/chat/completions", b'{"model": "tiny", "messages": [', 400),
+    ("body not an object", "POST", "/v1/chat/completions", [1, 2], 400),
+    ("missing messages", "POST", "/v1/chat/completions", {"model": MODEL}, 400),
+    ("messages not a list", "POST", "/v1/chat/completions", {**GOOD, "messages": "hi"}, 400),
+    ("bad role", "POST", "/v1/chat/completions", {**GOOD, "messages": [{"role": "robot", "content": "x"}]}, 400),
+    ("content not text", "POST", "/v1/chat/completions", {**GOOD, "messages": [{"role": "user", "content": 3}]}, 400),
+    ("max_tokens -1", "POST", "/v1/chat/completions", {**GOOD, "max_tokens": -1}, 400),
+    ("max_tokens 'ten'", "POST", "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": "ten"}, 400),
+    ("temperature 'hot'", "POST", "/v1/chat/completions", {**GOOD, "temperature": "hot"}, 400),
+    ("top_p 2", "POST", "/v1/chat/completions", {**GOOD, "top_p": 2}, 400),
+    ("n=2", "POST", "/v1/chat/completions", {**GOOD, "n": 2}, 400),
+    ("stop of wrong type", "POST", "/v1/completions", {"model": MODEL, "prompt": "a", "stop": 5}, 400),
+    ("stream not a bool", "POST", "/v1/chat/completions", {**GOOD, "stream": "yes"}, 400),
+    ("logit_bias id out of range", "POST", "/v1/chat/completions", {**GOOD, "logit_bias": {"99999": 1}}, 400),
+    ("prompt token id out of range", "POST", "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400),
+    ("empty prompt", "POST", "/v1/completions", {"model": MODEL, "prompt": ""}, 400),
+    ("unknown model", "POST", "/v1/chat/completions", {**GOOD, "model": "gpt-9"}, 404),
+    ("over-long prompt", "POST", "/v1/completions", {"model": MODEL, "prompt": LONG}, 400),
+    ("unknown route", "POST", "/v1/embeddings", GOOD, 404),
+    ("wrong method", "GET", "/v1/chat/completions", b"", 405),
+]
+
+
+@pytest.mark.parametrize("what,method,path,body,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_4xx_json_and_server_goes_on(tiny, server, what, method, path, body, status):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    got, answer = raw(server, method, path, data)
+    assert got == status, answer
+    err = answer["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"].startswith("[")
+    ok, answer = raw(server, "POST", "/v1/chat/completions", json.dumps({**GOOD, "temperature": 0}).encode())
+    assert ok == 200 and answer["choices"][0]["message"]["content"] == generate(*tiny, GOOD["messages"], 3,
+                                                                                   temperature=0)
+
+
+def test_unknown_fields_are_ignored(server):
+    status, answer = raw(server, "POST", "/v1/chat/completions", json.dumps({**GOOD, "user": 3, "frobnicate": []}).encode())
+    assert status == 200 and answer["object"] == "chat.completion"
+
+
+def stream_then_hang_up(port, body, events=2):
+    """Open a streamed request, read ``events`` server-sent events, close the socket."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        seen = b""
+        while seen.count(b"data: ") < events and not seen.endswith(b"}") and not seen.endswith(b"0\r\n\r\n"):
+            seen += s.recv(4096)
+    return seen
+
+
+def test_client_hang_up_mid_stream(tiny, server, client):
+    seen = stream_then_hang_up(server.port, {**GOOD, "max_tokens": 100, "stream": True})
+    assert seen.startswith(b"HTTP/1.1 200"), seen
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0)
+    assert r.choices[0].message.content == generate(*tiny, CHAT, 5, temperature=0)
+
+
+# ---- queueing and cancellation, seen through a scripted generator ----
+
+class Script:
+    """A stand-in for stream_generate: one character per step, each step waiting for ``gate`` and
+    then ``delay`` seconds (a model's pace); records the steps it made and whether it was closed early."""
+
+    def __init__(self, delay=0.0):
+        self.gate, self.steps, self.closed, self.calls, self.delay = threading.Event(), 0, [], 0, delay
+
+    def __call__(self, model, tokenizer, prompt, max_tokens=16, **options):
+        self.calls += 1
+        try:
+            for i in range(max_tokens):
+                if not self.gate.wait(10):
+                    raise TimeoutError("gate never opened")
+                time.sleep(self.delay)
+                self.steps += 1
+                yield SimpleNamespace(text="ab"[i % 2], token=97 + i % 2, logprob=-1.0, generation_tokens=i + 1,
+                                      finish_reason="length" if i == max_tokens - 1 else None)
+        except GeneratorExit:
+            self.closed.append(self.steps)
+            raise
+
+
+class ByteTokenizer:
+    has_chat_template = True
+    eos_token_ids = ()
+
+    def encode(self, text, add_special_tokens=True):
+        return list(text.encode())
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode(errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return self.encode(text) if tokenize else text
+
+
+def wait_until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def scripted():
+    script = Script()
+    with BackgroundServer(make_app(None, ByteTokenizer(), MODEL, max_queue=1, generate=script)) as s:
+        yield s, script
+        script.gate.set()
+
+
+def test_full_queue_gets_503_then_serves(scripted):
+    server, script = scripted
+    body = json.dumps({**GOOD, "max_tokens": 4}).encode()
+    with futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(raw, server, "POST", "/v1/chat/completions", body)
+        wait_until(lambda: script.calls == 1)
+        waiting = pool.submit(raw, server, "POST", "/v1/chat/completions", body)
+        wait_until(lambda: server.app.state.server.worker.jobs.qsize() == 1)
+        status, answer = raw(server, "POST", "/v1/chat/completions", body)
+        assert status == 503 and answer["error"]["code"] == "queue_full"
+        script.gate.set()
+        assert [f.result()[1]["choices"][0]["message"]["content"] for f in (running, waiting)] == ["abab"] * 2
+
+
+def test_hang_up_stops_generation_at_next_token(scripted):
+    server, script = scripted
+    script.delay = 0.01
+    script.gate.set()
+    stream_then_hang_up(server.port, {**GOOD, "max_tokens": 100000, "stream": True}, events=3)
+    wait_until(lambda: script.closed)
+    assert script.closed[0] < 500  # stopped long before max_tokens (0.01 s a step)
+    status, answer = raw(server, "POST", "/v1/chat/completions", json.dumps({**GOOD, "max_tokens": 3}).encode())
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "aba"
+
+
+def test_hang_up_while_queued_is_never_run(scripted):
+    server, script = scripted
+    body = json.dumps({**GOOD, "max_tokens": 2}).encode()
+    with futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(raw, server, "POST", "/v1/chat/completions", body)
+        wait_until(lambda: script.calls == 1)
+        data = json.dumps({**GOOD, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            wait_until(lambda: server.app.state.server.worker.jobs.qsize() == 1)
+        time.sleep(0.6)  # the handler polls its client every 0.25 s
+        script.gate.set()
+        assert running.result()[0] == 200
+    status, _ = raw(server, "POST", "/v1/chat/completions", body)
+    assert status == 200 and script.calls == 2  # the hung-up request never reached the generator
+
+
+def test_shutdown_with_a_request_in_flight_is_prompt():
+    script = Script(delay=0.01)
+    script.gate.set()
+    server = BackgroundServer(make_app(None, ByteTokenizer(), MODEL, generate=script))
+    body = json.dumps({**GOOD, "max_tokens": 100000}).encode()
+    threading.Thread(target=raw, args=(server, "POST", "/v1/chat/completions", body), daemon=True).start()
+    wait_until(lambda: script.steps > 0)
+    start = time.monotonic()
+    server.close()
+    assert not server.thread.is_alive() and time.monotonic() - start < 3 and script.closed
+
+
+def test_make_app_refuses_bad_arguments():
+    with pytest.raises(ValueError, match=r"\[make_app\] expected max_queue to be an int >= 1, got 0"):
+        make_app(None, ByteTokenizer(), MODEL, max_queue=0, generate=Script())
+    with pytest.raises(ValueError, match=r"\[make_app\] expected model_id to be a non-empty string"):
+        make_app(None, ByteTokenizer(), "", generate=Script())
