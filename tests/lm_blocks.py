@@ -1,0 +1,72 @@
+"""Tiny decoder-only language models built from our blocks (random weights, float32) and the
+reference decoding the lm tests compare against: greedy full recomputation without any cache."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import mlx_zeta  # noqa: F401  (routes BLAS before mlx.core loads)
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_zeta.structs import Decoder, Transformer
+
+VOCAB = 97
+# rotary with grouped key/value heads (a Llama shape), and learned absolute positions (a GPT-2 shape)
+SHAPES = {
+    "rotary": dict(position="rotary", attn_kv_heads=2),
+    "absolute": dict(),
+}
+
+
+def tiny_lm(shape: str = "rotary", sliding_window: Optional[int] = None, seed: int = 0, depth: int = 2,
+            vocab: int = VOCAB, dtype=mx.float32) -> Transformer:
+    """A 2-layer Transformer (dim 32, 4 heads) with weights scaled up 3x so the greedy choice is
+    decided by clear margins and every layer matters."""
+    mx.random.seed(seed)
+    model = Transformer(num_tokens=vocab, max_seq_len=96,
+                        attn_layers=Decoder(dim=32, depth=depth, heads=4, sliding_window=sliding_window,
+                                            **SHAPES[shape]))
+    model.update(tree_map(lambda p: (3 * p).astype(dtype), model.parameters()))
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def same_weights(src: Transformer, dst: Transformer) -> Transformer:
+    """``dst`` with the parameters of ``src`` (the same names and shapes)."""
+    dst.update(src.parameters())
+    assert [k for k, _ in tree_flatten(src.parameters())] == [k for k, _ in tree_flatten(dst.parameters())]
+    return dst
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    wide = logits.astype(mx.float32)
+    return wide - mx.logsumexp(wide, axis=-1, keepdims=True)
+
+
+def greedy_reference(model: Transformer, prompt: Sequence[int], steps: int) -> Tuple[List[int], List[float]]:
+    """Greedy tokens and their log-probabilities, each step a full forward pass over the whole
+    sequence so far, with no cache at all."""
+    ids, toks, lps = list(prompt), [], []
+    for _ in range(steps):
+        lp = log_softmax(model(mx.array([ids]))[0, -1])
+        tok = int(mx.argmax(lp).item())
+        toks.append(tok)
+        lps.append(float(lp[tok].item()))
+        ids.append(tok)
+    return toks, lps
+
+
+def greedy_cached(model: Transformer, caches: list, suffix: Sequence[int], steps: int) -> Tuple[List[int], List[float]]:
+    """Greedy tokens and log-probabilities continuing ``caches`` (already holding a prefix) with
+    ``suffix`` (at least one token) then one token per step."""
+    logits = model(mx.array([list(suffix)]), cache=caches)[0, -1]
+    toks, lps = [], []
+    for _ in range(steps):
+        lp = log_softmax(logits)
+        tok = int(mx.argmax(lp).item())
+        toks.append(tok)
+        lps.append(float(lp[tok].item()))
+        logits = model(mx.array([[tok]]), cache=caches)[0, -1]
+    return toks, lps
