@@ -1,5 +1,16 @@
-"""Language-model front door: load, generate, prompt caches, batched generation."""
+"""Run language models: load a checkpoint with its tokenizer, generate and stream text, chat,
+reuse prompt caches (the layer above :mod:`mlx_zeta.converters`).
 
-from mlx_zeta.lm.kv import WindowedKVCache, load_caches, make_caches, save_caches
+Needs the ``lm`` extra (``pip install 'mlx-zeta[lm]'``: ``tokenizers`` and ``jinja2``), imported
+when a tokenizer is first loaded.
+"""
 
-__all__ = ["WindowedKVCache", "make_caches", "save_caches", "load_caches"]
+from mlx_zeta.lm.cache import PromptCache, WindowedKVCache, make_caches
+from mlx_zeta.lm.cache_file import load_prompt_cache, save_prompt_cache
+from mlx_zeta.lm.generate import (GenerationResponse, generate, generation_defaults, load, prompt_ids,
+                                  stream_generate)
+from mlx_zeta.lm.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
+
+__all__ = ["GenerationResponse", "PromptCache", "StreamingDetokenizer", "Tokenizer", "generate",
+           "WindowedKVCache", "generation_defaults", "load", "load_prompt_cache", "load_tokenizer", "make_caches",
+           "prompt_ids", "save_prompt_cache", "stream_generate"]

@@ -1,14 +1,9 @@
-r"""Key/value caches for generating with a language model: the bounded (rotating) option and
-prompt-cache files.
+r"""Prompt-cache files: prefill a long prompt once, save its key/value caches, and reuse them
+for many continuations, in this process or another (:func:`save_prompt_cache`,
+:func:`load_prompt_cache` for a :class:`~mlx_zeta.lm.PromptCache`; :func:`save_caches`,
+:func:`load_caches` for a list of caches and the token ids they hold).
 
-**Bounded memory.** :func:`make_caches` ``(model, max_kv_size=N)`` gives every layer a
-:class:`WindowedKVCache` of ``N`` positions: a :class:`~mlx_zeta.nn.RotatingKVCache` whose masks
-also keep each query to the last ``N`` positions (itself included), so the model attends exactly
-as the same weights with ``sliding_window=N`` would, and a layer never holds more than ``N``
-positions between calls. A model with its own sliding window :math:`w` keeps it when
-:math:`w \le N` (its :class:`~mlx_zeta.nn.RotatingKVCache`); otherwise the smaller ``N`` wins.
-
-**Files.** :func:`save_caches` writes one safetensors file: each layer's filled keys and values
+:func:`save_caches` writes one safetensors file: each layer's filled keys and values
 (``"{i}.keys"``, ``"{i}.values"``, shape :math:`(1, H_{kv}, S_i, D)` with :math:`S_i` the stored
 positions) and JSON metadata strings:
 
@@ -34,56 +29,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_zeta.common import atomic_path, check_int, is_int
+from mlx_zeta.common import atomic_path, is_int
+from mlx_zeta.lm.cache import PromptCache, WindowedKVCache, make_caches
 from mlx_zeta.nn.cache import Cache, KVCache, RotatingKVCache
 
-__all__ = ["WindowedKVCache", "make_caches", "save_caches", "load_caches", "model_signature", "FORMAT", "VERSION"]
+__all__ = ["save_prompt_cache", "load_prompt_cache", "save_caches", "load_caches", "model_signature", "FORMAT",
+           "VERSION"]
 
 FORMAT = "mlx-zeta-prompt-cache"
 VERSION = 1
 PathLike = Union[str, Path]
 
 
-class WindowedKVCache(RotatingKVCache):
-    r""":class:`~mlx_zeta.nn.RotatingKVCache` that also masks: query :math:`i` sees the keys
-    :math:`j` with :math:`0 \le i - j < \text{max\_size}` (the last ``max_size`` positions,
-    itself included), whatever the layer asks for.
-
-    A plain :class:`~mlx_zeta.nn.RotatingKVCache` relies on the stack's ``sliding_window`` for
-    that; with this one a model without a window decodes as if built with
-    ``sliding_window=max_size`` (a stack window :math:`w` still applies: the smaller wins), and
-    keeps at most ``max_size`` positions per layer between calls.
-
-    Args:
-        max_size (int): positions kept and attended to.
-
-    Example:
-        >>> cache = WindowedKVCache(max_size=2)
-        >>> cache.update_and_fetch(mx.zeros((1, 1, 3, 4)), mx.zeros((1, 1, 3, 4)))[0].shape
-        (1, 1, 3, 4)
-        >>> cache.make_mask(1, causal=True).tolist()  # 2 kept + 1 new key: the oldest is out of reach
-        [[False, True, True]]
-    """
-
-    def make_mask(self, n: int, causal: bool = False, window: Optional[int] = None) -> mx.array:
-        """The window ``min(window, max_size)`` over the returned keys (see :meth:`Cache.make_mask`)."""
-        window = self.max_size if window is None else min(window, self.max_size)
-        return super().make_mask(n, causal=causal, window=window)
-
-
 KINDS = {cls.__name__: cls for cls in (KVCache, RotatingKVCache, WindowedKVCache)}
-
-
-def make_caches(model: nn.Module, max_kv_size: Optional[int] = None) -> List[Cache]:
-    """Fresh caches for ``model`` (its :meth:`make_cache`); with ``max_kv_size`` :math:`N`, every
-    layer whose cache could hold more than :math:`N` positions gets a :class:`WindowedKVCache` (N)
-    instead (a layer with its own window :math:`w \\le N` keeps it)."""
-    check_int("make_caches", "max_kv_size", max_kv_size, 1, optional=True)
-    caches = model.make_cache()
-    if max_kv_size is None:
-        return caches
-    return [c if getattr(c, "max_size", max_kv_size + 1) <= max_kv_size else WindowedKVCache(max_kv_size)
-            for c in caches]
 
 
 def model_signature(model: nn.Module, owner: str = "model_signature") -> Dict[str, Any]:
@@ -251,3 +209,35 @@ def load_caches(path: PathLike, model: Optional[nn.Module] = None) -> Tuple[List
             cache.update_and_fetch(arrays[f"{i}.keys"], arrays[f"{i}.values"])
         cache.offset = entry["offset"]  # a rotating cache has seen more positions than it keeps
     return caches, tokens, {"model": sig, "max_kv_size": max_kv, "metadata": user}
+
+
+def save_prompt_cache(path: PathLike, prompt_cache: PromptCache, metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write ``prompt_cache`` (its caches, the token ids they hold, its model's signature and
+    ``max_kv_size``) to ``path``, a ``.safetensors`` file written atomically, with the caller's
+    ``metadata`` (``{str: str}``). Returns the path.
+
+    Example:
+        >>> pc = PromptCache(model)
+        >>> text = generate(model, tokenizer, document + "Summary:", prompt_cache=pc)
+        >>> save_prompt_cache("doc.safetensors", pc)
+    """
+    if not isinstance(prompt_cache, PromptCache):
+        raise ValueError(f"[save_prompt_cache] expected a PromptCache, got {type(prompt_cache).__name__}")
+    return save_caches(path, prompt_cache.caches, prompt_cache.tokens, prompt_cache.model,
+                       prompt_cache.max_kv_size, metadata)
+
+
+def load_prompt_cache(path: PathLike, model: nn.Module) -> PromptCache:
+    """A :class:`~mlx_zeta.lm.PromptCache` of ``model`` holding what :func:`save_prompt_cache`
+    wrote to ``path`` (checked: see :func:`load_caches`). Pass it as ``prompt_cache=`` to
+    :func:`~mlx_zeta.lm.stream_generate`: a prompt that starts with the saved tokens prefills
+    only the rest. The caller's metadata is in ``.metadata``.
+
+    Example:
+        >>> pc = load_prompt_cache("doc.safetensors", model)
+        >>> generate(model, tokenizer, document + "Keywords:", prompt_cache=pc)
+    """
+    caches, tokens, info = load_caches(path, model)
+    prompt_cache = PromptCache(model, info["max_kv_size"])
+    prompt_cache.caches, prompt_cache.tokens, prompt_cache.metadata = caches, tokens, info["metadata"]
+    return prompt_cache

@@ -1,4 +1,4 @@
-"""mlx_zeta/lm/kv.py: prompt-cache files and the bounded (rotating) cache option.
+"""mlx_zeta/lm/cache_file.py and cache.py: prompt-cache files and the bounded (rotating) cache option.
 
 Laws: continuations of a prefix prefilled once, saved and loaded equal greedy decoding by full
 recomputation without any cache (tokens exactly, log-probabilities within 1e-5); a file
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from lm_blocks import VOCAB, greedy_cached, greedy_reference, log_softmax, same_weights, tiny_lm
 
-from mlx_zeta.lm.kv import WindowedKVCache, load_caches, make_caches, save_caches
+from mlx_zeta.lm.cache import WindowedKVCache, make_caches
+from mlx_zeta.lm.cache_file import load_caches, save_caches
 from mlx_zeta.nn import KVCache, RotatingKVCache
 
 PREFIX = [5, 17, 3, 60, 22, 9, 41, 8, 13, 77, 2, 30]
@@ -233,5 +234,5 @@ def test_save_refuses_bad_input_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"^\[save_caches\] expected caches of batch 1"):
         save_caches(tmp_path / "x.safetensors", batched, PREFIX, model)
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match=r"^\[make_caches\] expected max_kv_size"):
+    with pytest.raises(ValueError, match=r"^\[PromptCache\] expected max_kv_size"):
         make_caches(model, 0)
