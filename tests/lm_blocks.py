@@ -70,3 +70,25 @@ def greedy_cached(model: Transformer, caches: list, suffix: Sequence[int], steps
         lps.append(float(lp[tok].item()))
         logits = model(mx.array([[tok]]), cache=caches)[0, -1]
     return toks, lps
+
+
+CORPUS = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat and looked at the fox",
+          "héllo wörld, ça va? 世界 你好", "numbers 0123456789 and symbols !?.,;:", "the end of the story"] * 4
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_tokenizer():
+    """A byte-level BPE of about 300 tokens trained here on a few lines (end token ``<|end|>``),
+    with a small chat template, as a :class:`mlx_zeta.lm.Tokenizer`."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    from mlx_zeta.lm import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(CORPUS, trainer)
+    return Tokenizer(backend, {"eos_token": "<|end|>"}, chat_template=CHAT_TEMPLATE)

@@ -236,3 +236,35 @@ def test_save_refuses_bad_input_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match=r"^\[PromptCache\] expected max_kv_size"):
         make_caches(model, 0)
+
+
+def test_prompt_cache_file_serves_many_text_continuations(tmp_path):
+    """Text level: a PromptCache filled by stream_generate on a document, saved, then loaded afresh
+    for each of three questions: stream_generate with the loaded cache prefills only the question
+    and gives the same tokens, text and (within 1e-5) log-probabilities as a run without any cache."""
+    from lm_blocks import tiny_tokenizer
+
+    from mlx_zeta.lm import PromptCache, load_prompt_cache, save_prompt_cache, stream_generate
+
+    tok = tiny_tokenizer()
+    model = tiny_lm(vocab=tok.vocab_size)
+    doc = "the quick brown fox jumps over the lazy dog. a cat sat on the mat."
+    pc = PromptCache(model)
+    list(stream_generate(model, tok, doc, max_tokens=1, prompt_cache=pc))
+    assert pc.tokens == tok.encode(doc)
+    path = save_prompt_cache(tmp_path / "doc.safetensors", pc, metadata={"doc": "fox"})
+    worst = 0.0
+    for question in [" Q: who?", " Q: 世界 où?", " numbers 0123"]:
+        loaded = load_prompt_cache(path, model)
+        assert loaded.tokens == pc.tokens and loaded.metadata == {"doc": "fox"}
+        got = list(stream_generate(model, tok, doc + question, max_tokens=8, temperature=0.0, eos_token_ids=[],
+                                   prompt_cache=loaded))
+        want = list(stream_generate(model, tok, doc + question, max_tokens=8, temperature=0.0, eos_token_ids=[]))
+        assert got[0].prompt_tokens < len(tok.encode(doc + question)) == want[0].prompt_tokens
+        assert [r.token for r in got] == [r.token for r in want] and [r.text for r in got] == [r.text for r in want]
+        worst = max(worst, max(abs(a.logprob - b.logprob) for a, b in zip(got, want)))
+    assert worst < 1e-5, worst
+    with pytest.raises(ValueError, match=r"^\[save_prompt_cache\] expected a PromptCache, got list"):
+        save_prompt_cache(tmp_path / "x.safetensors", pc.caches)
+    with pytest.raises(ValueError, match=r"^\[load_caches\] .*doc.safetensors: field 'model.num_tokens'"):
+        load_prompt_cache(path, tiny_lm())
