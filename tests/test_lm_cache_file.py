@@ -268,3 +268,21 @@ def test_prompt_cache_file_serves_many_text_continuations(tmp_path):
         save_prompt_cache(tmp_path / "x.safetensors", pc.caches)
     with pytest.raises(ValueError, match=r"^\[load_caches\] .*doc.safetensors: field 'model.num_tokens'"):
         load_prompt_cache(path, tiny_lm())
+
+
+def test_stream_generate_max_kv_size_is_a_sliding_window():
+    """Text level: stream_generate(max_kv_size=5) gives the tokens and (within 1e-5) log-probabilities
+    of the same weights built with sliding_window=5 and an unbounded run's own caches."""
+    from lm_blocks import tiny_tokenizer
+
+    from mlx_zeta.lm import stream_generate
+
+    tok = tiny_tokenizer()
+    model = tiny_lm(vocab=tok.vocab_size)
+    ref = same_weights(model, tiny_lm(vocab=tok.vocab_size, sliding_window=5, seed=1))
+    kw = dict(max_tokens=10, temperature=0.0, eos_token_ids=[])
+    got = list(stream_generate(model, tok, "a cat sat on the mat", max_kv_size=5, **kw))
+    want = list(stream_generate(ref, tok, "a cat sat on the mat", **kw))
+    assert [r.token for r in got] == [r.token for r in want]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want)) < 1e-5
+    assert [r.token for r in got] != [r.token for r in stream_generate(model, tok, "a cat sat on the mat", **kw)]
