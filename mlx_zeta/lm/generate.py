@@ -179,7 +179,7 @@ def resolve_settings(model: nn.Module, tokenizer: Tokenizer, vocab: int, max_tok
     return _Settings(max_tokens, sampling, eos, _stops(options.get("stop")), key, processor)
 
 
-class StopScan:
+class _StopScan:
     """Cuts the text at the first stop string, holding back a tail that may begin one."""
 
     def __init__(self, stops: Tuple[str, ...]):
@@ -205,7 +205,7 @@ class TextSteps:
     (left out of the text) and stop strings (the text is cut before the first)."""
 
     def __init__(self, tokenizer: Tokenizer, s: _Settings):
-        self.detok, self.scan, self.s = tokenizer.detokenizer(), StopScan(s.stop), s
+        self.detok, self.scan, self.s = tokenizer.detokenizer(), _StopScan(s.stop), s
 
     def push(self, token: int, n: int) -> Tuple[str, Optional[str]]:
         """The new text after the ``n``-th token (from 1) and the finish reason (None, "stop", "length")."""
