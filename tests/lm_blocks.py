@@ -92,3 +92,27 @@ def tiny_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(CORPUS, trainer)
     return Tokenizer(backend, {"eos_token": "<|end|>"}, chat_template=CHAT_TEMPLATE)
+
+
+# transformers configs of tiny causal LMs (random weights): learned absolute positions, rotary with
+# qk-norm, a model with its own sliding window, and a Llama of Qwen3's shapes (another model_type)
+_ATTN = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             intermediate_size=96)
+HF = {"gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                                      eos_token_id=0)),
+      "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _ATTN),
+      "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(_ATTN, sliding_window=4)),
+      "llama": ("LlamaConfig", "LlamaForCausalLM", _ATTN)}
+
+
+def hf_checkpoint(case: str, folder, vocab: int):
+    """A tiny transformers checkpoint of ``HF[case]`` saved to ``folder`` (init lifted so every
+    weight matters) and loaded back through ``mlx_zeta.from_pretrained`` in float32."""
+    import transformers
+    from hf_tiny import lift_init, save_hf, seeded
+
+    config_cls, model_cls, extra = HF[case]
+    seeded(0)
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(vocab_size=vocab, **extra)).eval()
+    lift_init(hf, norm_markers=(".ln_", "norm"))
+    return mlx_zeta.from_pretrained(save_hf(hf, folder), dtype="float32")

@@ -11,7 +11,7 @@ import mlx_zeta  # noqa: F401  (routes BLAS before mlx.core loads)
 import mlx.core as mx
 import numpy as np
 import pytest
-from lm_blocks import same_weights, tiny_lm, tiny_tokenizer
+from lm_blocks import hf_checkpoint, same_weights, tiny_lm, tiny_tokenizer
 
 from mlx_zeta.lm import batch_generate, batch_stream_generate, make_caches, stream_generate
 from mlx_zeta.lm.batch import left_pad
@@ -181,27 +181,12 @@ def test_transformer_positions_argument():
         model(mx.array([[5, 17, 9]]), positions=[[3, 4, 5]])
 
 
-HF = {"gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-                                                      eos_token_id=0)),
-      "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                        num_key_value_heads=2, head_dim=16, intermediate_size=96)),
-      "mistral-window": ("MistralConfig", "MistralForCausalLM",
-                         dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=96, sliding_window=4))}
-
-
-@pytest.mark.parametrize("case", list(HF))
+@pytest.mark.parametrize("case", ["gpt2", "qwen3", "mistral-window"])
 def test_converted_checkpoints_batch_equals_single(tok, tmp_path, case):
     """Tiny transformers checkpoints (random weights) through from_pretrained: GPT-2 (learned absolute
     positions), Qwen3 (rotary, qk-norm) and Mistral with its own sliding window of 4 (rotating caches
     under the padding mask): greedy batch == each prompt alone."""
-    transformers = pytest.importorskip("transformers")
-    from hf_tiny import lift_init, save_hf, seeded
-
-    config_cls, model_cls, extra = HF[case]
-    seeded(0)
-    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(vocab_size=tok.vocab_size, **extra)).eval()
-    lift_init(hf, norm_markers=(".ln_", "norm"))
-    model = mlx_zeta.from_pretrained(save_hf(hf, tmp_path / case), dtype="float32")
+    pytest.importorskip("transformers")
+    model = hf_checkpoint(case, tmp_path / case, tok.vocab_size)
     kw = dict(max_tokens=8, temperature=0.0, eos_token_ids=[])
     assert_rows_equal(batched(model, tok, TEXTS, **kw), singles(model, tok, TEXTS, **kw))

@@ -13,7 +13,7 @@ import mlx_zeta  # noqa: F401  (routes BLAS before mlx.core loads)
 import mlx.core as mx
 import numpy as np
 import pytest
-from lm_blocks import VOCAB, greedy_cached, greedy_reference, log_softmax, same_weights, tiny_lm
+from lm_blocks import VOCAB, greedy_cached, greedy_reference, same_weights, tiny_lm
 
 from mlx_zeta.lm.cache import WindowedKVCache, make_caches
 from mlx_zeta.lm.cache_file import load_caches, save_caches
@@ -286,3 +286,22 @@ def test_stream_generate_max_kv_size_is_a_sliding_window():
     assert [r.token for r in got] == [r.token for r in want]
     assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want)) < 1e-5
     assert [r.token for r in got] != [r.token for r in stream_generate(model, tok, "a cat sat on the mat", **kw)]
+
+
+def test_converted_checkpoint_file_records_its_model_type(tmp_path):
+    """A Qwen3 checkpoint (from_pretrained): the file records model_type "qwen3"; a saved prefix
+    continues like no cache; a Llama of the very same shapes is refused by model_type."""
+    pytest.importorskip("transformers")
+    from lm_blocks import hf_checkpoint
+
+    qwen3 = hf_checkpoint("qwen3", tmp_path / "qwen3", VOCAB)
+    path = save_caches(tmp_path / "q.safetensors", prefill(qwen3, PREFIX), PREFIX, qwen3)
+    caches, _, info = load_caches(path, qwen3)
+    assert info["model"] == {"model_type": "qwen3", "num_tokens": VOCAB, "depth": 2, "kv_shape": [2, 16]}
+    got, got_lp = greedy_cached(qwen3, caches, SUFFIXES[1], STEPS)
+    want, want_lp = greedy_reference(qwen3, PREFIX + SUFFIXES[1], STEPS)
+    assert got == want and np.max(np.abs(np.array(got_lp) - want_lp)) < 1e-5
+    llama = hf_checkpoint("llama", tmp_path / "llama", VOCAB)
+    with pytest.raises(ValueError, match=r"field 'model.model_type': the file was made by a model with 'qwen3', "
+                                         r"this model has 'llama'"):
+        load_caches(path, llama)
