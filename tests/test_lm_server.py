@@ -21,7 +21,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from lm_server_tiny import make_tiny_llama  # noqa: E402
+from lm_blocks import CHAT_TEMPLATE, hf_checkpoint, tiny_tokenizer  # noqa: E402
 from mlx_zeta.lm import generate, load, prompt_ids, stream_generate  # noqa: E402
 from mlx_zeta.lm.server import BackgroundServer, make_app  # noqa: E402
 
@@ -29,14 +29,32 @@ MODEL = "tiny"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, 東京 café!"}]
 
 
+LIMIT = 100  # max_prompt_tokens of the served tiny model
+
+
+def tiny_folder(folder):
+    """A checkpoint folder as convert writes one: a tiny random Llama, a byte-level BPE
+    tokenizer.json trained offline, and tokenizer_config.json with the chat template."""
+    tok = tiny_tokenizer()
+    hf_checkpoint("llama", folder, tok.vocab_size)
+    tok.backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>", "chat_template": CHAT_TEMPLATE}))
+    return folder
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load(make_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
+def folder(tmp_path_factory):
+    return tiny_folder(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny(folder):
+    return load(folder)
 
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    with BackgroundServer(make_app(*tiny, MODEL, max_queue=16)) as s:
+    with BackgroundServer(make_app(*tiny, MODEL, max_queue=16, max_prompt_tokens=LIMIT)) as s:
         yield s
 
 
@@ -335,3 +353,60 @@ def test_make_app_refuses_bad_arguments():
         make_app(None, ByteTokenizer(), MODEL, max_queue=0, generate=Script())
     with pytest.raises(ValueError, match=r"\[make_app\] expected model_id to be a non-empty string"):
         make_app(None, ByteTokenizer(), "", generate=Script())
+
+
+# ---- the request checks alone, and serve() as the CLI runs it ----
+
+def test_parse_request_fields():
+    from mlx_zeta.lm.server_requests import RequestError, parse_request
+
+    req = parse_request({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                  {"type": "text", "text": "b"}]}],
+                         "max_tokens": 5, "max_completion_tokens": 7, "top_k": 0, "stop": "x", "seed": 3,
+                         "logit_bias": {"3": -1}, "frobnicate": {"x": 1}}, "chat")
+    assert req.messages == [{"role": "user", "content": "ab"}]
+    assert req.options == {"max_tokens": 7, "stop": ["x"], "seed": 3, "logit_bias": {3: -1.0}}  # top_k 0: off
+    assert parse_request({"prompt": "a"}, "text", max_tokens_default=9).options == {"max_tokens": 9}
+    with pytest.raises(RequestError, match=r"^\[chat.completions\] expected messages\[0\].role to be one of") as e:
+        parse_request({"messages": [{"role": "robot", "content": "x"}]}, "chat")
+    assert (e.value.status, e.value.param) == (400, "messages[0].role")
+    with pytest.raises(RequestError, match=r"^\[completions\] expected temperature to be a number in \[0, 2\], got nan"):
+        parse_request({"prompt": "a", "temperature": float("nan")}, "text")
+    with pytest.raises(RequestError, match=r"expected max_tokens to be None or an int >= 1, got True"):
+        parse_request({"prompt": "a", "max_tokens": True}, "text")
+
+
+def test_serve_prints_its_address_serves_and_stops_on_ctrl_c(folder):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    code = "import sys; from mlx_zeta.lm.server import serve; serve(sys.argv[1], port=0, model_id='tiny')"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stderr.readline()]
+        while lines[-1] and not lines[-1].startswith("serving"):
+            lines.append(proc.stderr.readline())
+        found = re.fullmatch(r"serving tiny on (http://127\.0\.0\.1:\d+)\n", lines[-1])
+        assert found, lines
+        client = openai.OpenAI(base_url=found.group(1) + "/v1", api_key="none", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        assert client.completions.create(model="tiny", prompt="Hello", max_tokens=3).choices[0].finish_reason
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_refuses_a_busy_port_before_loading(tmp_path):
+    from mlx_zeta.lm.server import serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=rf"^\[serve\] expected to listen on 127.0.0.1:{port}, got "):
+            serve(tmp_path / "no-model-here", port=port)

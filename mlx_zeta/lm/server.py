@@ -28,8 +28,8 @@ import time
 from typing import Any, Callable, List, Optional
 
 from mlx_zeta.converters.pretrained import task_of
-from mlx_zeta.lm.server_requests import (OWNERS, ParsedRequest, RequestError, chunk, completion, error_body,
-                                         parse_request, usage_chunk)
+from mlx_zeta.lm.server_requests import (OWNERS, ParsedRequest, RequestError, Tally, chunk, completion,
+                                         error_body, parse_request, sse, usage_chunk)
 
 __all__ = ["make_app", "serve", "BackgroundServer"]
 
@@ -163,31 +163,6 @@ def _error(e: Exception):
     return JSONResponse(error_body(f"[server] {type(e).__name__}: {e}", kind="server_error"), status_code=500)
 
 
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-class _Tally:
-    """What a request has received so far: text, finish reason, token count, logprob pieces."""
-
-    def __init__(self, tokenizer: Any, logprobs: bool):
-        self.tokenizer, self.want = tokenizer, logprobs
-        self.text, self.finish, self.tokens = "", None, 0
-
-    def add(self, r: Any) -> Optional[List[tuple]]:
-        self.text += r.text
-        self.finish = r.finish_reason or self.finish
-        self.tokens = getattr(r, "generation_tokens", self.tokens + 1)
-        if not self.want or getattr(r, "token", None) is None:
-            return None
-        piece = self.tokenizer.decode([int(r.token)], skip_special_tokens=False)
-        return [(piece, float(r.logprob))]
-
-    def usage(self, prompt_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.tokens,
-                "total_tokens": prompt_tokens + self.tokens}
-
-
 class _Server:
     """The state behind the routes: model, tokenizer, worker, limits."""
 
@@ -274,27 +249,27 @@ class _Server:
             job.cancelled.set()
 
     async def collect(self, req: ParsedRequest, job: _Job, item: Any, n_prompt: int, request: Any) -> dict:
-        tally, pieces = _Tally(self.tokenizer, req.logprobs), []
+        tally, pieces = Tally(self.tokenizer, req.logprobs), []
         while item is not _DONE:
             pieces += tally.add(item) or []
             item = await self.next(job, request)
         return completion(req, tally.text, tally.finish or "stop", tally.usage(n_prompt), pieces)
 
     async def events(self, req: ParsedRequest, job: _Job, item: Any, n_prompt: int):
-        tally = _Tally(self.tokenizer, req.logprobs)
+        tally = Tally(self.tokenizer, req.logprobs)
         try:
-            yield _sse(chunk(req, first=True))
+            yield sse(chunk(req, first=True))
             while item is not _DONE:
                 offset = len(tally.text)
                 pieces = tally.add(item)
                 if item.text or pieces:
-                    yield _sse(chunk(req, item.text, None, pieces, offset=offset))
+                    yield sse(chunk(req, item.text, None, pieces, offset=offset))
                 item = await self.next(job, None)
-            yield _sse(chunk(req, "", tally.finish or "stop"))
+            yield sse(chunk(req, "", tally.finish or "stop"))
             if req.include_usage:
-                yield _sse(usage_chunk(req, tally.usage(n_prompt)))
+                yield sse(usage_chunk(req, tally.usage(n_prompt)))
         except Exception as e:  # noqa: BLE001 - headers are sent: the error travels as an event
-            yield _sse(error_body(f"[server] {type(e).__name__}: {e}", kind="server_error"))
+            yield sse(error_body(f"[server] {type(e).__name__}: {e}", kind="server_error"))
         finally:
             job.cancelled.set()  # the client went away (or we are done): stop before the next token
         yield "data: [DONE]\n\n"

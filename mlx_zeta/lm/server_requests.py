@@ -14,6 +14,7 @@ No HTTP library is imported here, so the checks are testable without a server.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, Optional, Union
 from mlx_zeta.common.checks import check_choice, check_int, is_int
 
 __all__ = ["RequestError", "ParsedRequest", "parse_request", "error_body", "completion_id", "chunk", "usage_chunk",
-           "completion"]
+           "completion", "Tally", "sse"]
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 OWNERS = {"chat": "chat.completions", "text": "completions"}
@@ -279,3 +280,29 @@ def completion(req: ParsedRequest, text: str, finish: str, usage: dict, pieces: 
         return {**_envelope(req, "chat.completion", [choice]), "usage": usage}
     choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
     return {**_envelope(req, "text_completion", [choice]), "usage": usage}
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class Tally:
+    """What a request has received so far: text, finish reason, token count, logprob pieces."""
+
+    def __init__(self, tokenizer: Any, logprobs: bool):
+        self.tokenizer, self.want = tokenizer, logprobs
+        self.text, self.finish, self.tokens = "", None, 0
+
+    def add(self, r: Any) -> Optional[List[tuple]]:
+        self.text += r.text
+        self.finish = r.finish_reason or self.finish
+        self.tokens = getattr(r, "generation_tokens", self.tokens + 1)
+        if not self.want or getattr(r, "token", None) is None:
+            return None
+        piece = self.tokenizer.decode([int(r.token)], skip_special_tokens=False)
+        return [(piece, float(r.logprob))]
+
+    def usage(self, prompt_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.tokens,
+                "total_tokens": prompt_tokens + self.tokens}
