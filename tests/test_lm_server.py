@@ -86,6 +86,7 @@ def raw(server, method, path, body=b"", headers=None):
 
 def test_models(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -199,6 +200,7 @@ BAD = [  # (what, method, path, body, status)
     ("empty prompt", "POST", "/v1/completions", {"model": MODEL, "prompt": ""}, 400),
     ("unknown model", "POST", "/v1/chat/completions", {**GOOD, "model": "gpt-9"}, 404),
     ("over-long prompt", "POST", "/v1/completions", {"model": MODEL, "prompt": LONG}, 400),
+    ("unknown model card", "GET", "/v1/models/gpt-9", b"", 404),
     ("unknown route", "POST", "/v1/embeddings", GOOD, 404),
     ("wrong method", "GET", "/v1/chat/completions", b"", 405),
 ]
@@ -346,6 +348,32 @@ def test_shutdown_with_a_request_in_flight_is_prompt():
     start = time.monotonic()
     server.close()
     assert not server.thread.is_alive() and time.monotonic() - start < 3 and script.closed
+
+
+def failing(model, tokenizer, prompt, max_tokens=16, seed=None, **options):
+    """A generator that refuses (seed 1: ValueError), breaks (seed 2) or breaks after one token (seed 3)."""
+    if seed == 1:
+        raise ValueError("[generate] expected something else, got this")
+    if seed == 2:
+        raise RuntimeError("boom")
+    yield SimpleNamespace(text="x", token=120, logprob=0.0, generation_tokens=1, finish_reason=None)
+    if seed == 3:
+        raise RuntimeError("late boom")
+    yield SimpleNamespace(text="y", token=121, logprob=0.0, generation_tokens=2, finish_reason="stop")
+
+
+def test_generator_errors_become_json_and_the_worker_lives_on():
+    with BackgroundServer(make_app(None, ByteTokenizer(), MODEL, generate=failing)) as server:
+        for seed, status in ((1, 400), (2, 500), (None, 200)):
+            got, answer = raw(server, "POST", "/v1/chat/completions", json.dumps({**GOOD, "seed": seed}).encode())
+            assert got == status, answer
+        assert answer["choices"][0]["message"]["content"] == "xy"
+        got, text = raw(server, "POST", "/v1/chat/completions", json.dumps({**GOOD, "seed": 3, "stream": True}).encode())
+        events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
+        assert got == 200 and text.endswith("data: [DONE]\n\n")
+        assert events[1]["choices"][0]["delta"]["content"] == "x" and "late boom" in events[-1]["error"]["message"]
+        got, answer = raw(server, "POST", "/v1/completions", json.dumps({"prompt": "a"}).encode())
+        assert got == 200 and answer["choices"][0]["text"] == "xy"
 
 
 def test_make_app_refuses_bad_arguments():

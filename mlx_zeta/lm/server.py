@@ -62,6 +62,10 @@ class _Job:
             self.cancelled.set()
 
 
+def _shutting_down() -> RequestError:
+    return RequestError("[server] shutting down", status=503, code="shutting_down", kind="server_error")
+
+
 class _Worker:
     """The single thread that runs the model, fed by a bounded queue of :class:`_Job`."""
 
@@ -70,37 +74,30 @@ class _Worker:
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.use_cache, self.cache = prompt_cache, None
         self.thread: Optional[threading.Thread] = None
-        self.current: Optional[_Job] = None
         self.lock, self.stopping = threading.Lock(), False
 
     def submit(self, job: _Job) -> None:
         with self.lock:
             if self.stopping:
-                raise RequestError("[server] shutting down", status=503, code="shutting_down", kind="server_error")
+                raise _shutting_down()
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="mlx-zeta-server-worker", daemon=True)
                 self.thread.start()
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise RequestError(f"[server] expected at most {self.jobs.maxsize} waiting requests, the queue is "
-                               "full; retry later", status=503, code="queue_full", kind="server_error") from None
+            try:
+                self.jobs.put_nowait(job)
+            except queue.Full:
+                raise RequestError(f"[server] expected at most {self.jobs.maxsize} waiting requests, the queue "
+                                   "is full; retry later", status=503, code="queue_full", kind="server_error") from None
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel the running job, answer the waiting ones 503, end the thread."""
+        """Stop the running job at its next token, answer the waiting ones 503, end the thread."""
         with self.lock:
             self.stopping = True
-        if self.current is not None:
-            self.current.cancelled.set()
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            job.cancelled.set()
-            job.emit(RequestError("[server] shutting down", status=503, code="shutting_down", kind="server_error"))
         if self.thread is not None:
-            self.jobs.put(None)
+            try:
+                self.jobs.put(None, timeout=timeout)
+            except queue.Full:  # the worker is stuck inside one model pass: it is a daemon thread
+                return
             self.thread.join(timeout)
 
     def _run(self) -> None:
@@ -108,10 +105,10 @@ class _Worker:
             job = self.jobs.get()
             if job is None:
                 return
-            if not job.cancelled.is_set():
-                self.current = job
+            if self.stopping:
+                job.emit(_shutting_down())
+            elif not job.cancelled.is_set():
                 self._serve(job)
-                self.current = None
 
     def _serve(self, job: _Job) -> None:
         options = dict(job.options)
@@ -127,7 +124,7 @@ class _Worker:
             try:
                 for r in responses:
                     job.emit(r)
-                    if job.cancelled.is_set():
+                    if job.cancelled.is_set() or self.stopping:
                         break
             finally:
                 close = getattr(responses, "close", None)
@@ -231,10 +228,12 @@ class _Server:
             return _error(e)
         try:
             first = await self.next(job, request)
-        except ConnectionAbortedError:
-            return JSONResponse(error_body("[server] client went away"), status_code=499)
-        except Exception as e:  # noqa: BLE001 - answered as JSON
+        except BaseException as e:  # noqa: BLE001 - an error is answered as JSON; a cancellation goes on up
             job.cancelled.set()
+            if isinstance(e, ConnectionAbortedError):
+                return JSONResponse(error_body("[server] client went away"), status_code=499)
+            if not isinstance(e, Exception):
+                raise
             return _error(e)
         if req.stream:
             return StreamingResponse(self.events(req, job, first, len(ids)), media_type="text/event-stream",
