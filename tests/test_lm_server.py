@@ -438,3 +438,9 @@ def test_serve_refuses_a_busy_port_before_loading(tmp_path):
         port = busy.getsockname()[1]
         with pytest.raises(RuntimeError, match=rf"^\[serve\] expected to listen on 127.0.0.1:{port}, got "):
             serve(tmp_path / "no-model-here", port=port)
+
+
+def test_missing_serve_extra_is_one_line(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # import uvicorn -> ImportError
+    with pytest.raises(ValueError, match=r"^\[mlx_zeta.lm\] uvicorn is not installed: pip install 'mlx-zeta\[serve\]'$"):
+        make_app(None, ByteTokenizer(), MODEL, generate=Script())

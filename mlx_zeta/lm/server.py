@@ -37,13 +37,10 @@ _DONE = object()  # the worker's last word for a job
 
 
 def _require():
-    """``(starlette, uvicorn)`` or a one-line error naming the extra."""
-    try:
-        import starlette
-        import uvicorn
-    except ImportError:
-        raise RuntimeError("[serve] the server needs Starlette and uvicorn: pip install 'mlx-zeta[serve]'") from None
-    return starlette, uvicorn
+    """``(starlette, uvicorn)``, or a one-line ``ValueError`` naming the ``serve`` extra."""
+    from mlx_zeta.lm.tokenizer import require
+
+    return require("starlette", "serve"), require("uvicorn", "serve")
 
 
 class _Job:
