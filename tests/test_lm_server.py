@@ -242,6 +242,22 @@ def test_client_hang_up_mid_stream(tiny, server, client):
     assert r.choices[0].message.content == generate(*tiny, CHAT, 5, temperature=0)
 
 
+def test_learned_positions_limit_gpt2(tmp_path):
+    """GPT-2 (64 learned positions): the default prompt limit is model.max_seq_len, and a prompt
+    that fits but leaves too few positions for max_tokens gets stream_generate's own refusal as 400."""
+    tok = tiny_tokenizer()
+    model = hf_checkpoint("gpt2", tmp_path, tok.vocab_size)
+    with BackgroundServer(make_app(model, tok, "gpt2")) as server:
+        status, answer = raw(server, "POST", "/v1/completions", json.dumps({"prompt": LONG}).encode())
+        assert status == 400 and answer["error"]["code"] == "context_length_exceeded"
+        assert "at most 64 tokens" in answer["error"]["message"]
+        status, answer = raw(server, "POST", "/v1/completions", json.dumps({"prompt": "the end", "max_tokens": 80}).encode())
+        assert status == 400 and answer["error"]["message"].startswith("[generate] the prompt (")
+        status, answer = raw(server, "POST", "/v1/completions",
+                             json.dumps({"prompt": "the end", "max_tokens": 20, "temperature": 0}).encode())
+        assert status == 200 and answer["choices"][0]["text"] == generate(model, tok, "the end", 20, temperature=0)
+
+
 # ---- queueing and cancellation, seen through a scripted generator ----
 
 class Script:
