@@ -346,8 +346,9 @@ def test_hang_up_while_queued_is_never_run(scripted):
         data = json.dumps({**GOOD, "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", server.port)) as s:
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
-            wait_until(lambda: server.app.state.server.worker.jobs.qsize() == 1)
-        time.sleep(0.6)  # the handler polls its client every 0.25 s
+            jobs = server.app.state.server.worker.jobs
+            wait_until(lambda: jobs.qsize() == 1)
+        wait_until(lambda: jobs.queue[0].cancelled.is_set())  # the handler polls its client every 0.25 s
         script.gate.set()
         assert running.result()[0] == 200
     status, _ = raw(server, "POST", "/v1/chat/completions", body)
