@@ -80,9 +80,10 @@ def raw(server, method, path, body=b"", headers=None):
         return resp.status, data.decode()
 
 
-def test_models(client):
+def test_models(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
+    assert raw(server, "GET", "/health") == (200, {"status": "ok"})
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -184,3 +184,16 @@ def test_missing_serve_extra_is_one_line(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # import uvicorn -> ImportError
     with pytest.raises(ValueError, match=r"^\[mlx_zeta.lm\] uvicorn is not installed: pip install 'mlx-zeta\[serve\]'$"):
         make_app(None, ByteTokenizer(), MODEL, generate=Script())
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("repetition_penalty", float("inf"), "a finite number > 0"), ("repetition_penalty", 10**400, "a finite number > 0"),
+    ("top_p", 0, r"a number in \(0, 1\]"), ("seed", 2**64, r"None or an int in \[0, 9223372036854775807\]"),
+    ("max_tokens", "x", "None or an int >= 1")])
+def test_parse_request_edges(field, value, says):
+    """Values JSON can carry that Python would take badly (inf, ints beyond float or uint64); a bad
+    max_tokens is refused even when max_completion_tokens (which wins) is set."""
+    from mlx_zeta.lm.server_requests import RequestError, parse_request
+
+    with pytest.raises(RequestError, match=rf"^\[completions\] expected {field} to be {says}, got "):
+        parse_request({"prompt": "a", field: value, "max_completion_tokens": 3}, "text")

@@ -109,11 +109,15 @@ class _Fields:
         if value is None:
             return None
         low, high, open_low = NUMBERS[name]
-        ok = isinstance(value, Real) and not isinstance(value, bool) and not math.isnan(value)
-        if not ok or not (low < value if open_low else low <= value) or not value <= high:
-            span = f"{'(' if open_low else '['}{low:g}, {high:g}]" if high < math.inf else f"> {low:g}"
-            raise self.fail(name, f"a number {'in ' if high < math.inf else ''}{span}", value)
-        return float(value)
+        try:
+            x = float(value) if isinstance(value, Real) and not isinstance(value, bool) else math.nan
+        except OverflowError:  # an int beyond float's range
+            x = math.nan
+        if not math.isfinite(x) or not (low < x if open_low else low <= x) or not x <= high:
+            what = (f"a number in {'(' if open_low else '['}{low:g}, {high:g}]" if high < math.inf
+                    else f"a finite number > {low:g}")
+            raise self.fail(name, what, value)
+        return x
 
     def boolean(self, name: str) -> Optional[bool]:
         value = self.body.get(name)
@@ -225,11 +229,11 @@ def parse_request(body: Any, kind: str, *, vocab: Optional[int] = None, max_toke
         if not isinstance(usage, dict):
             raise f.fail("stream_options", "an object", usage)
         req.include_usage = bool(_Fields(usage, owner).boolean("include_usage"))
-    max_tokens = f.integer("max_completion_tokens", 1)
-    max_tokens = f.integer("max_tokens", 1) if max_tokens is None else max_tokens
+    max_tokens, newer = f.integer("max_tokens", 1), f.integer("max_completion_tokens", 1)
+    max_tokens = newer if newer is not None else max_tokens
     opts = {"max_tokens": max_tokens_default if max_tokens is None else max_tokens}
     opts.update({name: f.number(name) for name in NUMBERS})
-    opts.update(top_k=f.integer("top_k", 0) or None, seed=f.integer("seed", 0), stop=f.stop(),
+    opts.update(top_k=f.integer("top_k", 0) or None, seed=f.integer("seed", 0, 2**63 - 1), stop=f.stop(),
                 logit_bias=f.logit_bias(vocab))
     req.options = {k: v for k, v in opts.items() if v is not None}
     return req
