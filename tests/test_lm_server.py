@@ -156,6 +156,19 @@ def test_logprobs(tiny, client):
     assert r.choices[0].logprobs.token_logprobs == pytest.approx(lps, abs=1e-6)
 
 
+def test_prompt_cache_reused_across_requests(tiny, client):
+    """The same prompt twice: the second request prefills one token (PromptCache.reuse keeps all but
+    the last) and still answers as generate does."""
+    prompt = "Servers answer requests one at a time, " * 2
+    n = len(prompt_ids(tiny[1], prompt))
+    want = generate(*tiny, prompt, 6, temperature=0)
+    for cached in (None, n - 1):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+        assert r.choices[0].text == want and r.usage.prompt_tokens == n
+        if cached is not None:
+            assert r.usage.prompt_tokens_details.cached_tokens == cached
+
+
 def test_eight_concurrent_requests(tiny, client):
     """8 threads at once, chat and text, streamed and not, shared prefixes (the prompt cache in
     play): each answer equals its own generate."""

@@ -292,21 +292,25 @@ def sse(obj: Any) -> str:
 
 
 class Tally:
-    """What a request has received so far: text, finish reason, token count, logprob pieces."""
+    """What a request has received so far: text, finish reason, token count, logprob pieces, and
+    how many prompt tokens the model actually ran (the rest came from the prompt cache)."""
 
     def __init__(self, tokenizer: Any, logprobs: bool):
         self.tokenizer, self.want = tokenizer, logprobs
-        self.text, self.finish, self.tokens = "", None, 0
+        self.text, self.finish, self.tokens, self.prefilled = "", None, 0, None
 
     def add(self, r: Any) -> Optional[List[tuple]]:
         self.text += r.text
         self.finish = r.finish_reason or self.finish
         self.tokens = getattr(r, "generation_tokens", self.tokens + 1)
+        self.prefilled = getattr(r, "prompt_tokens", self.prefilled)
         if not self.want or getattr(r, "token", None) is None:
             return None
         piece = self.tokenizer.decode([int(r.token)], skip_special_tokens=False)
         return [(piece, float(r.logprob))]
 
     def usage(self, prompt_tokens: int) -> dict:
+        """OpenAI's ``usage``; ``prompt_tokens_details.cached_tokens``: prompt tokens reused from the cache."""
+        cached = 0 if self.prefilled is None else max(0, prompt_tokens - self.prefilled)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": self.tokens,
-                "total_tokens": prompt_tokens + self.tokens}
+                "total_tokens": prompt_tokens + self.tokens, "prompt_tokens_details": {"cached_tokens": cached}}
