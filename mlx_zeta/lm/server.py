@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
+from mlx_zeta.converters.io import materialize
 from mlx_zeta.converters.pretrained import task_of
 from mlx_zeta.lm.server_requests import (OWNERS, ParsedRequest, RequestError, Tally, chunk, completion,
                                          error_body, parse_request, sse, usage_chunk)
@@ -133,18 +134,6 @@ class _Worker:
             job.emit(e)
         if failed:
             self.cache = None  # a pass that raised may leave the caches mid-update: start afresh
-
-
-def _settle(model: Any) -> None:
-    """Evaluate every array the model holds, private buffers such as a rotary ``_inv_freq`` too.
-
-    A lazy MLX array belongs to the stream of the thread that built it; the worker thread cannot
-    evaluate one still pending here ("There is no Stream(cpu, 0) in current thread")."""
-    modules = getattr(model, "modules", None)
-    if callable(modules):
-        import mlx.core as mx
-
-        mx.eval([v for m in modules() for v in m.values() if isinstance(v, mx.array)])
 
 
 def _error(e: Exception):
@@ -310,7 +299,8 @@ def make_app(model: Any, tokenizer: Any, model_id: str, *, max_queue: int = 16,
         raise ValueError(f"[make_app] expected model_id to be a non-empty string, got {model_id!r}")
     if generate is None:
         from mlx_zeta.lm import stream_generate as generate
-    _settle(model)
+    if callable(getattr(model, "modules", None)):  # the worker thread cannot evaluate arrays left pending here
+        materialize(model)
     state = _Server(model, tokenizer, model_id, generate=generate, max_queue=max_queue,
                     max_prompt_tokens=max_prompt_tokens, max_tokens_default=max_tokens_default,
                     prompt_cache=prompt_cache)
