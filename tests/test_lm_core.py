@@ -225,3 +225,57 @@ def test_bad_tokenizer_and_model_are_refused(tiny, tmp_path):
 
         load_tokenizer(tmp_path)
     assert isinstance(tok, Tokenizer)
+
+
+ARCHS = [("test_convert_llama", "llama-gqa-untied"), ("test_convert_llama", "mistral-window"),
+         ("test_convert_llama", "qwen2-qkv-bias"), ("test_convert_llama", "qwen3-qk-norm"),
+         ("test_convert_gpt2", "tied-gelu_new"), ("test_convert_bitnet", "bitlinear-gqa-untied")]
+
+
+@pytest.mark.parametrize("module, case", ARCHS, ids=[c for _, c in ARCHS])
+def test_every_causal_architecture_generates_like_transformers(module, case, tmp_path):
+    """Each causal-LM converter's tiny checkpoint (the converter tests' own builders, vocabulary 120),
+    loaded with its tokenizer by mlx_zeta.lm.load: greedy tokens equal transformers' generate."""
+    import importlib
+
+    import torch
+
+    tests = importlib.import_module(module)
+    if module == "test_convert_gpt2":
+        hf, folder = tests.make(tmp_path / "m", case)
+    else:
+        hf, folder = tests.make(case, tmp_path / "m")[:2]
+    backend = _word_tokenizer()
+    backend.add_tokens([f"w{i}" for i in range(VOCAB, 120)])
+    backend.save(str(folder / "tokenizer.json"))
+    model, tok = load(str(folder), dtype="float32")
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 120, 6)]
+    run = tests.eager() if module == "test_convert_bitnet" else torch.no_grad()
+    with run, torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                           pad_token_id=0)[0, len(ids):].tolist()
+    assert [r.token for r in stream_generate(model, tok, ids, 12, eos_token_ids=[])] == want
+
+
+def test_a_loaded_model_runs_on_another_thread(tmp_path):
+    """from_pretrained leaves no pending array (materialize): a thread that did not load the model can
+    run it (a lazy rotary buffer made this fail with "There is no Stream(cpu, 0) in current thread")."""
+    import threading
+
+    import test_convert_llama
+
+    _, folder = test_convert_llama.make("llama-gqa-untied", tmp_path / "m")
+    model = mlx_zeta.from_pretrained(folder)
+    out = {}
+
+    def run():
+        try:
+            out["logits"] = np.array(model(mx.array([[1, 2, 3]])))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            out["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert "error" not in out, out.get("error")
+    np.testing.assert_allclose(out["logits"], np.array(model(mx.array([[1, 2, 3]]))), atol=1e-6)
