@@ -86,7 +86,7 @@ def _prefill(model: nn.Module, caches: list, ids: mx.array, mask: mx.array,
     width = ids.shape[1]
     for a in range(0, width, PREFILL_CHUNK):
         b = min(a + PREFILL_CHUNK, width)
-        logits = model(ids[:, a:b], cache=caches, mask=mask[:, :b],
+        logits = model(ids[:, a:b], cache=caches, mask=mask[:, :b], last_only=True,  # no head over the prompt
                        positions=None if positions is None else positions[:, a:b])
         if b < width:
             mx.eval([c.state for c in caches])
