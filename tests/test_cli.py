@@ -17,7 +17,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import mlx_zeta  # noqa: E402
-from mlx_zeta.converters.cli import main, parse_size  # noqa: E402
+from mlx_zeta.cli import main  # noqa: E402
+from mlx_zeta.converters.cli import parse_size  # noqa: E402
 from mlx_zeta.converters.pretrained import quantize  # noqa: E402
 from test_convert_llama import make, tokens  # noqa: E402
 
