@@ -17,7 +17,8 @@ only parses and turns exceptions into exit statuses, the same for every command:
 
 Exit status: 0 on success, 2 for a usage error or an input the library rejects (a one-line
 message on stderr, ``mlx-zeta <command>: error: ...``, no traceback), 1 for an
-operating-system error while reading or writing, 130 when interrupted (Ctrl-C, at any point:
+operating-system error while reading or writing (silently when stdout is a pipe its reader
+closed, as ``mlx-zeta generate ... | head`` does), 130 when interrupted (Ctrl-C, at any point:
 one line on stderr).
 """
 
@@ -28,6 +29,7 @@ import sys
 from typing import Optional, Sequence
 
 from mlx_zeta.converters import cli as _converters_cli
+from mlx_zeta.lm import cli as _lm_cli
 
 PROG = _converters_cli.PROG
 __all__ = ["main", "build_parser", "PROG"]
@@ -35,7 +37,7 @@ __all__ = ["main", "build_parser", "PROG"]
 
 def _commands() -> tuple:
     """Every ``_add_<command>`` function, in the order ``--help`` lists them."""
-    return tuple(_converters_cli.COMMANDS)
+    return (*_converters_cli.COMMANDS, *_lm_cli.COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,12 +80,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:  # the library's errors name the file, key or option at fault
         _fail(command, e)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`mlx-zeta generate ... | head`): stop quietly
+        _silence_stdout()
+        return 1
     except OSError as e:
         _fail(command, e)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}{f' {command}' if command else ''}: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point the process's stdout at /dev/null, so that the interpreter's last flush at exit does
+    not fail again on the closed pipe (the recipe of Python's signal documentation)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured by a test)
+        pass
 
 
 def _fail(command: Optional[str], error: BaseException) -> None:
