@@ -70,3 +70,287 @@ def test_help_lists_every_command_and_usage_errors_are_one_line(capsys):
     assert code == 2 and one_line(err).startswith("mlx-zeta: error: the following arguments are required: COMMAND")
     code, _, err = run(capsys, "convert", "a", "b", "--bogus")
     assert code == 2 and one_line(err).startswith("mlx-zeta convert: error: unrecognized arguments: --bogus")
+
+
+# --------------------------------------------------------------------------- a tiny chat model
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
+          "le café est très bon", "a tiny model for a tiny test of the command line"]
+
+
+def make_tiny_chat_model(folder: Path, template: bool = True) -> Path:
+    """A random tiny LlamaForCausalLM (hidden 32, 2 layers) with a byte-level BPE trained here with
+    ``tokenizers`` (ChatML special tokens, ``<|im_end|>`` the end token) and, if ``template``, a
+    ChatML chat template."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 8, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                                pad_token="<|endoftext|>")
+    if template:
+        fast.chat_template = CHATML
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # spread the logits: greedy choices should not hinge on rounding
+        for name, p in model.named_parameters():
+            p.mul_(1.0 if "norm" in name else 4.0)
+    model.save_pretrained(str(folder))
+    fast.save_pretrained(str(folder))
+    return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("lmcli") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    from mlx_zeta.lm import load
+
+    return load(tiny)
+
+
+STATS = re.compile(r"prompt: (\d+) tokens(?: \((\d+) reused from the cache\))?, [\d.]+ tok/s; "
+                   r"generation: (\d+) tokens, [\d.]+ tok/s; peak memory: [\d.]+ GB")
+
+
+def reference(loaded, prompt, n):
+    """(text, token ids, prompt ids) of mlx_zeta.lm's own streaming generation."""
+    from mlx_zeta.lm import prompt_ids, stream_generate
+
+    model, tok = loaded
+    steps = list(stream_generate(model, tok, prompt, n))
+    return "".join(r.text for r in steps), [r.token for r in steps], prompt_ids(tok, prompt)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@pytest.mark.parametrize("argv, prompt", [
+    ([], [{"role": "user", "content": "hello world"}]),  # a chat template: --chat by default
+    (["--chat", "--system", "be brief"], [{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": "hello world"}]),
+    (["--no-chat"], "hello world"),
+])
+def test_generate_prints_the_text_of_stream_generate_and_stats_on_stderr(tiny, loaded, capsys, argv, prompt):
+    code, out, err = run(capsys, "generate", "--model", tiny, "--prompt", "hello world", "--max-tokens", 16, *argv)
+    assert code == 0, err
+    text, tokens, ids = reference(loaded, prompt, 16)
+    assert out == text + "\n"
+    stats = STATS.fullmatch(one_line(err))
+    assert stats and (int(stats[1]), stats[2], int(stats[3])) == (len(ids), None, len(tokens)), err
+
+
+def test_generate_flushes_each_piece_before_the_next_token_is_made(tiny, monkeypatch):
+    """Streaming: when stream_generate makes step k, the text of steps < k has been written and flushed."""
+    import mlx_zeta.lm as lm
+
+    class Stdout:  # shows what was written only once it is flushed
+        pending, shown = "", ""
+
+        def write(self, text):
+            self.pending += text
+
+        def flush(self):
+            self.shown, self.pending = self.shown + self.pending, ""
+
+    real, seen, stdout = lm.stream_generate, [], Stdout()
+
+    def watched(*args, **kwargs):
+        pieces = []
+        for r in real(*args, **kwargs):
+            seen.append(stdout.shown == "".join(pieces))
+            pieces.append(r.text)
+            yield r
+        assert len(pieces) == 12 and sum(map(bool, pieces)) > 6  # most steps have text to show
+
+    monkeypatch.setattr(lm, "stream_generate", watched)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["generate", "--model", str(tiny), "--prompt", "hello", "--max-tokens", "12"]) == 0
+    assert len(seen) == 12 and all(seen) and stdout.pending == ""
+
+
+def test_generate_reads_the_prompt_from_stdin_and_passes_sampling_options(tiny, loaded, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("le café"))
+    argv = ["--temp", "0.8", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.3",
+            "--seed", "7", "--no-chat"]
+    code, out, err = run(capsys, "generate", "--model", tiny, "--prompt", "-", "--max-tokens", 20, *argv)
+    assert code == 0, err
+    from mlx_zeta.lm import generate
+
+    model, tok = loaded
+    expected = generate(model, tok, "le café", 20, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05,
+                        repetition_penalty=1.3, seed=7)
+    assert out == expected + "\n"
+    greedy = generate(model, tok, "le café", 20, temperature=0.0)
+    assert expected != greedy  # the options took effect (not the checkpoint's greedy default)
+
+
+def test_generate_stop_strings_and_max_kv_size(tiny, loaded, capsys):
+    from mlx_zeta.lm import generate
+
+    model, tok = loaded
+    full = generate(model, tok, "hello world", 24)
+    stop = full[5:8]  # a piece of the greedy text: the output ends just before its first occurrence
+    code, out, err = run(capsys, "generate", "--model", tiny, "--prompt", "hello world", "--no-chat",
+                         "--max-tokens", 24, "--stop", stop, "never-there")
+    assert code == 0, err
+    assert out == full[:full.index(stop)] + "\n"
+    code, out, err = run(capsys, "generate", "--model", tiny, "--prompt", "hello world", "--no-chat",
+                         "--max-tokens", 24, "--max-kv-size", 8)
+    assert code == 0, err
+    assert out == generate(model, tok, "hello world", 24, max_kv_size=8) + "\n"
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def lcp(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_chat_keeps_the_history_and_prefills_only_new_tokens(tiny, loaded, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world\nhow are you today?\n/quit\nnever read\n"))
+    code, out, err = run(capsys, "chat", "--model", tiny, "--max-tokens", 10, "--system", "be brief")
+    assert code == 0, err
+    first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    reply1, tokens1, ids1 = reference(loaded, first, 10)
+    second = first + [{"role": "assistant", "content": reply1}, {"role": "user", "content": "how are you today?"}]
+    reply2, tokens2, ids2 = reference(loaded, second, 10)  # a fresh run on the whole conversation
+    assert out == reply1 + "\n" + reply2 + "\n"
+    stats = [STATS.fullmatch(line) for line in err.splitlines()]
+    assert len(stats) == 2 and all(stats), err
+    # turn 1: the whole prompt runs; turn 2: only what the cache does not hold. The cache holds
+    # the first prompt and the reply's tokens but the last (which was never fed back).
+    assert (int(stats[0][1]), int(stats[0][2]), int(stats[0][3])) == (len(ids1), 0, len(tokens1))
+    reused = lcp(ids1 + tokens1[:-1], ids2)
+    assert reused >= len(ids1) and ids2[:len(ids1)] == ids1
+    assert (int(stats[1][1]), int(stats[1][2]), int(stats[1][3])) == (len(ids2) - reused, reused, len(tokens2))
+
+
+def test_chat_reset_forgets_the_history_and_end_of_input_ends(tiny, loaded, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world\n\n/reset\nhello world"))  # no /quit: EOF
+    code, out, err = run(capsys, "chat", "--model", tiny, "--max-tokens", 8)
+    assert code == 0, err
+    reply, _, _ = reference(loaded, [{"role": "user", "content": "hello world"}], 8)
+    assert out == reply + "\n" + reply + "\n"  # the blank line is skipped, the third starts over
+    assert "(history cleared)" in err
+
+
+def test_chat_piped_through_python_m(tiny, loaded):
+    proc = subprocess.run([sys.executable, "-m", "mlx_zeta", "chat", "--model", str(tiny), "--max-tokens", "6"],
+                          input="hello world\n/quit\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == reference(loaded, [{"role": "user", "content": "hello world"}], 6)[0] + "\n"
+
+
+# --------------------------------------------------------------------------- bad usage
+
+
+@pytest.fixture(scope="module")
+def no_template(tmp_path_factory):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("lmcli") / "plain", template=False)
+
+
+def test_bad_usage_exits_2_with_one_line_before_loading_the_model(capsys, tmp_path):
+    """Options are checked first: with a model path that does not exist, the option is still the error."""
+    missing = tmp_path / "no-model"
+    cases = [
+        (["generate", "--prompt", "hi"], "the following arguments are required: --model"),
+        (["generate", "--model", missing], "the following arguments are required: --prompt"),
+        (["generate", "--model", missing, "--prompt", "hi", "--max-tokens", "0"], "expected an int >= 1, got '0'"),
+        (["generate", "--model", missing, "--prompt", "hi", "--temp", "-1"], "expected temperature"),
+        (["generate", "--model", missing, "--prompt", "hi", "--top-p", "2"], "top_p"),
+        (["generate", "--model", missing, "--prompt", "hi", "--top-k", "0"], "top_k"),
+        (["generate", "--model", missing, "--prompt", "hi", "--min-p", "1.5"], "min_p"),
+        (["generate", "--model", missing, "--prompt", "hi", "--repetition-penalty", "0"], "repetition_penalty"),
+        (["generate", "--model", missing, "--prompt", "hi", "--seed", "-3"], "seed"),
+        (["generate", "--model", missing, "--prompt", "hi", "--temp", "hot"], "invalid float value: 'hot'"),
+        (["generate", "--model", missing, "--prompt", "hi", "--num-draft-tokens", "2"], "needs --draft-model"),
+        (["generate", "--model", missing, "--prompt", "hi", "--dtype", "int8"], "invalid choice: 'int8'"),
+        (["generate", "--model", missing, "--prompt", "hi", "--bogus"], "unrecognized arguments: --bogus"),
+        (["chat", "--model", missing, "--max-tokens", "-2"], "expected an int >= 1, got '-2'"),
+        (["chat", "--model", missing, "--temp", "-0.5"], "expected temperature"),
+        (["serve", "--model", missing, "--port", "70000"], "expected a port number from 0 to 65535, got '70000'"),
+        (["serve", "--model", missing, "--port", "http"], "expected a port number"),
+        (["serve", "--port", "8000"], "the following arguments are required: --model"),
+        (["serve", "--model", missing, "--max-queue", "0"], "expected an int >= 1"),
+    ]
+    for argv, message in cases:
+        code, out, err = run(capsys, *argv)
+        line = one_line(err)
+        assert code == 2 and out == "" and line.startswith(f"mlx-zeta {argv[0]}: error: ") and message in line, \
+            (argv, line)
+        assert str(missing) not in line, line  # the option, not the model, was the error
+
+
+def test_bad_model_and_chat_settings_exit_2_with_one_line(tiny, no_template, capsys, tmp_path):
+    cases = [
+        (["generate", "--model", tmp_path / "no-model", "--prompt", "hi"], str(tmp_path / "no-model")),
+        (["chat", "--model", tmp_path / "no-model"], str(tmp_path / "no-model")),
+        (["generate", "--model", tiny, "--prompt", "hi", "--no-chat", "--system", "s"], "--system needs a chat"),
+        (["generate", "--model", no_template, "--prompt", "hi", "--chat"], "has no chat template; pass --no-chat"),
+        (["generate", "--model", no_template, "--prompt", "hi", "--system", "s"], "--system needs a chat"),
+        (["chat", "--model", no_template], "has no chat template; use mlx-zeta generate --no-chat"),
+        (["generate", "--model", tiny, "--prompt", "", "--no-chat"], "expected a prompt of at least one token"),
+    ]
+    for argv, message in cases:
+        code, out, err = run(capsys, *argv)
+        line = one_line(err)
+        assert code == 2 and out == "" and line.startswith(f"mlx-zeta {argv[0]}: error: ") and message in line, \
+            (argv, line)
+
+
+def test_generate_without_a_template_feeds_the_text_as_it_is(no_template, capsys):
+    from mlx_zeta.lm import generate, load
+
+    code, out, err = run(capsys, "generate", "--model", no_template, "--prompt", "hello world", "--max-tokens", 8)
+    assert code == 0, err
+    assert out == generate(*load(no_template), "hello world", 8) + "\n"
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def test_serve_passes_its_options_to_the_server(capsys, monkeypatch, tmp_path):
+    import types
+
+    calls = []
+
+    def fake_serve(*args, **kwargs):
+        calls.append((args, kwargs))
+        if kwargs["model_id"] == "busy":
+            raise RuntimeError("[serve] expected to listen on 127.0.0.1:1, got [Errno 98] Address already in use")
+
+    monkeypatch.setitem(sys.modules, "mlx_zeta.lm.server", types.SimpleNamespace(serve=fake_serve))
+    code, _, err = run(capsys, "serve", "--model", "m", "--port", "0", "--max-queue", "4", "--max-tokens", "64",
+                       "--max-prompt-tokens", "100", "--model-id", "tiny", "--dtype", "float16", "--no-prompt-cache")
+    assert code == 0, err
+    assert calls[-1] == (("m", "127.0.0.1", 0), dict(max_queue=4, max_tokens_default=64, max_prompt_tokens=100,
+                                                     model_id="tiny", dtype="float16", prompt_cache=False,
+                                                     log_level="warning"))
+    code, _, err = run(capsys, "serve", "--model", "m", "--host", "0.0.0.0", "--model-id", "busy")
+    assert code == 1 and one_line(err) == ("mlx-zeta serve: error: [serve] expected to listen on 127.0.0.1:1, "
+                                           "got [Errno 98] Address already in use")
+    assert calls[-1][0] == ("m", "0.0.0.0", 8080)

@@ -86,7 +86,8 @@ def _sampling(args: argparse.Namespace, command: str) -> Dict[str, Any]:
     from mlx_zeta.common import check_int
     from mlx_zeta.structs.sampling import check_penalties, check_sampling_args
 
-    check_sampling_args(command, args.temp, args.top_k, args.top_p, args.min_p, None)
+    temperature = 0.0 if args.temp is None else args.temp  # None: the checkpoint's, checked when read
+    check_sampling_args(command, temperature, args.top_k, args.top_p, args.min_p, None)
     check_penalties(command, args.repetition_penalty)
     check_int(command, "seed", args.seed, 0, optional=True)
     return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
