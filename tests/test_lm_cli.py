@@ -216,6 +216,36 @@ def test_generate_stop_strings_and_max_kv_size(tiny, loaded, capsys):
     assert out == generate(model, tok, "hello world", 24, max_kv_size=8) + "\n"
 
 
+def test_generate_greedy_equals_transformers_generate(tiny, capsys):
+    """Independent of mlx_zeta.lm: transformers' greedy generate + decode on the same checkpoint."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny).eval()
+    for argv, ids in ((["--no-chat"], tok("hello world")["input_ids"]),
+                      ([], tok.apply_chat_template([{"role": "user", "content": "hello world"}], tokenize=True,
+                                                   add_generation_prompt=True, return_dict=False))):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        new = out[0, len(ids):].tolist()
+        expected = tok.decode(new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new,
+                              skip_special_tokens=True)
+        code, text, err = run(capsys, "generate", "--model", tiny, "--prompt", "hello world", "--max-tokens", 16, *argv)
+        assert code == 0 and text == expected + "\n", (err, text, expected)
+
+
+def test_a_closed_stdout_pipe_ends_quietly(tiny):
+    """`mlx-zeta generate ... | head`: the reader goes away; exit status 1, nothing on stderr (no traceback,
+    no "Exception ignored" from the interpreter's last flush)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_zeta", "generate", "--model", str(tiny), "--prompt", "hi",
+                             "--max-tokens", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc.stdout.close()  # before the model has loaded: its first flush meets a closed pipe
+    err = proc.stderr.read()
+    assert (proc.wait(timeout=120), err) == (1, "")
+
+
 # --------------------------------------------------------------------------- chat
 
 
