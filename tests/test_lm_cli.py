@@ -384,3 +384,43 @@ def test_serve_passes_its_options_to_the_server(capsys, monkeypatch, tmp_path):
     assert code == 1 and one_line(err) == ("mlx-zeta serve: error: [serve] expected to listen on 127.0.0.1:1, "
                                            "got [Errno 98] Address already in use")
     assert calls[-1][0] == ("m", "0.0.0.0", 8080)
+
+
+# --------------------------------------------------------------------------- prompt-cache files
+
+
+def test_prompt_cache_file_is_made_once_and_reused(tiny, loaded, capsys, tmp_path):
+    import mlx_zeta.lm as lm
+
+    if not hasattr(lm, "load_prompt_cache"):
+        code, _, err = run(capsys, "generate", "--model", tiny, "--prompt", "hi", "--prompt-cache", tmp_path / "c.safetensors")
+        assert code == 2 and "prompt-cache files are not available" in one_line(err)
+        pytest.skip("prompt-cache files (mlx_zeta.lm.load_prompt_cache) are not in this build yet")
+    file = tmp_path / "doc.safetensors"
+    first, second = "hello world", "hello world, how are you today?"
+    code, out, err = run(capsys, "generate", "--model", tiny, "--prompt", first, "--no-chat", "--max-tokens", 8,
+                         "--prompt-cache", file)
+    text1, tokens1, ids1 = reference(loaded, first, 8)
+    assert code == 0 and out == text1 + "\n" and file.is_file(), err
+    lines = err.splitlines()
+    assert lines[0] == f"saved the prompt cache ({len(ids1) + len(tokens1) - 1} tokens) to {file}", lines
+    assert STATS.fullmatch(lines[1])[2] == "0"
+    saved = file.read_bytes()
+    code, out, err = run(capsys, "generate", "--model", tiny, "--prompt", second, "--no-chat", "--max-tokens", 8,
+                         "--prompt-cache", file)
+    text2, tokens2, ids2 = reference(loaded, second, 8)  # without any cache
+    assert code == 0 and out == text2 + "\n", err
+    reused = lcp(ids1 + tokens1[:-1], ids2)
+    stats = STATS.fullmatch(one_line(err))  # nothing saved this time: the file was there
+    assert reused >= len(ids1) and (int(stats[1]), int(stats[2])) == (len(ids2) - reused, reused)
+    assert file.read_bytes() == saved
+
+
+def test_prompt_cache_bad_settings_exit_2_before_loading(capsys, tmp_path):
+    missing = tmp_path / "no-model"
+    (tmp_path / "there.safetensors").write_bytes(b"x")
+    for argv, message in [(["--prompt-cache", tmp_path / "c.bin"], "expected --prompt-cache to be a .safetensors file"),
+                          (["--prompt-cache", tmp_path / "there.safetensors", "--max-kv-size", "8"],
+                           "keeps the size it was made with")]:
+        code, _, err = run(capsys, "generate", "--model", missing, "--prompt", "hi", *argv)
+        assert code == 2 and message in one_line(err) and str(missing) not in err, err

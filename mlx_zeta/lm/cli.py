@@ -157,24 +157,23 @@ def _prompt(args: argparse.Namespace, tokenizer: Any) -> Any:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from mlx_zeta.lm import stream_generate
+    from mlx_zeta.lm import prompt_ids, stream_generate
 
     sampling = _sampling(args, "generate")
     if args.draft_model is None and args.num_draft_tokens is not None:
         raise ValueError("[generate] --num-draft-tokens needs --draft-model")
-    if args.prompt_cache is not None and args.max_kv_size is not None:
-        raise ValueError("[generate] --max-kv-size is the prompt cache's own setting; pass it when the cache is made")
+    _check_prompt_cache(args)
     model, tokenizer = _load(args)
     draft = None if args.draft_model is None else _load_draft(args)
-    prompt = _prompt(args, tokenizer)
-    cache, save_to = _open_prompt_cache(args.prompt_cache, model)
+    ids = prompt_ids(tokenizer, _prompt(args, tokenizer))
+    cache, save_to = _open_prompt_cache(args, model)
     kwargs = dict(sampling, stop=args.stop, prompt_cache=cache, max_kv_size=None if cache else args.max_kv_size)
     if draft is not None:
         kwargs.update(draft_model=draft, num_draft_tokens=args.num_draft_tokens or 3)
-    _, last = _stream(stream_generate(model, tokenizer, prompt, args.max_tokens, **kwargs))
+    _, last = _stream(stream_generate(model, tokenizer, ids, args.max_tokens, **kwargs))
     if save_to is not None:
         _save_prompt_cache(cache, save_to)
-    print(_stats(last), file=sys.stderr)
+    print(_stats(last, None if cache is None else len(ids) - last.prompt_tokens), file=sys.stderr)
     return 0
 
 
@@ -184,21 +183,44 @@ def _load_draft(args: argparse.Namespace):
     return from_pretrained(args.draft_model, dtype=args.dtype)
 
 
-def _open_prompt_cache(path: Optional[Path], model: Any) -> tuple:
-    """``(PromptCache, file to save it to)``: read from ``path`` if it exists, else a fresh one to save there."""
+def _check_prompt_cache(args: argparse.Namespace) -> None:
+    """``--prompt-cache`` settings that fail before the model loads."""
+    path = args.prompt_cache
     if path is None:
-        return None, None
+        return
+    if path.suffix != ".safetensors":
+        raise ValueError(f"[generate] expected --prompt-cache to be a .safetensors file, got {str(path)!r}")
+    if path.exists() and args.max_kv_size is not None:
+        raise ValueError(f"[generate] --max-kv-size: the prompt cache {path} keeps the size it was made with")
+    _prompt_cache_files()
+
+
+def _prompt_cache_files() -> tuple:
+    """``(load_prompt_cache, save_prompt_cache)`` of :mod:`mlx_zeta.lm`."""
+    try:
+        from mlx_zeta.lm import load_prompt_cache, save_prompt_cache
+    except ImportError as e:
+        raise ValueError("[generate] --prompt-cache: prompt-cache files are not available in this build") from e
+    return load_prompt_cache, save_prompt_cache
+
+
+def _open_prompt_cache(args: argparse.Namespace, model: Any) -> tuple:
+    """``(PromptCache, file to save it to)``: the one saved in ``--prompt-cache`` if that exists,
+    else a fresh one to save there after the run (``(None, None)`` without the option)."""
     from mlx_zeta.lm import PromptCache
 
-    if not hasattr(PromptCache, "load"):
-        raise ValueError("[generate] --prompt-cache: prompt-cache files are not available in this build")
+    path = args.prompt_cache
+    if path is None:
+        return None, None
+    load_prompt_cache, _ = _prompt_cache_files()
     if path.exists():
-        return PromptCache.load(path, model), None
-    return PromptCache(model), path
+        return load_prompt_cache(path, model), None
+    return PromptCache(model, args.max_kv_size), path
 
 
 def _save_prompt_cache(cache: Any, path: Path) -> None:
-    cache.save(path)
+    _, save_prompt_cache = _prompt_cache_files()
+    save_prompt_cache(path, cache)
     print(f"saved the prompt cache ({len(cache.tokens)} tokens) to {path}", file=sys.stderr)
 
 
