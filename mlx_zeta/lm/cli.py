@@ -94,24 +94,28 @@ def _sampling(args: argparse.Namespace, command: str) -> Dict[str, Any]:
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def _stats(r: Any, cached: Optional[int] = None) -> str:
-    """One line of statistics from the last :class:`~mlx_zeta.lm.GenerationResponse` of a run."""
+def _stats(r: Any, cached: Optional[int] = None, drafted: Optional[int] = None) -> str:
+    """One line of statistics from the last :class:`~mlx_zeta.lm.GenerationResponse` of a run
+    (``cached``: prompt tokens the prompt cache held; ``drafted``: tokens a draft model proposed)."""
     reused = "" if cached is None else f" ({cached} reused from the cache)"
+    draft = "" if drafted is None else f"; {drafted} of them from the draft model"
     return (f"prompt: {r.prompt_tokens} tokens{reused}, {r.prompt_tps:.1f} tok/s; generation: "
-            f"{r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s; peak memory: {r.peak_memory:.3f} GB")
+            f"{r.generation_tokens} tokens{draft}, {r.generation_tps:.1f} tok/s; peak memory: {r.peak_memory:.3f} GB")
 
 
 def _stream(responses) -> tuple:
-    """Write each piece to stdout as it comes (flushed); returns (the whole text, the last response)."""
-    pieces, last = [], None
+    """Write each piece to stdout as it comes (flushed); returns (the whole text, the last response,
+    how many tokens came from a draft model)."""
+    pieces, last, drafted = [], None, 0
     for last in responses:
+        drafted += bool(last.from_draft)
         if last.text:
             sys.stdout.write(last.text)
             sys.stdout.flush()
             pieces.append(last.text)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    return "".join(pieces), last
+    return "".join(pieces), last, drafted
 
 
 def _load(args: argparse.Namespace):
@@ -170,10 +174,11 @@ def _generate(args: argparse.Namespace) -> int:
     kwargs = dict(sampling, stop=args.stop, prompt_cache=cache, max_kv_size=None if cache else args.max_kv_size)
     if draft is not None:
         kwargs.update(draft_model=draft, num_draft_tokens=args.num_draft_tokens or 3)
-    _, last = _stream(stream_generate(model, tokenizer, ids, args.max_tokens, **kwargs))
+    _, last, drafted = _stream(stream_generate(model, tokenizer, ids, args.max_tokens, **kwargs))
     if save_to is not None:
         _save_prompt_cache(cache, save_to)
-    print(_stats(last, None if cache is None else len(ids) - last.prompt_tokens), file=sys.stderr)
+    print(_stats(last, None if cache is None else len(ids) - last.prompt_tokens, None if draft is None else drafted),
+          file=sys.stderr)
     return 0
 
 
@@ -273,7 +278,7 @@ def _chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         ids = prompt_ids(tokenizer, messages)
-        text, last = _stream(stream_generate(model, tokenizer, ids, args.max_tokens, prompt_cache=cache,
+        text, last, _ = _stream(stream_generate(model, tokenizer, ids, args.max_tokens, prompt_cache=cache,
                                              max_kv_size=None if cache else args.max_kv_size, **sampling))
         messages.append({"role": "assistant", "content": text})
         print(_stats(last, None if seq2seq else len(ids) - last.prompt_tokens), file=sys.stderr)
