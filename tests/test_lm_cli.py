@@ -1,6 +1,7 @@
 """The ``mlx-zeta`` entry point (``mlx_zeta.cli``, ``python -m mlx_zeta``, the console script) and its
 language-model commands ``generate``, ``chat`` and ``serve`` (``mlx_zeta.lm.cli``)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -235,6 +236,44 @@ def test_generate_greedy_equals_transformers_generate(tiny, capsys):
                               skip_special_tokens=True)
         code, text, err = run(capsys, "generate", "--model", tiny, "--prompt", "hello world", "--max-tokens", 16, *argv)
         assert code == 0 and text == expected + "\n", (err, text, expected)
+
+
+def _transformers_greedy(folder: Path, prompt, n: int) -> str:
+    """transformers' greedy ``generate`` + ``decode`` of ``prompt`` (text, or chat messages rendered with
+    the checkpoint's template); the end tokens are generation_config.json's, as transformers reads them."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    seq2seq = json.loads((folder / "config.json").read_text())["model_type"] == "t5"
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(folder).eval()
+    ids = tok(prompt)["input_ids"] if isinstance(prompt, str) else \
+        tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    new = out[0, 1 if seq2seq else len(ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    end = next((i for i, t in enumerate(new) if t in eos), len(new))
+    return tok.decode(new[:end], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2", "t5"])
+def test_generate_on_each_tiny_checkpoint_equals_transformers_greedy(name, request, capsys):
+    """The issue's acceptance: greedy text of `mlx-zeta generate` on tiny Llama, Qwen3, GPT-2 (and T5)
+    checkpoints with real tokenizers equals transformers' generate + decode, plain and chat-templated."""
+    pytest.importorskip("lm_tiny", reason="the tiny checkpoints (tests/lm_tiny.py, branch lmfix) are not here yet")
+    folder = request.getfixturevalue("tiny_lm")(name)
+    runs = [(["--no-chat"], "le café est très bon, 你好 🚀")]
+    if name != "t5":
+        runs.append((["--system", "Sei kurz."], [{"role": "system", "content": "Sei kurz."},
+                                                {"role": "user", "content": "le café est très bon, 你好 🚀"}]))
+    for argv, prompt in runs:
+        code, out, err = run(capsys, "generate", "--model", folder, "--prompt", "le café est très bon, 你好 🚀",
+                             "--max-tokens", 20, *argv)
+        assert code == 0 and out == _transformers_greedy(folder, prompt, 20) + "\n", (argv, err)
+        assert STATS.fullmatch(one_line(err)), err
 
 
 def test_a_closed_stdout_pipe_ends_quietly(tiny):
