@@ -430,12 +430,6 @@ def test_serve_passes_its_options_to_the_server(capsys, monkeypatch, tmp_path):
 
 
 def test_prompt_cache_file_is_made_once_and_reused(tiny, loaded, capsys, tmp_path):
-    import mlx_zeta.lm as lm
-
-    if not hasattr(lm, "load_prompt_cache"):
-        code, _, err = run(capsys, "generate", "--model", tiny, "--prompt", "hi", "--prompt-cache", tmp_path / "c.safetensors")
-        assert code == 2 and "prompt-cache files are not available" in one_line(err)
-        pytest.skip("prompt-cache files (mlx_zeta.lm.load_prompt_cache) are not in this build yet")
     file = tmp_path / "doc.safetensors"
     first, second = "hello world", "hello world, how are you today?"
     code, out, err = run(capsys, "generate", "--model", tiny, "--prompt", first, "--no-chat", "--max-tokens", 8,
@@ -454,6 +448,14 @@ def test_prompt_cache_file_is_made_once_and_reused(tiny, loaded, capsys, tmp_pat
     stats = STATS.fullmatch(one_line(err))  # nothing saved this time: the file was there
     assert reused >= len(ids1) and (int(stats[1]), int(stats[2])) == (len(ids2) - reused, reused)
     assert file.read_bytes() == saved
+
+
+def test_a_corrupt_prompt_cache_file_exits_2_with_one_line_and_stays(tiny, capsys, tmp_path):
+    file = tmp_path / "bad.safetensors"
+    file.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    code, out, err = run(capsys, "generate", "--model", tiny, "--prompt", "hi", "--prompt-cache", file)
+    assert code == 2 and out == "" and str(file) in one_line(err), err
+    assert file.read_bytes() == b"\x08\x00\x00\x00\x00\x00\x00\x00{}"
 
 
 def test_prompt_cache_bad_settings_exit_2_before_loading(capsys, tmp_path):

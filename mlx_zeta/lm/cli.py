@@ -197,34 +197,24 @@ def _check_prompt_cache(args: argparse.Namespace) -> None:
         raise ValueError(f"[generate] expected --prompt-cache to be a .safetensors file, got {str(path)!r}")
     if path.exists() and args.max_kv_size is not None:
         raise ValueError(f"[generate] --max-kv-size: the prompt cache {path} keeps the size it was made with")
-    _prompt_cache_files()
-
-
-def _prompt_cache_files() -> tuple:
-    """``(load_prompt_cache, save_prompt_cache)`` of :mod:`mlx_zeta.lm`."""
-    try:
-        from mlx_zeta.lm import load_prompt_cache, save_prompt_cache
-    except ImportError as e:
-        raise ValueError("[generate] --prompt-cache: prompt-cache files are not available in this build") from e
-    return load_prompt_cache, save_prompt_cache
 
 
 def _open_prompt_cache(args: argparse.Namespace, model: Any) -> tuple:
     """``(PromptCache, file to save it to)``: the one saved in ``--prompt-cache`` if that exists,
     else a fresh one to save there after the run (``(None, None)`` without the option)."""
-    from mlx_zeta.lm import PromptCache
+    from mlx_zeta.lm import PromptCache, load_prompt_cache
 
     path = args.prompt_cache
     if path is None:
         return None, None
-    load_prompt_cache, _ = _prompt_cache_files()
     if path.exists():
         return load_prompt_cache(path, model), None
     return PromptCache(model, args.max_kv_size), path
 
 
 def _save_prompt_cache(cache: Any, path: Path) -> None:
-    _, save_prompt_cache = _prompt_cache_files()
+    from mlx_zeta.lm import save_prompt_cache
+
     save_prompt_cache(path, cache)
     print(f"saved the prompt cache ({len(cache.tokens)} tokens) to {path}", file=sys.stderr)
 
