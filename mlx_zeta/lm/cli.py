@@ -171,7 +171,8 @@ def _generate(args: argparse.Namespace) -> int:
     draft = None if args.draft_model is None else _load_draft(args)
     ids = prompt_ids(tokenizer, _prompt(args, tokenizer))
     cache, save_to = _open_prompt_cache(args, model)
-    kwargs = dict(sampling, stop=args.stop, prompt_cache=cache, max_kv_size=None if cache else args.max_kv_size)
+    bounded = args.max_kv_size if cache is None else None  # a prompt cache has its own
+    kwargs = dict(sampling, stop=args.stop, prompt_cache=cache, max_kv_size=bounded)
     if draft is not None:
         kwargs.update(draft_model=draft, num_draft_tokens=args.num_draft_tokens or 3)
     _, last, drafted = _stream(stream_generate(model, tokenizer, ids, args.max_tokens, **kwargs))
@@ -268,10 +269,11 @@ def _chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         ids = prompt_ids(tokenizer, messages)
+        bounded = args.max_kv_size if cache is None else None  # the prompt cache has its own
         text, last, _ = _stream(stream_generate(model, tokenizer, ids, args.max_tokens, prompt_cache=cache,
-                                             max_kv_size=None if cache else args.max_kv_size, **sampling))
+                                                max_kv_size=bounded, **sampling))
         messages.append({"role": "assistant", "content": text})
-        print(_stats(last, None if seq2seq else len(ids) - last.prompt_tokens), file=sys.stderr)
+        print(_stats(last, None if cache is None else len(ids) - last.prompt_tokens), file=sys.stderr)
     return 0
 
 
