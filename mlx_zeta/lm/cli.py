@@ -300,10 +300,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        from mlx_zeta.lm.server import serve
-    except ImportError as e:
-        raise ValueError(f"[serve] the server is not available ({e}): pip install 'mlx-zeta[serve]'") from e
+    from mlx_zeta.lm.server import serve  # starlette and uvicorn load inside (a missing extra: one line)
+
     try:
         serve(args.model, args.host, args.port, max_queue=args.max_queue, max_tokens_default=args.max_tokens,
               max_prompt_tokens=args.max_prompt_tokens, model_id=args.model_id, dtype=args.dtype,
