@@ -102,7 +102,8 @@ class Tokenizer:
 
     Args:
         backend (tokenizers.Tokenizer): the tokenization pipeline (normaliser, pre-tokeniser,
-            model, post-processor adding e.g. BOS, decoder).
+            model, post-processor adding e.g. BOS, decoder). Its padding and truncation are switched off,
+            as transformers does for ``encode``.
         special (dict): ``bos_token``, ``eos_token``, ``pad_token``, ``unk_token`` as text (missing: none).
         chat_template (str, optional): a jinja2 chat template. Default: none.
         clean_up_spaces (bool): decode with transformers' ``clean_up_tokenization_spaces`` (``" ."`` -> ``"."``
@@ -118,6 +119,8 @@ class Tokenizer:
 
     def __init__(self, backend: Any, special: Optional[Mapping[str, Optional[str]]] = None,
                  chat_template: Optional[str] = None, clean_up_spaces: bool = False):
+        backend.no_padding()  # a tokenizer.json may pad and truncate every encoding to a fixed length
+        backend.no_truncation()  # (all-MiniLM-L6-v2's: 128); transformers' encode does neither
         self.backend = backend
         self.special = {k: v for k, v in (special or {}).items() if isinstance(v, str)}
         self.chat_template = chat_template
