@@ -26,6 +26,7 @@ under a second. Nothing is downloaded.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -114,6 +115,12 @@ def _bpe_vocab(pre_tokenizer, vocab_size: int, special: list[str], **trainer) ->
     return state["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
 
 
+# The characters Llama's vocabulary spells directly (no capital H, no Greek, few CJK, no emoji):
+# everything else falls back to <0xNN> bytes. A fixed list keeps the trained vocabulary the same
+# from run to run (the trainer breaks ties between equally rare characters arbitrarily).
+LLAMA_ALPHABET = "▁abcdefghijklmnopqrstuvwxyzDLT0123456789.,!?'-éèàâçôöüäßÜ你好世界我们"
+
+
 def llama_tokenizer():
     """Llama-2's shape: ids 0-2 ``<unk> <s> </s>``, the 256 byte tokens ``<0x00>..<0xFF>``, then
     ~200 pieces with the ``▁`` space marker; characters outside the vocab fall back to bytes."""
@@ -122,7 +129,7 @@ def llama_tokenizer():
 
     special = ["<unk>", "<s>", "</s>"]
     learned, merges = _bpe_vocab(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False),
-                                 230, special, limit_alphabet=70)
+                                 230, special, initial_alphabet=list(LLAMA_ALPHABET), limit_alphabet=len(LLAMA_ALPHABET))
     vocab = {t: i for i, t in enumerate(special + [f"<0x{b:02X}>" for b in range(256)])}
     for piece in sorted(learned, key=learned.get):
         vocab.setdefault(piece, len(vocab))
@@ -160,7 +167,8 @@ def gpt2_tokenizer():
 
 def t5_tokenizer():
     """T5's shape: a Unigram model with ids 0-2 ``<pad> </s> <unk>``, Metaspace (``▁``) words,
-    two ``<extra_id_N>`` sentinels at the end; ``</s>`` appended to every encoding."""
+    two ``<extra_id_N>`` sentinels at the end; ``</s>`` appended to every encoding. The pieces are
+    the UnigramTrainer's; their scores the log-frequency of each piece in the corpus."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import T5Tokenizer
 
@@ -170,7 +178,12 @@ def t5_tokenizer():
     special = ["<pad>", "</s>", "<unk>"]
     tok.train_from_iterator(corpus(), trainers.UnigramTrainer(vocab_size=300, special_tokens=special,
                                                               unk_token="<unk>", show_progress=False))
-    pieces = [tuple(p) for p in json.loads(tok.to_str())["model"]["vocab"]]
+    learned = [p for p, _ in json.loads(tok.to_str())["model"]["vocab"] if p not in special]
+    text = "".join("▁" + line.replace(" ", "▁") for line in corpus())
+    count = {p: max(text.count(p), 1) for p in learned}  # the EM's own scores vary from run to run
+    total = sum(count.values())
+    pieces = [(p, 0.0) for p in special] + sorted(((p, math.log(c / total)) for p, c in count.items()),
+                                                  key=lambda ps: (-ps[1], ps[0]))
     pieces += [(f"<extra_id_{i}>", 0.0) for i in (1, 0)]
     return T5Tokenizer(vocab=pieces, extra_ids=2)
 

@@ -8,14 +8,19 @@ and generation tests that use them compare against a faithful transformers refer
   chat template and where it is stored, a list of eos ids).
 """
 
+import hashlib
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+import lm_tiny  # noqa: E402
 from lm_tiny import CAUSAL, MAKERS, SAMPLES  # noqa: E402
 
 
@@ -74,3 +79,19 @@ def test_each_checkpoint_builds_fast(tmp_path):
         start = time.perf_counter()
         make(tmp_path / name)
         assert time.perf_counter() - start < 1.0, name
+
+
+_DIGEST = "import lm_tiny, hashlib; print(' '.join(hashlib.md5(getattr(lm_tiny, n + '_tokenizer')()" \
+          ".backend_tokenizer.to_str().encode()).hexdigest() for n in {names!r}))"
+
+
+def test_tokenizers_are_the_same_in_every_process():
+    """The trainers break ties by hash order, which Python and Rust seed per process; the files
+    must not depend on it."""
+    names = list(MAKERS)
+    here = [hashlib.md5(getattr(lm_tiny, n + "_tokenizer")().backend_tokenizer.to_str().encode()).hexdigest()
+            for n in names]
+    code = _DIGEST.format(names=names)
+    there = subprocess.run([sys.executable, "-c", code], cwd=Path(lm_tiny.__file__).parent, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert there == here
