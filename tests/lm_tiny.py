@@ -128,8 +128,9 @@ def llama_tokenizer():
     from transformers import LlamaTokenizer
 
     special = ["<unk>", "<s>", "</s>"]
-    learned, merges = _bpe_vocab(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False),
-                                 230, special, initial_alphabet=list(LLAMA_ALPHABET), limit_alphabet=len(LLAMA_ALPHABET))
+    pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    learned, merges = _bpe_vocab(pre, 230, special, initial_alphabet=list(LLAMA_ALPHABET),
+                                 limit_alphabet=len(LLAMA_ALPHABET))
     vocab = {t: i for i, t in enumerate(special + [f"<0x{b:02X}>" for b in range(256)])}
     for piece in sorted(learned, key=learned.get):
         vocab.setdefault(piece, len(vocab))

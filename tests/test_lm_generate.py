@@ -11,8 +11,10 @@ Measured (float32, 20 tokens, 5 text + 4 chat prompts per model, T5 text only): 
 max |diff| 1.8e-6 (Llama), 1.5e-6 (Qwen3), 3.5e-6 (GPT-2), 3.7e-6 (T5); the smallest top-1 / top-2
 logit gap on the greedy paths is 1.0e-4 (Llama; Qwen3 3.5e-3, GPT-2 4.5e-3, T5 7.9e-2), 25x the
 largest error, so argmax ties are not a risk. (The random models babble, mostly lone bytes: the
-texts compared are full of U+FFFD, which exercises the streaming detokenizer hard.) Also: end tokens from generation_config.json (a list) stop with ``finish_reason="stop"``,
-``max_tokens`` ends with ``"length"``, and bad prompts, max_tokens and folders are refused in one line.
+texts compared are full of U+FFFD, which exercises the streaming detokenizer hard.) Also: end tokens
+from generation_config.json (a list) stop with ``finish_reason="stop"``, ``max_tokens`` ends with
+``"length"``, the prompt speed times the prompt's pass, and bad prompts, max_tokens and folders are
+refused in one line.
 """
 
 import json
@@ -186,3 +188,26 @@ def test_folder_without_tokenizer_files_is_named(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match=r"^\[Tokenizer\] expected tokenizer files in .*weights-only") as e:
         load(str(folder))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["t5", "llama"])
+def test_prompt_time_covers_the_prompt_pass(models, name):
+    """``prompt_tps`` times the prompt's pass through the model: the reported prompt time is at least
+    a fifth of that pass run alone (T5: its encoder). MLX is lazy, so a clock read before the first
+    token is drawn timed only the building of the graph (T5 once reported 1 ms for a 2.6 s encoder)."""
+    import time
+
+    import mlx.core as mx
+
+    (model, tok), _, _ = models(name)
+    text = "hello world " * 150
+    ids = mx.array([tok.encode(text)])
+    alone, reported = [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        mx.eval(model.encode(ids) if name == "t5" else model(ids, cache=model.make_cache()))
+        alone.append(time.perf_counter() - start)
+        last = list(stream_generate(model, tok, text, 2, temperature=0.0))[-1]
+        reported.append(last.prompt_tokens / last.prompt_tps)
+    assert min(reported) >= 0.2 * min(alone), \
+        f"{name}: prompt time {min(reported):.3g} s, the pass alone {min(alone):.3g} s"
