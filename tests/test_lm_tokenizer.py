@@ -93,6 +93,21 @@ def test_tiny_tokenizers_match_transformers(pair, name):
     assert ref.eos_token_id in ours.eos_token_ids
 
 
+@pytest.mark.parametrize("name", list(MAKERS) + ["minilm"])
+def test_random_text_matches_transformers(pair, minilm, name):
+    """Any text hypothesis draws (all of Unicode: surrogates left out, controls and marks in)."""
+    ours, ref = minilm if name == "minilm" else pair(name)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.text(st.characters(exclude_categories=("Cs",)), max_size=40))
+    def check(text):
+        ids = ref.encode(text, add_special_tokens=True)
+        assert ours.encode(text, add_special_tokens=True) == ids
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+
+    check()
+
+
 # -------------------------------------------------------------------------------- chat templates
 def _ref_chat(ref, messages, add_generation_prompt, tokenize):
     out = ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize)
@@ -109,8 +124,42 @@ def test_chat_template_matches_transformers(pair, name, generation_prompt):
         assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == text
         ids = ours.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
         assert ids == _ref_chat(ref, messages, generation_prompt, tokenize=True), messages
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
     chat = ours.apply_chat_template(CHATS[2], add_generation_prompt=True)
     assert "你好！🎉" in chat and "Die Größe?" in chat
+
+
+# A template in the style of real checkpoints: whitespace control, trim_blocks / lstrip_blocks
+# sensitive block tags on their own lines, loop variables, namespace, tojson, raise_exception.
+STYLED_TEMPLATE = """{%- set ns = namespace(system='') -%}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set ns.system = messages[0]['content'] -%}
+{%- endif -%}
+{{ bos_token }}
+{% if ns.system %}
+<sys>{{ ns.system | tojson }}</sys>
+{% endif %}
+{% for m in messages if m['role'] != 'system' %}
+    {% if m['role'] not in ['user', 'assistant'] %}
+        {{ raise_exception('unknown role ' + m['role']) }}
+    {% endif %}
+<{{ m['role'] }} n={{ loop.index }}{{ ' last' if loop.last }}>
+{{ m['content'] | trim }}
+{% endfor %}
+{% if add_generation_prompt %}<assistant>{% endif %}"""
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_styled_template_renders_like_transformers(pair, generation_prompt):
+    base, ref = pair("llama")
+    ours = Tokenizer(base.backend, base.special, chat_template=STYLED_TEMPLATE)
+    for messages in CHATS:
+        want = ref.apply_chat_template(messages, chat_template=STYLED_TEMPLATE, tokenize=False,
+                                       add_generation_prompt=generation_prompt)
+        assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == want
+    with pytest.raises(ValueError, match=r"^\[Tokenizer\] the chat template refused the messages: unknown role tool"):
+        ours.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
 def test_chatml_markers_are_single_tokens(pair):
