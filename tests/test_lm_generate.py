@@ -211,3 +211,18 @@ def test_prompt_time_covers_the_prompt_pass(models, name):
         reported.append(last.prompt_tokens / last.prompt_tps)
     assert min(reported) >= 0.2 * min(alone), \
         f"{name}: prompt time {min(reported):.3g} s, the pass alone {min(alone):.3g} s"
+
+
+def test_top_level_names_and_lazy_extras():
+    """``mlx_zeta.load/generate/stream_generate`` are mlx_zeta.lm's; importing mlx_zeta loads neither
+    tokenizers nor jinja2 (the ``lm`` extra is imported when a tokenizer is first loaded)."""
+    import subprocess
+    import sys
+
+    import mlx_zeta
+    import mlx_zeta.lm as lm
+
+    assert (mlx_zeta.load, mlx_zeta.generate, mlx_zeta.stream_generate) == (lm.load, lm.generate, lm.stream_generate)
+    code = "import sys, mlx_zeta; print(sorted({'tokenizers', 'jinja2', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
