@@ -16,6 +16,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from itertools import islice
 from numbers import Real
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -266,7 +267,10 @@ def _seq2seq_steps(model: T5Model, ids: List[int], s: _Settings,
     start = time.perf_counter()
     steps = model.stream(mx.array([ids]), s.max_tokens, eos_token_id=list(s.eos), stop_at_eos=bool(s.eos),
                          key=s.key, **s.sampling, processor=s.processor, counts=counts, logprobs=True)
+    first = [(tok.item(), lp.item()) for tok, lp in islice(steps, 1)]  # MLX is lazy: the encoder runs here
     timing.update(prompt_tokens=len(ids), prompt_time=time.perf_counter() - start)
+    for tok, lp in first:
+        yield tok, lp, False
     for tok, lp in steps:
         yield tok.item(), lp.item(), False
 
