@@ -73,47 +73,13 @@ def test_help_lists_every_command_and_usage_errors_are_one_line(capsys):
     assert code == 2 and one_line(err).startswith("mlx-zeta convert: error: unrecognized arguments: --bogus")
 
 
-# --------------------------------------------------------------------------- a tiny chat model
-
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
-          "le café est très bon", "a tiny model for a tiny test of the command line"]
-
-
-def make_tiny_chat_model(folder: Path, template: bool = True, seed: int = 0) -> Path:
-    """A random tiny LlamaForCausalLM (hidden 32, 2 layers) with a byte-level BPE trained here with
-    ``tokenizers`` (ChatML special tokens, ``<|im_end|>`` the end token) and, if ``template``, a
-    ChatML chat template. Another ``seed`` gives other weights, the same tokenizer."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 8, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                                pad_token="<|endoftext|>")
-    if template:
-        fast.chat_template = CHATML
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # spread the logits: greedy choices should not hinge on rounding
-        for name, p in model.named_parameters():
-            p.mul_(1.0 if "norm" in name else 4.0)
-    model.save_pretrained(str(folder))
-    fast.save_pretrained(str(folder))
-    return Path(folder)
+# --------------------------------------------------------------------------- a tiny chat model (tests/lm_tiny.py)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("lmcli") / "tiny")
+def tiny(tiny_lm):
+    """Qwen3 with a byte-level BPE, a ChatML template and two end tokens (generation_config.json)."""
+    return tiny_lm("qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +142,11 @@ def test_generate_flushes_each_piece_before_the_next_token_is_made(tiny, monkeyp
             seen.append(stdout.shown == "".join(pieces))
             pieces.append(r.text)
             yield r
-        assert len(pieces) == 12 and sum(map(bool, pieces)) > 6  # most steps have text to show
+        assert len(pieces) == 12 and sum(map(bool, pieces)) >= 3  # several steps have text to show
 
     monkeypatch.setattr(lm, "stream_generate", watched)
     monkeypatch.setattr(sys, "stdout", stdout)
-    assert main(["generate", "--model", str(tiny), "--prompt", "hello", "--max-tokens", "12"]) == 0
+    assert main(["generate", "--model", str(tiny), "--prompt", "hello", "--no-chat", "--max-tokens", "12"]) == 0
     assert len(seen) == 12 and all(seen) and stdout.pending == ""
 
 
@@ -218,26 +184,6 @@ def test_generate_stop_strings_and_max_kv_size(tiny, loaded, capsys):
     assert out == generate(model, tok, "hello world", 24, max_kv_size=8) + "\n"
 
 
-def test_generate_greedy_equals_transformers_generate(tiny, capsys):
-    """Independent of mlx_zeta.lm: transformers' greedy generate + decode on the same checkpoint."""
-    import torch
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(tiny)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny).eval()
-    for argv, ids in ((["--no-chat"], tok("hello world")["input_ids"]),
-                      ([], tok.apply_chat_template([{"role": "user", "content": "hello world"}], tokenize=True,
-                                                   add_generation_prompt=True, return_dict=False))):
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)
-        new = out[0, len(ids):].tolist()
-        expected = tok.decode(new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new,
-                              skip_special_tokens=True)
-        code, text, err = run(capsys, "generate", "--model", tiny, "--prompt", "hello world", "--max-tokens", 16, *argv)
-        assert code == 0 and text == expected + "\n", (err, text, expected)
-
-
 def _transformers_greedy(folder: Path, prompt, n: int) -> str:
     """transformers' greedy ``generate`` + ``decode`` of ``prompt`` (text, or chat messages rendered with
     the checkpoint's template); the end tokens are generation_config.json's, as transformers reads them."""
@@ -263,7 +209,6 @@ def _transformers_greedy(folder: Path, prompt, n: int) -> str:
 def test_generate_on_each_tiny_checkpoint_equals_transformers_greedy(name, request, capsys):
     """The issue's acceptance: greedy text of `mlx-zeta generate` on tiny Llama, Qwen3, GPT-2 (and T5)
     checkpoints with real tokenizers equals transformers' generate + decode, plain and chat-templated."""
-    pytest.importorskip("lm_tiny", reason="the tiny checkpoints (tests/lm_tiny.py, branch lmfix) are not here yet")
     folder = request.getfixturevalue("tiny_lm")(name)
     runs = [(["--no-chat"], "le café est très bon, 你好 🚀")]
     if name != "t5":

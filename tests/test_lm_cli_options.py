@@ -8,15 +8,21 @@ import sys
 
 import pytest
 
-from test_lm_cli import ROOT, STATS, lcp, loaded, make_tiny_chat_model, one_line, reference, run, tiny  # noqa: F401
+from lm_tiny import make_qwen3
+from test_lm_cli import ROOT, STATS, lcp, loaded, one_line, reference, run, tiny  # noqa: F401
 
 
 # --------------------------------------------------------------------------- bad usage
 
 
 @pytest.fixture(scope="module")
-def no_template(tmp_path_factory):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("lmcli") / "plain", template=False)
+def no_template(tiny, tmp_path_factory):
+    """The tiny checkpoint without its chat template."""
+    import shutil
+
+    folder = shutil.copytree(tiny, tmp_path_factory.mktemp("lmcli") / "plain")
+    (folder / "chat_template.jinja").unlink()
+    return folder
 
 
 def test_bad_usage_exits_2_with_one_line_before_loading_the_model(capsys, tmp_path):
@@ -163,7 +169,7 @@ def test_draft_model_gives_the_target_text_at_temperature_0(tiny, loaded, capsys
 
     prompt = [{"role": "user", "content": "hello world"}]
     text, tokens, _ = reference(loaded, prompt, 16)
-    for draft in (make_tiny_chat_model(tmp_path / "draft", seed=1), tiny):
+    for draft in (make_qwen3(tmp_path / "draft", seed=1), tiny):
         code, out, err = run(capsys, "generate", "--model", tiny, "--prompt", "hello world", "--max-tokens", 16,
                              "--temp", 0, "--draft-model", draft, "--num-draft-tokens", 2)
         if code == 2 and "not available yet" in err:
