@@ -226,3 +226,26 @@ def test_top_level_names_and_lazy_extras():
     code = "import sys, mlx_zeta; print(sorted({'tokenizers', 'jinja2', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize("name, chat", [("llama", False), ("qwen3", True), ("gpt2", True), ("t5", False)])
+def test_command_line_generate_equals_transformers(models, name, chat):
+    """``python -m mlx_zeta generate --model M --prompt TEXT --temp 0`` in a fresh process prints
+    transformers' greedy text (stdout: the text and a newline; the statistics go to stderr)."""
+    import subprocess
+    import sys
+
+    _, (hf, hf_tok), path = models(name)
+    text = TEXTS[3]
+    prompt = [{"role": "user", "content": text}] if chat else text
+    want, _, _ = hf_greedy(hf, hf_prompt(hf_tok, prompt), N, seq2seq=name == "t5")
+    ends = set(hf.generation_config.eos_token_id if isinstance(hf.generation_config.eos_token_id, list)
+               else [hf.generation_config.eos_token_id])
+    want = want[:next((i for i, t in enumerate(want) if t in ends), len(want))]
+    argv = [sys.executable, "-m", "mlx_zeta", "generate", "--model", str(path), "--prompt", text, "--temp", "0",
+            "--max-tokens", str(N), "--chat" if chat else "--no-chat"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == hf_tok.decode(want, skip_special_tokens=True) + "\n"
+    assert "tok/s" in done.stderr
