@@ -176,7 +176,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~100M model (hidden 768, 8 layers)")
     for name, value in FULL.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {value} ({QUICK[name]} with --quick)")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int,
+                            help=f"default {value} ({QUICK[name]} with --quick)")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     parser.add_argument("--tokens", type=int, default=128, help="generated tokens per run (default 128)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up (default 5)")
