@@ -74,7 +74,7 @@ AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # The auxiliary files that are a tokenizer (a folder with none of them has no tokenizer).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
                    "tokenizer.model", "spiece.model")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 

@@ -9,7 +9,7 @@ uses, so the same samplers and end-token handling apply. Hugging Face checkpoint
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -176,10 +176,13 @@ class T5Model(nn.Module):
     def stream(self, input_ids: mx.array, max_new_tokens: int = 20, attention_mask: Optional[mx.array] = None,
                eos_token_id: Union[int, Sequence[int], None] = None, stop_at_eos: bool = True,
                temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-               min_p: Optional[float] = None, key: Optional[mx.array] = None) -> Iterator[mx.array]:
+               min_p: Optional[float] = None, key: Optional[mx.array] = None,
+               **loop_options: Any) -> Iterator[mx.array]:
         """Like :meth:`generate` without the start token: yield each step's tokens, shape ``(B,)`` int32.
         Arguments are checked when ``stream`` is called: ``input_ids`` and ``decoder_start_token_id``
-        must be ids in ``[0, vocab_size)`` (:func:`~mlx_zeta.structs.decoding.check_token_ids`)."""
+        must be ids in ``[0, vocab_size)`` (:func:`~mlx_zeta.structs.decoding.check_token_ids`).
+        ``loop_options`` (``processor``, ``counts``, ``logprobs``) go to
+        :func:`~mlx_zeta.structs.decoding.decode_steps`."""
         vocab = self.shared.weight.shape[0]
         check_token_ids("T5Model", "input_ids", input_ids, vocab)
         check_int("T5Model", "decoder_start_token_id", self.start_token, 0, vocab - 1,
@@ -207,4 +210,5 @@ class T5Model(nn.Module):
             return self.decode(tok[:, None], context, attention_mask, cache)[:, -1]
 
         return decode_steps(step, logits, max_new_tokens, key, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, eos=eos, pad_value=0 if self.pad_token_id is None else self.pad_token_id)
+                            min_p=min_p, eos=eos, pad_value=0 if self.pad_token_id is None else self.pad_token_id,
+                            **loop_options)

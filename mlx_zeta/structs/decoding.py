@@ -73,7 +73,9 @@ def global_key() -> mx.array:
 def decode_steps(step: Callable[[mx.array], mx.array], logits: mx.array, max_tokens: int, key: mx.array, *,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  min_p: Optional[float] = None, eos: Sequence[int] = (), pad_value: int = 0,
-                 pending: Callable[[], Sequence[mx.array]] = tuple) -> Iterator[mx.array]:
+                 pending: Callable[[], Sequence[mx.array]] = tuple,
+                 processor: Optional[Callable[[mx.array, mx.array], mx.array]] = None,
+                 counts: Optional[mx.array] = None, logprobs: bool = False) -> Iterator[Any]:
     r"""Yield up to ``max_tokens`` tokens, one :math:`(B,)` int32 array per step, as they are produced.
 
     Each step draws :math:`y_t` = :func:`~mlx_zeta.structs.sample` ``(logits_t)`` with a fresh
@@ -82,6 +84,11 @@ def decode_steps(step: Callable[[mx.array], mx.array], logits: mx.array, max_tok
     ``pad_value`` (``step`` is still fed the sampled token of such a row, always a valid id,
     so ``pad_value`` need not be one, e.g. ``-1``). The loop ends after ``max_tokens`` tokens, or right after the token that
     finishes the last row (callers that want a fixed length pad the rest themselves).
+
+    With a ``processor`` (e.g. :func:`~mlx_zeta.structs.sampling.penalize` bound to its settings),
+    each step's logits become ``processor(logits, counts)`` before the draw, where ``counts``
+    :math:`(B, V)` counts the tokens of the context so far (start from the prompt's,
+    :func:`~mlx_zeta.structs.sampling.token_counts`; each drawn token is added).
 
     The next step is built and scheduled with ``mx.async_eval`` before the current token is
     handed out, so the model runs while the caller consumes the token.
@@ -97,6 +104,12 @@ def decode_steps(step: Callable[[mx.array], mx.array], logits: mx.array, max_tok
         pad_value (int): token of finished rows. Default: ``0``.
         pending (callable): arrays the model updated in ``step`` (cache contents, grown masks),
             evaluated with each step's token. Default: none.
+        processor (callable, optional): ``(logits, counts) -> logits`` before each draw. Default: none.
+        counts (array, optional): the context's token counts :math:`(B, V)` int32 for ``processor``.
+            Default: zeros.
+        logprobs (bool): yield ``(tokens, logprobs)`` pairs, the second :math:`(B,)` float32:
+            :math:`\log \text{softmax}(\tilde{\ell})_{y}` of each drawn token under the processed,
+            temperature-1 logits. Default: ``False``.
 
     Example:
         >>> table = mx.eye(4)  # a "model" whose next token is the last one plus 1
@@ -106,25 +119,39 @@ def decode_steps(step: Callable[[mx.array], mx.array], logits: mx.array, max_tok
     """
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     ends = mx.array(list(eos), mx.int32) if len(eos) else None
+    rows = mx.arange(logits.shape[0])
+    if processor is not None and counts is None:
+        counts = mx.zeros(logits.shape, mx.int32)
 
-    def pick(logits, key, done):
+    def pick(logits, key, done, counts):
         key, sub = mx.random.split(key)
+        if processor is not None:
+            logits = processor(logits, counts)
         drawn = sample(logits, key=sub, **sampling)  # (B,), what the model is fed next
+        if processor is not None:
+            counts = counts.at[rows, drawn].add(1)
         tok = drawn  # what the caller gets
         if done is not None:
             tok = mx.where(done, pad_value, drawn).astype(mx.int32)
             done = done | (tok[:, None] == ends).any(axis=-1)
-        return drawn, tok, key, done
+        lp = None
+        if logprobs:
+            wide = logits.astype(mx.float32)
+            lp = mx.take_along_axis(wide, drawn[:, None], axis=-1)[:, 0] - mx.logsumexp(wide, axis=-1)
+        return dict(drawn=drawn, tok=tok, key=key, done=done, counts=counts, lp=lp)
 
-    done = None if ends is None else mx.zeros((logits.shape[0],), mx.bool_)
-    drawn, tok, key, done = pick(logits, key, done)
-    mx.async_eval(tok, key, *([] if done is None else [done]), *pending())
+    def schedule(state):
+        extra = [state[k] for k in ("done", "counts", "lp") if state[k] is not None]
+        mx.async_eval(state["tok"], state["key"], *extra, *pending())
+
+    cur = pick(logits, key, None if ends is None else mx.zeros((logits.shape[0],), mx.bool_), counts)
+    schedule(cur)
     for i in range(max_tokens):
         if i + 1 < max_tokens:  # build and schedule step i + 1 while step i's token is handed out
-            nxt_drawn, nxt, key, nxt_done = pick(step(drawn), key, done)
-            mx.async_eval(nxt, key, *([] if nxt_done is None else [nxt_done]), *pending())
-        yield tok
-        if done is not None and done.all().item():  # every row ended
+            nxt = pick(step(cur["drawn"]), cur["key"], cur["done"], cur["counts"])
+            schedule(nxt)
+        yield (cur["tok"], cur["lp"]) if logprobs else cur["tok"]
+        if cur["done"] is not None and cur["done"].all().item():  # every row ended
             return
         if i + 1 < max_tokens:
-            drawn, tok, done = nxt_drawn, nxt, nxt_done
+            cur = nxt

@@ -1,5 +1,6 @@
-"""Sampling the next token from logits: top-k, nucleus (top-p) and min-p filters, and
-temperature sampling. Pure functions on ``(batch, vocab)`` logits."""
+"""Sampling the next token from logits: top-k, nucleus (top-p) and min-p filters, temperature
+sampling, and the penalties that depend on the tokens seen so far (repetition, presence,
+frequency) and a logit bias. Pure functions on ``(batch, vocab)`` logits."""
 
 import math
 from numbers import Real
@@ -9,7 +10,7 @@ import mlx.core as mx
 
 from mlx_zeta.common import check_int
 
-__all__ = ["top_k_filter", "top_p_filter", "min_p_filter", "sample"]
+__all__ = ["top_k_filter", "top_p_filter", "min_p_filter", "sample", "token_counts", "penalize", "check_penalties"]
 
 
 def _check_logits(owner: str, logits: Any) -> None:
@@ -203,3 +204,74 @@ def sample(logits: mx.array, temperature: float = 1.0, top_k: Optional[int] = No
         logits = min_p_filter(logits, min_p)
     scaled = logits.astype(mx.float32) * (1.0 / temperature)
     return mx.random.categorical(scaled, axis=-1, key=key).astype(mx.int32)
+
+
+def token_counts(tokens: mx.array, vocab_size: int) -> mx.array:
+    r"""How often each token id occurs in each row: :math:`c_{b,v} = |\{t : x_{b,t} = v\}|`.
+
+    Shape:
+        - tokens: :math:`(B, n)` integer ids in :math:`[0, V)`; output: :math:`(B, V)` int32.
+
+    Example:
+        >>> token_counts(mx.array([[1, 3, 1]]), 4)
+        array([[0, 2, 0, 1]], dtype=int32)
+    """
+    rows = mx.broadcast_to(mx.arange(tokens.shape[0])[:, None], tokens.shape)
+    return mx.zeros((tokens.shape[0], vocab_size), mx.int32).at[rows, tokens].add(1)
+
+
+def check_penalties(owner: str, repetition: Any = None, presence: Any = None, frequency: Any = None) -> None:
+    """Validate :func:`penalize`'s settings (``None`` disables one), naming ``owner`` in errors."""
+    if repetition is not None and (not _is_real(repetition) or repetition <= 0):
+        raise ValueError(f"[{owner}] expected repetition_penalty to be a number > 0 (1 = off), got {repetition!r}")
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if value is not None and not _is_real(value):
+            raise ValueError(f"[{owner}] expected {name} to be a finite number (0 = off), got {value!r}")
+
+
+def penalize(logits: mx.array, counts: mx.array, repetition: Optional[float] = None,
+             presence: Optional[float] = None, frequency: Optional[float] = None,
+             bias: Optional[mx.array] = None) -> mx.array:
+    r"""Penalise the tokens seen so far and add a logit bias.
+
+    With :math:`c_v` the count of token :math:`v` in the row's context (:func:`token_counts`)
+    and :math:`s_v = [c_v > 0]`:
+
+    .. math::
+
+        \ell'_v = \begin{cases} \ell_v / r & s_v,\ \ell_v > 0 \\ \ell_v\, r & s_v,\ \ell_v \le 0 \\
+        \ell_v & \text{otherwise} \end{cases}
+        \qquad \tilde{\ell}_v = \ell'_v - \alpha_{\text{presence}}\, s_v - \alpha_{\text{frequency}}\, c_v + b_v
+
+    (the repetition penalty :math:`r` of Keskar et al. as transformers applies it; presence and
+    frequency penalties as OpenAI's API defines them). ``None`` skips a term.
+
+    Args:
+        logits (array): next-token logits.
+        counts (array): token counts of the context so far.
+        repetition (float, optional): :math:`r > 0` (``1`` changes nothing).
+        presence, frequency (float, optional): :math:`\alpha`, finite.
+        bias (array, optional): :math:`b`, added to every row.
+
+    Shape:
+        - logits: :math:`(B, V)`; counts: :math:`(B, V)`; bias: :math:`(V,)`; output: :math:`(B, V)`, logits' dtype.
+
+    Example:
+        >>> penalize(mx.array([[2.0, -1.0, 3.0]]), mx.array([[1, 1, 0]]), repetition=2.0)
+        array([[1, -2, 3]], dtype=float32)
+
+    Reference: Keskar et al., "CTRL", https://arxiv.org/abs/1909.05858 (repetition penalty).
+    """
+    _check_logits("penalize", logits)
+    check_penalties("penalize", repetition, presence, frequency)
+    out = logits
+    seen = counts > 0
+    if repetition is not None:
+        out = mx.where(seen, mx.where(out > 0, out / repetition, out * repetition), out)
+    if presence:
+        out = out - presence * seen.astype(out.dtype)
+    if frequency:
+        out = out - frequency * counts.astype(out.dtype)
+    if bias is not None:
+        out = out + bias.astype(out.dtype)
+    return out.astype(logits.dtype)

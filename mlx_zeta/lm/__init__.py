@@ -1,0 +1,14 @@
+"""Run language models: load a checkpoint with its tokenizer, generate and stream text, chat,
+reuse prompt caches (the layer above :mod:`mlx_zeta.converters`).
+
+Needs the ``lm`` extra (``pip install 'mlx-zeta[lm]'``: ``tokenizers`` and ``jinja2``), imported
+when a tokenizer is first loaded.
+"""
+
+from mlx_zeta.lm.cache import PromptCache, make_caches
+from mlx_zeta.lm.generate import (GenerationResponse, generate, generation_defaults, load, prompt_ids,
+                                  stream_generate)
+from mlx_zeta.lm.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
+
+__all__ = ["GenerationResponse", "PromptCache", "StreamingDetokenizer", "Tokenizer", "generate",
+           "generation_defaults", "load", "load_tokenizer", "make_caches", "prompt_ids", "stream_generate"]
