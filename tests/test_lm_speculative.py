@@ -162,14 +162,18 @@ def test_caches_hold_prompt_and_tokens_but_the_last_even_when_closed_early():
         np.testing.assert_allclose(np.array(step), np.array(TARGET(seq)[0, -1]), atol=1e-4)
 
 
-def test_a_prefilled_cache_continues_the_prompt():
-    split = 4
-    tc, dc = TARGET.make_cache(), DRAFTS["perturbed"].make_cache()
-    TARGET(PROMPT[:, :split], cache=tc)
-    DRAFTS["perturbed"](PROMPT[:, :split], cache=dc)
-    out = [t for t, _, _ in speculative_steps(TARGET, DRAFTS["perturbed"], PROMPT[:, split:], tc, dc, 16,
-                                              temperature=0)]
-    assert out == greedy(16)
+def test_caches_holding_a_prefix_prefill_only_the_rest_in_chunks():
+    """A prompt cache: the target's caches hold 4 prompt positions, the draft's none."""
+    draft = DRAFTS["perturbed"]
+    for held, step in ((4, 512), (0, 2), (5, 1)):
+        tc, dc = TARGET.make_cache(), draft.make_cache()
+        if held:
+            TARGET(PROMPT[:, :held], cache=tc)
+        stats = SpeculativeStats()
+        out = [t for t, _, _ in speculative_steps(TARGET, draft, PROMPT, tc, dc, 16, temperature=0, stats=stats,
+                                                  prefill_step=step)]
+        assert out == greedy(16)
+        assert stats.prompt_tokens == PROMPT.shape[1] - held and stats.prompt_time > 0
 
 
 def test_absolute_positions_use_the_room_left_to_max_seq_len():
@@ -213,8 +217,11 @@ def test_bad_inputs_one_line_errors():
         assert "\n" not in str(err.value)
     filled = TARGET.make_cache()
     TARGET(PROMPT, cache=filled)
-    with pytest.raises(ValueError, match=r"draft_caches to hold as many positions as target_caches \(6\), got 0"):
+    with pytest.raises(ValueError, match=r"target_caches to hold a prefix of the prompt shorter than it \(at most "
+                                         r"5 of its 6 positions\), got 6 positions"):
         speculative_steps(TARGET, d, PROMPT, filled, dc, 4)
+    with pytest.raises(ValueError, match=r"^\[speculative_steps\] expected prefill_step"):
+        speculative_steps(TARGET, d, PROMPT, tc, dc, 4, prefill_step=0)
 
 
 def test_converted_llama_with_a_smaller_draft_equals_transformers_greedy(tmp_path):
@@ -240,3 +247,102 @@ def test_converted_llama_with_a_smaller_draft_equals_transformers_greedy(tmp_pat
         toks, _, _, stats = run(draft, 20, prompt=mx.array(prompt), target=target, num_draft_tokens=k, temperature=0)
         assert toks == ref
         assert stats.rounds < 20 or stats.accepted == 0
+
+
+# ----------------------------------------------------------------------------- through stream_generate
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A 3-layer random Llama target and a 1-layer draft (transformers checkpoints), one word-level
+    tokenizer over their 48 ids."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
+
+    from mlx_zeta.lm import load
+
+    backend = Backend(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    out = {}
+    for name, layers in (("target", 3), ("draft", 1)):
+        folder = tmp_path_factory.mktemp(name)
+        torch.manual_seed(layers)
+        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        hf = transformers.LlamaForCausalLM(cfg).eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.mul_(8.0)  # peaked distributions: greedy choices far from ties
+        hf.save_pretrained(str(folder))
+        backend.save(str(folder / "tokenizer.json"))
+        out[name] = load(str(folder), dtype="float32")
+    return out
+
+
+def responses(model, tok, ids, n, **kw):
+    from mlx_zeta.lm import stream_generate
+
+    return list(stream_generate(model, tok, ids, n, eos_token_ids=kw.pop("eos_token_ids", []), **kw))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.8, top_p=0.9, seed=4),
+                                     dict(repetition_penalty=1.6, presence_penalty=0.3, logit_bias={5: 2.0})])
+def test_stream_generate_with_a_draft_equals_it_without(checkpoints, options):
+    (target, tok), (draft, _) = checkpoints["target"], checkpoints["draft"]
+    ids = [2, 11, 5, 30, 4]
+    alone = responses(target, tok, ids, 24, **options)
+    for d in (draft, target):
+        for k in (1, 4):
+            rs = responses(target, tok, ids, 24, draft_model=d, num_draft_tokens=k, **options)
+            assert [r.token for r in rs] == [r.token for r in alone]
+            np.testing.assert_allclose([r.logprob for r in rs], [r.logprob for r in alone], atol=1e-5)
+            assert "".join(r.text for r in rs) == "".join(r.text for r in alone)
+            assert rs[-1].finish_reason == "length" and rs[0].prompt_tokens == len(ids)
+            if d is target:  # the target drafting for itself: every round but the last one's bonus token
+                assert sum(r.from_draft for r in rs) >= 24 * k // (k + 1) - 1
+    assert not any(r.from_draft for r in alone)
+
+
+def test_stream_generate_with_a_draft_stops_and_fills_the_prompt_cache(checkpoints):
+    from mlx_zeta.lm import PromptCache
+
+    (target, tok), (draft, _) = checkpoints["target"], checkpoints["draft"]
+    ids = [2, 11, 5, 30, 4, 17, 23, 8]
+    free = [r.token for r in responses(target, tok, ids, 30)]
+    end = free[9]
+    rs = responses(target, tok, ids, 30, draft_model=target, num_draft_tokens=4, eos_token_ids=[end])
+    assert [r.token for r in rs] == free[: free.index(end) + 1] and rs[-1].finish_reason == "stop"
+    pc = PromptCache(target)
+    for suffix in ([12, 13], [12, 13, 40]):
+        rs = responses(target, tok, ids + suffix, 10, draft_model=draft, num_draft_tokens=3, prompt_cache=pc)
+        assert [r.token for r in rs] == [r.token for r in responses(target, tok, ids + suffix, 10)]
+        assert pc.tokens == ids + suffix + [r.token for r in rs][:-1] and pc.offset == len(pc.tokens)
+    assert rs[0].prompt_tokens == 1  # the cache held everything but the newest prompt token
+    # a stop string in the middle of a round: the cache forgets the rest of the round
+    stop = tok.decode([free[6]])
+    plain, spec = PromptCache(target), PromptCache(target)
+    want = responses(target, tok, ids, 30, stop=stop, prompt_cache=plain)
+    got = responses(target, tok, ids, 30, stop=stop, prompt_cache=spec, draft_model=target, num_draft_tokens=4)
+    assert [r.token for r in got] == [r.token for r in want] and len(want) % 5 and want[-1].finish_reason == "stop"
+    made = ids + [r.token for r in got]
+    assert spec.offset == len(spec.tokens) and spec.tokens in (made, made[:-1])  # what the caches really hold
+    again = responses(target, tok, ids + [3], 6, prompt_cache=spec, draft_model=draft)
+    assert [r.token for r in again] == [r.token for r in responses(target, tok, ids + [3], 6)]
+
+
+def test_stream_generate_refuses_a_bad_draft_in_one_line(checkpoints):
+    from mlx_zeta.lm import stream_generate
+
+    target, tok = checkpoints["target"]
+    other = tiny(3, vocab=V + 2)
+    for kw, match in ((dict(draft_model=other), r"^\[generate\] expected a draft model with the target's vocabulary "
+                                                 r"\(num_tokens 48\), got num_tokens 50"),
+                      (dict(draft_model=target, num_draft_tokens=0), r"^\[generate\] expected num_draft_tokens"),
+                      (dict(draft_model="small"), r"^\[generate\] expected a causal LM with make_cache\(\) as draft"),
+                      (dict(draft_model=target, max_kv_size=8), r"^\[speculative_steps\] expected target_caches to "
+                                                                 r"hold the whole run")):
+        with pytest.raises(ValueError, match=match) as err:
+            list(stream_generate(target, tok, [1, 2, 3], 16, **kw))
+        assert "\n" not in str(err.value)

@@ -16,6 +16,7 @@ Because every kept token is the target's own draw given the kept prefix, the out
 on the draft at all; the draft decides only how many tokens one target forward yields.
 """
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -25,16 +26,10 @@ import mlx.nn as nn
 from mlx_zeta.common import check_int
 from mlx_zeta.structs import sample
 from mlx_zeta.structs.decoding import check_token_ids, describe, global_key
-from mlx_zeta.structs.sampling import check_sampling_args
+from mlx_zeta.structs.sampling import check_sampling_args, token_counts
 
-try:  # TODO(lm core): token_counts lands in structs/sampling.py
-    from mlx_zeta.structs.sampling import token_counts
-except ImportError:  # pragma: no cover
-    def token_counts(tokens: mx.array, vocab_size: int) -> mx.array:
-        rows = mx.broadcast_to(mx.arange(tokens.shape[0])[:, None], tokens.shape)
-        return mx.zeros((tokens.shape[0], vocab_size), mx.int32).at[rows, tokens].add(1)
 
-__all__ = ["SpeculativeStats", "speculative_steps"]
+__all__ = ["SpeculativeStats", "check_draft_model", "speculative_steps"]
 
 Processor = Callable[[mx.array, mx.array], mx.array]
 _OWNER = "speculative_steps"
@@ -49,12 +44,16 @@ class SpeculativeStats:
         drafted (int): tokens the draft proposed.
         accepted (int): proposed tokens that became output (``from_draft=True``).
         tokens (int): tokens yielded.
+        prompt_tokens (int): prompt positions the target ran in the prefill (those its caches lacked).
+        prompt_time (float): seconds of the prefill of both models.
     """
 
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
     tokens: int = 0
+    prompt_tokens: int = 0
+    prompt_time: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -84,8 +83,21 @@ class _Keys:
         return self.subs[t]
 
 
-def _check_caches(name: str, caches: Any, room: int) -> int:
-    """The caches' common offset; refuse caches that cannot forget ``room`` rejected positions."""
+def check_draft_model(owner: str, target: Any, draft: Any, num_draft_tokens: Any) -> int:
+    """Check that ``draft`` can draft for ``target`` (one vocabulary: equal ``num_tokens``) with
+    ``num_draft_tokens >= 1``; returns the vocabulary size. Errors name ``owner``."""
+    if not callable(getattr(draft, "make_cache", None)):
+        raise ValueError(f"[{owner}] expected a causal LM with make_cache() as draft model, got {type(draft).__name__}")
+    vocab, draft_vocab = getattr(target, "num_tokens", None), getattr(draft, "num_tokens", None)
+    if not isinstance(vocab, int) or vocab != draft_vocab:
+        raise ValueError(f"[{owner}] expected a draft model with the target's vocabulary (num_tokens {vocab}), "
+                         f"got num_tokens {draft_vocab}")
+    check_int(owner, "num_draft_tokens", num_draft_tokens, 1)
+    return vocab
+
+
+def _check_caches(name: str, caches: Any, room: int, n: int) -> None:
+    """Refuse caches that cannot forget ``room`` rejected positions or hold more than ``n - 1`` prompt ids."""
     if not isinstance(caches, (list, tuple)) or not caches:
         raise ValueError(f"[{_OWNER}] expected {name} as a non-empty list of caches (model.make_cache()), "
                          f"got {type(caches).__name__}")
@@ -93,7 +105,9 @@ def _check_caches(name: str, caches: Any, room: int) -> int:
         if c.static or not c.can_trim(room):
             raise ValueError(f"[{_OWNER}] expected {name} that can forget rejected drafts (Cache.trim; e.g. KVCache), "
                              f"got a {type(c).__name__} that cannot")
-    return int(caches[0].offset)
+    if int(caches[0].offset) >= n:
+        raise ValueError(f"[{_OWNER}] expected {name} to hold a prefix of the prompt shorter than it (at most "
+                         f"{n - 1} of its {n} positions), got {int(caches[0].offset)} positions")
 
 
 def _check_window(name: str, caches: Sequence[Any], needed: int) -> None:
@@ -108,24 +122,19 @@ def _check_window(name: str, caches: Sequence[Any], needed: int) -> None:
 
 def _check_args(target: Any, draft: Any, prompt: Any, target_caches: Any, draft_caches: Any, max_tokens: Any,
                 key: Any, num_draft_tokens: Any, sampling: dict, processor: Any, counts: Any, eos: Any,
-                stats: Any) -> int:
+                stats: Any, prefill_step: Any) -> int:
     """Every argument of :func:`speculative_steps`; returns the shared vocabulary size."""
-    vocab, draft_vocab = getattr(target, "num_tokens", None), getattr(draft, "num_tokens", None)
-    if not isinstance(vocab, int) or vocab != draft_vocab:
-        raise ValueError(f"[{_OWNER}] expected a draft model with the target's vocabulary (num_tokens {vocab}), "
-                         f"got num_tokens {draft_vocab}")
+    vocab = check_draft_model(_OWNER, target, draft, num_draft_tokens)
     check_token_ids(_OWNER, "prompt", prompt, vocab)
     if prompt.shape[0] != 1:
         raise ValueError(f"[{_OWNER}] expected a prompt of batch size 1 (speculative decoding runs one sequence), "
                          f"got shape {tuple(prompt.shape)}")
     check_int(_OWNER, "max_tokens", max_tokens, 1)
-    check_int(_OWNER, "num_draft_tokens", num_draft_tokens, 1)
     check_sampling_args(_OWNER, sampling["temperature"], sampling["top_k"], sampling["top_p"], sampling["min_p"], key)
-    start = _check_caches("target_caches", target_caches, num_draft_tokens + 1)
-    if _check_caches("draft_caches", draft_caches, num_draft_tokens) != start:
-        raise ValueError(f"[{_OWNER}] expected draft_caches to hold as many positions as target_caches ({start}), "
-                         f"got {int(draft_caches[0].offset)}")
-    needed = start + prompt.shape[1] + max_tokens + num_draft_tokens
+    _check_caches("target_caches", target_caches, num_draft_tokens + 1, prompt.shape[1])
+    _check_caches("draft_caches", draft_caches, num_draft_tokens, prompt.shape[1])
+    check_int(_OWNER, "prefill_step", prefill_step, 1)
+    needed = prompt.shape[1] + max_tokens + num_draft_tokens
     _check_window("target_caches", target_caches, needed)
     _check_window("draft_caches", draft_caches, needed)
     if processor is not None and not callable(processor):
@@ -147,7 +156,8 @@ def speculative_steps(target: Any, draft: Any, prompt: mx.array, target_caches: 
                       temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                       min_p: Optional[float] = None, processor: Optional[Processor] = None,
                       counts: Optional[mx.array] = None, eos: Sequence[int] = (),
-                      stats: Optional[SpeculativeStats] = None) -> Iterator[Tuple[int, float, bool]]:
+                      stats: Optional[SpeculativeStats] = None,
+                      prefill_step: int = 512) -> Iterator[Tuple[int, float, bool]]:
     r"""Yield ``(token, logprob, from_draft)`` for up to ``max_tokens`` tokens after ``prompt``,
     decoded speculatively (see the module docstring): the target verifies ``num_draft_tokens``
     draft proposals per forward pass.
@@ -168,8 +178,9 @@ def speculative_steps(target: Any, draft: Any, prompt: mx.array, target_caches: 
     target accepted (``stats.accepted`` counts them).
 
     Batch size 1 only. Both models take ``model(ids (1, n), cache=caches) -> logits (1, n, V)``
-    and share one vocabulary (``num_tokens``). ``prompt`` holds the tokens the caches do not hold yet
-    (both caches must hold the same positions, usually none); they are prefilled into both models.
+    and share one vocabulary (``num_tokens``). ``prompt`` is the whole context; each model's caches
+    may already hold a prefix of it (e.g. a prompt cache; fewer than :math:`n` positions, usually
+    none), and the rest but its last token is prefilled, ``prefill_step`` positions per forward.
     The caches must be able to forget positions (``KVCache``; a ``RotatingKVCache`` only if the run
     fits its ``max_size``; a ``StaticKVCache`` is refused). When the generator ends or is closed,
     each cache holds the prompt and every yielded token but the last (the state plain decoding
@@ -188,7 +199,8 @@ def speculative_steps(target: Any, draft: Any, prompt: mx.array, target_caches: 
         counts (array, optional): :math:`(1, V)` token counts of the history before the first new token
             (e.g. of the prompt), the processor's starting counts. Default: zeros.
         eos (sequence of int): end-token ids; the run ends after yielding one. Default: none.
-        stats (SpeculativeStats, optional): filled in place (rounds, drafted, accepted).
+        stats (SpeculativeStats, optional): filled in place (rounds, drafted, accepted, prompt timing).
+        prefill_step (int): prompt positions per prefill forward pass. Default: ``512``.
 
     Example:
         >>> steps = speculative_steps(target, draft, mx.array([[1, 2, 3]]), target.make_cache(),
@@ -201,7 +213,7 @@ def speculative_steps(target: Any, draft: Any, prompt: mx.array, target_caches: 
     """
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     vocab = _check_args(target, draft, prompt, target_caches, draft_caches, max_tokens, key, num_draft_tokens,
-                        sampling, processor, counts, eos, stats)
+                        sampling, processor, counts, eos, stats, prefill_step)
     if temperature == 0:
         key = None
     elif key is None:
@@ -210,7 +222,7 @@ def speculative_steps(target: Any, draft: Any, prompt: mx.array, target_caches: 
         counts = mx.zeros((1, vocab), mx.int32)
     run = _Run(target, draft, target_caches, draft_caches, vocab, sampling, processor, counts,
                stats if stats is not None else SpeculativeStats())
-    return run.steps(prompt, max_tokens, _Keys(key), num_draft_tokens, frozenset(eos))
+    return run.steps(prompt, max_tokens, _Keys(key), num_draft_tokens, frozenset(eos), prefill_step)
 
 
 class _Run:
@@ -282,13 +294,22 @@ class _Run:
             c.trim(k + 1 - len(out))
         return out, logp.tolist()[: len(out)], min(accepted, len(out))
 
-    def steps(self, prompt: mx.array, max_tokens: int, keys: _Keys, k_max: int,
-              eos: frozenset) -> Iterator[Tuple[int, float, bool]]:
+    def _prefill(self, prompt: mx.array, step: int) -> None:
+        """Run what each model's caches lack of the prompt but its last token, ``step`` positions at a time."""
+        began = time.perf_counter()
+        n = prompt.shape[1]
+        self.stats.prompt_tokens = n - int(self.tc[0].offset)
+        for model, caches in ((self.target, self.tc), (self.draft, self.dc)):
+            for i in range(int(caches[0].offset), n - 1, step):
+                model(prompt[:, i : min(i + step, n - 1)], cache=caches)
+                mx.eval([c.state for c in caches])
+        self.stats.prompt_time = time.perf_counter() - began
+
+    def steps(self, prompt: mx.array, max_tokens: int, keys: _Keys, k_max: int, eos: frozenset,
+              prefill_step: int) -> Iterator[Tuple[int, float, bool]]:
         """The generator behind :func:`speculative_steps`."""
-        start, n = int(self.tc[0].offset), prompt.shape[1]
-        if n > 1:  # prefill all but the newest token, which the first round feeds
-            self.target(prompt[:, :-1], cache=self.tc)
-            self.draft(prompt[:, :-1], cache=self.dc)
+        n = prompt.shape[1]
+        self._prefill(prompt, prefill_step)  # the last prompt token is fed by the first round
         y = prompt[:, -1:]  # (1, 1), in neither cache
         pending = y  # what the draft has not seen yet, (1, m)
         made = 0
@@ -319,6 +340,6 @@ class _Run:
         finally:
             if made:  # closed early: forget what the caller never took
                 for caches in (self.tc, self.dc):
-                    extra = int(caches[0].offset) - (start + n + made - 1)
+                    extra = int(caches[0].offset) - (n + made - 1)
                     for c in caches:
                         c.trim(max(0, extra))
