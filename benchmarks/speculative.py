@@ -6,7 +6,10 @@ Drafts (random weights cannot be distilled, so the draft is carved out of the ta
 - ``first-L``: the target's first ``L`` layers with the target's own embedding, final norm and head
   (shared, no copy): the realistic case, its acceptance rate is whatever these weights give;
 - ``target``: the target itself (every draft accepted: the upper bound of acceptance; the draft then
-  costs as much as the target, so this row bounds tokens per round, not speed).
+  costs as much as the target, so this row bounds tokens per round, not speed);
+- ``oracle p%``: a draft that costs nothing and replays the target's own greedy continuation, a
+  fixed random (1 - p) of its positions replaced by a wrong token: what the verification machinery
+  gains at a given agreement, the speed-up a good small draft approaches as its cost goes to zero.
 
 Every speculative run is checked to give the target's greedy tokens exactly. Times cover the whole
 generation including the prefill of a short prompt (the same for every row); medians over repeats,
@@ -25,10 +28,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx_zeta
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_zeta.converters import llama
 from mlx_zeta.lm.speculative import SpeculativeStats, speculative_steps
+from mlx_zeta.nn import KVCache
 from mlx_zeta.structs import AutoregressiveWrapper, Transformer
 
 FULL = dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
@@ -57,6 +62,27 @@ def first_layers(target: Transformer, config: Dict[str, Any], layers: int) -> Tr
     return draft
 
 
+class Oracle:
+    """A free "draft model": at absolute position ``j`` its logits are one-hot on ``seq[j + 1]`` (the
+    prompt and the target's greedy tokens), or on a wrong token where ``wrong[j]``. Its cache is a
+    KVCache of empty keys, so ``offset`` (its position) grows and trims like a model's."""
+
+    def __init__(self, seq: List[int], vocab: int, agree: float, seed: int = 0):
+        self.seq, self.num_tokens = seq + [0], vocab
+        self.wrong = np.random.default_rng(seed).random(len(self.seq)) >= agree
+
+    def make_cache(self) -> List[KVCache]:
+        return [KVCache()]
+
+    def __call__(self, ids: mx.array, cache: List[KVCache]) -> mx.array:
+        start, n = cache[0].offset, ids.shape[1]
+        cache[0].update_and_fetch(mx.zeros((1, 1, n, 0)), mx.zeros((1, 1, n, 0)))
+        nxt = [(self.seq[j + 1] + int(self.wrong[j])) % self.num_tokens for j in range(start, start + n)]
+        logits = np.zeros((1, n, self.num_tokens), np.float32)
+        logits[0, np.arange(n), nxt] = 1.0
+        return mx.array(logits)
+
+
 def params(model: Transformer) -> int:
     return sum(p.size for _, p in tree_flatten(model.parameters()))
 
@@ -67,7 +93,7 @@ def alone(target: Transformer, prompt: mx.array, n: int) -> Tuple[float, List[in
     return time.perf_counter() - start, toks
 
 
-def speculative(target: Transformer, draft: Transformer, prompt: mx.array, n: int,
+def speculative(target: Transformer, draft: Any, prompt: mx.array, n: int,
                 k: int) -> Tuple[float, List[int], SpeculativeStats]:
     stats = SpeculativeStats()
     start = time.perf_counter()
@@ -92,20 +118,21 @@ def main() -> None:
     layers = args.draft_layers or max(1, config["num_hidden_layers"] // 4)
     small = first_layers(target, config, layers)
     prompt = mx.random.randint(0, config["vocab_size"], (1, args.prompt)).astype(mx.int32)
-    rows: List[Tuple[str, Optional[Transformer], int]] = [("target alone", None, 0)]
+    _, greedy = alone(target, prompt, args.tokens)
+    seq = prompt[0].tolist() + greedy
+    rows: List[Tuple[str, Any, int]] = [("target alone", None, 0)]
     rows += [(f"first-{layers} draft", small, k) for k in args.k]
     rows += [("target as draft", target, max(args.k))]
+    rows += [(f"oracle {p:.0%}", Oracle(seq, config["vocab_size"], p), max(args.k)) for p in (1.0, 0.8, 0.5)]
     times: Dict[int, List[float]] = {i: [] for i in range(len(rows))}
     info: Dict[int, Any] = {}
-    reference: Optional[List[int]] = None
     for round_ in range(args.repeats + 1):
         for i, (_, draft, k) in enumerate(rows):
             if draft is None:
                 seconds, toks = alone(target, prompt, args.tokens)
-                reference = toks
             else:
                 seconds, toks, info[i] = speculative(target, draft, prompt, args.tokens, k)
-                assert toks == reference, f"row {i}: speculative tokens differ from the target's greedy tokens"
+            assert toks == greedy, f"row {i}: tokens differ from the target's greedy tokens"
             if round_:
                 times[i].append(seconds)
 
