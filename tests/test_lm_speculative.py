@@ -188,11 +188,11 @@ def test_absolute_positions_use_the_room_left_to_max_seq_len():
 def test_window_caches_work_while_they_hold_the_run_and_are_refused_after():
     target = tiny(0, layers={"sliding_window": 40})
     draft = tiny(1, depth=1, layers={"sliding_window": 40})
-    toks = run(draft, 20, target=target, num_draft_tokens=3, temperature=0)[0]  # 6 + 20 + 3 <= 40
-    assert toks == greedy(20, target=target)
+    toks = run(draft, 35, target=target, num_draft_tokens=3, temperature=0)[0]  # 6 + 35 - 1 = 40 positions
+    assert toks == greedy(35, target=target)
     with pytest.raises(ValueError, match=r"\[speculative_steps\] expected target_caches to hold the whole run.*"
-                                         r"max_size=40"):
-        run(draft, 40, target=target, num_draft_tokens=3, temperature=0)
+                                         r"max_size=40\) drops positions after 40, the run needs up to 41"):
+        run(draft, 36, target=target, num_draft_tokens=3, temperature=0)
 
 
 def test_bad_inputs_one_line_errors():
@@ -346,3 +346,6 @@ def test_stream_generate_refuses_a_bad_draft_in_one_line(checkpoints):
         with pytest.raises(ValueError, match=match) as err:
             list(stream_generate(target, tok, [1, 2, 3], 16, **kw))
         assert "\n" not in str(err.value)
+    # a window that holds the whole run (3 + 16 - 1 positions: the last token is never fed) is fine
+    fits = [r.token for r in responses(target, tok, [1, 2, 3], 16, draft_model=target, max_kv_size=18)]
+    assert fits == [r.token for r in responses(target, tok, [1, 2, 3], 16)]

@@ -134,7 +134,7 @@ def _check_args(target: Any, draft: Any, prompt: Any, target_caches: Any, draft_
     _check_caches("target_caches", target_caches, num_draft_tokens + 1, prompt.shape[1])
     _check_caches("draft_caches", draft_caches, num_draft_tokens, prompt.shape[1])
     check_int(_OWNER, "prefill_step", prefill_step, 1)
-    needed = prompt.shape[1] + max_tokens + num_draft_tokens
+    needed = prompt.shape[1] + max_tokens - 1  # the most positions a cache holds, mid-round included
     _check_window("target_caches", target_caches, needed)
     _check_window("draft_caches", draft_caches, needed)
     if processor is not None and not callable(processor):
