@@ -5,10 +5,13 @@ Needs the ``lm`` extra (``pip install 'mlx-zeta[lm]'``: ``tokenizers`` and ``jin
 when a tokenizer is first loaded.
 """
 
-from mlx_zeta.lm.cache import PromptCache, make_caches
+from mlx_zeta.lm.batch import batch_generate, batch_stream_generate
+from mlx_zeta.lm.cache import PromptCache, WindowedKVCache, make_caches
+from mlx_zeta.lm.cache_file import load_prompt_cache, save_prompt_cache
 from mlx_zeta.lm.generate import (GenerationResponse, generate, generation_defaults, load, prompt_ids,
                                   stream_generate)
 from mlx_zeta.lm.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
 
-__all__ = ["GenerationResponse", "PromptCache", "StreamingDetokenizer", "Tokenizer", "generate",
-           "generation_defaults", "load", "load_tokenizer", "make_caches", "prompt_ids", "stream_generate"]
+__all__ = ["GenerationResponse", "batch_generate", "batch_stream_generate", "PromptCache", "StreamingDetokenizer", "Tokenizer", "generate",
+           "WindowedKVCache", "generation_defaults", "load", "load_prompt_cache", "load_tokenizer", "make_caches",
+           "prompt_ids", "save_prompt_cache", "stream_generate"]

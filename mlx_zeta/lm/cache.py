@@ -8,24 +8,56 @@ and returns only the ids that still need a forward pass.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_zeta.common import check_int
 from mlx_zeta.nn.cache import RotatingKVCache
 
-__all__ = ["PromptCache", "make_caches"]
+__all__ = ["PromptCache", "WindowedKVCache", "make_caches"]
+
+
+class WindowedKVCache(RotatingKVCache):
+    r""":class:`~mlx_zeta.nn.RotatingKVCache` that also masks: query :math:`i` sees the keys
+    :math:`j` with :math:`0 \le i - j < \text{max\_size}` (the last ``max_size`` positions,
+    itself included), whatever the layer asks for.
+
+    A plain :class:`~mlx_zeta.nn.RotatingKVCache` relies on the stack's ``sliding_window`` for
+    that (alone, a prefill would attend to every prompt position and a decoding step to
+    ``max_size + 1``); with this one a model without a window decodes exactly as the same weights
+    built with ``sliding_window=max_size`` (a stack window :math:`w` still applies: the smaller
+    wins), and keeps at most ``max_size`` positions per layer between calls.
+
+    Args:
+        max_size (int): positions kept and attended to.
+
+    Example:
+        >>> cache = WindowedKVCache(max_size=2)
+        >>> cache.update_and_fetch(mx.zeros((1, 1, 3, 4)), mx.zeros((1, 1, 3, 4)))[0].shape
+        (1, 1, 3, 4)
+        >>> cache.make_mask(1, causal=True).tolist()  # 2 kept + 1 new key: the oldest is out of reach
+        [[False, True, True]]
+    """
+
+    def make_mask(self, n: int, causal: bool = False, window: Optional[int] = None) -> mx.array:
+        """The window ``min(window, max_size)`` over the returned keys (see :meth:`~mlx_zeta.nn.Cache.make_mask`)."""
+        window = self.max_size if window is None else min(window, self.max_size)
+        return super().make_mask(n, causal=causal, window=window)
 
 
 def make_caches(model: nn.Module, max_kv_size: Optional[int] = None) -> list:
-    """``model.make_cache()``; with ``max_kv_size`` every layer keeps at most that many positions
-    (a :class:`~mlx_zeta.nn.RotatingKVCache`; a layer with its own smaller window keeps that)."""
+    """Fresh caches for ``model`` (its ``make_cache()``); with ``max_kv_size`` :math:`N`, every
+    layer whose cache could hold more than :math:`N` positions gets a :class:`WindowedKVCache` (N)
+    instead (a layer with its own window :math:`w \\le N` keeps its cache): memory stays bounded
+    and attention sees the last :math:`\\min(w, N)` positions."""
+    check_int("PromptCache", "max_kv_size", max_kv_size, 1, optional=True)
     caches = model.make_cache()
     if max_kv_size is None:
         return caches
-    check_int("PromptCache", "max_kv_size", max_kv_size, 1)
-    return [RotatingKVCache(min(max_kv_size, getattr(c, "max_size", max_kv_size))) for c in caches]
+    return [c if getattr(c, "max_size", max_kv_size + 1) <= max_kv_size else WindowedKVCache(max_kv_size)
+            for c in caches]
 
 
 class PromptCache:
@@ -39,7 +71,10 @@ class PromptCache:
         model (nn.Module): a causal LM with ``make_cache()`` (e.g. from :func:`~mlx_zeta.lm.load`).
         max_kv_size (int, optional): keep at most this many positions per layer (a rotating
             cache for long generations: memory stays bounded, attention sees the last
-            ``max_kv_size`` positions). Default: unbounded.
+            ``max_kv_size`` positions, see :func:`make_caches`). Default: unbounded.
+
+    Save and reuse across processes: :func:`~mlx_zeta.lm.save_prompt_cache`,
+    :func:`~mlx_zeta.lm.load_prompt_cache`.
 
     Example:
         >>> pc = PromptCache(model)
@@ -55,11 +90,12 @@ class PromptCache:
         self.max_kv_size = max_kv_size
         self.caches = make_caches(model, max_kv_size)
         self.tokens: List[int] = []
-        self._model = model
+        self.model = model
+        self.metadata: Dict[str, str] = {}  # the caller's, of a file read by load_prompt_cache
 
     def reset(self) -> None:
         """Forget everything (fresh caches)."""
-        self.caches = make_caches(self._model, self.max_kv_size)
+        self.caches = make_caches(self.model, self.max_kv_size)
         self.tokens = []
 
     def reuse(self, ids: Sequence[int]) -> List[int]:

@@ -153,8 +153,10 @@ def _stops(stop: Any) -> Tuple[str, ...]:
     return stops
 
 
-def _settings(model: nn.Module, tokenizer: Tokenizer, vocab: int, max_tokens: Any,
-              options: Dict[str, Any]) -> _Settings:
+def resolve_settings(model: nn.Module, tokenizer: Tokenizer, vocab: int, max_tokens: Any,
+                     options: Dict[str, Any]) -> _Settings:
+    """The checked settings of one call: ``options`` (``None``: the checkpoint's default), eos ids,
+    stop strings, the key of the draws and the logits processor (penalties, bias), if any."""
     check_int("generate", "max_tokens", max_tokens, 1)
     defaults = generation_defaults(model, tokenizer)
     sampling = {k: defaults.get(k) if options.get(k) is None else options[k] for k in _SAMPLING}
@@ -197,6 +199,28 @@ class _StopScan:
     def flush(self) -> str:
         held, self.held = self.held, ""
         return held
+
+
+class TextSteps:
+    """The text of one generated sequence, token by token: streaming detokenization, end tokens
+    (left out of the text) and stop strings (the text is cut before the first)."""
+
+    def __init__(self, tokenizer: Tokenizer, s: _Settings):
+        self.detok, self.scan, self.s = tokenizer.detokenizer(), _StopScan(s.stop), s
+
+    def push(self, token: int, n: int) -> Tuple[str, Optional[str]]:
+        """The new text after the ``n``-th token (from 1) and the finish reason (None, "stop", "length")."""
+        end = token in self.s.eos
+        piece = "" if end else self.detok.add(token)
+        finish = "stop" if end else ("length" if n == self.s.max_tokens else None)
+        if finish:
+            piece += self.detok.flush()
+        text, stopped = self.scan.push(piece)
+        if stopped:
+            finish = "stop"
+        elif finish:
+            text += self.scan.flush()
+        return text, finish
 
 
 def _prefill(model: nn.Module, caches: list, ids: List[int]) -> mx.array:
@@ -311,7 +335,7 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt, max_
         raise ValueError(f"[generate] expected a causal LM or T5 model, got {type(model).__name__}")
     vocab = model.shared.weight.shape[0] if seq2seq else model.num_tokens
     check_token_ids("generate", "prompt", mx.array([ids]), vocab)
-    s = _settings(model, tokenizer, vocab, max_tokens, options)
+    s = resolve_settings(model, tokenizer, vocab, max_tokens, options)
     if seq2seq and (prompt_cache is not None or draft_model is not None or max_kv_size is not None):
         raise ValueError("[generate] expected no prompt_cache, max_kv_size or draft_model with a T5 (seq2seq) model")
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
@@ -330,21 +354,12 @@ def _responses(model, tokenizer, ids, s, prompt_cache, max_kv_size, seq2seq, dra
         steps = _seq2seq_steps(model, ids, s, timing)
     else:
         steps = _causal_steps(model, ids, s, prompt_cache or PromptCache(model, max_kv_size), timing, *draft)
-    detok, scan = tokenizer.detokenizer(), _StopScan(s.stop)
+    row = TextSteps(tokenizer, s)
     first = None
     for n, (token, logprob, from_draft) in enumerate(steps, 1):
         if first is None:
             first = time.perf_counter()
-        end = token in s.eos
-        piece = "" if end else detok.add(token)
-        finish = "stop" if end else ("length" if n == s.max_tokens else None)
-        if finish:
-            piece += detok.flush()
-        text, stopped = scan.push(piece)
-        if stopped:
-            finish = "stop"
-        elif finish:
-            text += scan.flush()
+        text, finish = row.push(token, n)
         elapsed = time.perf_counter() - first
         yield GenerationResponse(
             text=text, token=token, logprob=logprob, finish_reason=finish, from_draft=from_draft,

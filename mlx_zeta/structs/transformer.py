@@ -10,6 +10,7 @@ from mlx_zeta.common import check_int
 from mlx_zeta.nn.cache import Cache
 from mlx_zeta.nn.positional import AbsolutePositionalEmbedding
 from mlx_zeta.structs.attention_layers import AttentionLayers
+from mlx_zeta.structs.decoding import describe
 
 __all__ = ["Transformer"]
 
@@ -46,10 +47,13 @@ class Transformer(nn.Module):
         logits_dim (int, optional): output size. Default: ``num_tokens``.
 
     Call ``(x, mask=None, cache=None, return_embeddings=False, prepend_embeds=None,
-    context=None, context_mask=None)``. ``mask`` (True = keep) covers the tokens of ``x``
+    context=None, context_mask=None, positions=None)``. ``mask`` (True = keep) covers the tokens of ``x``
     (prepended positions are kept; with a cache, cached positions too) or, with a cache,
     every position so far (``offset + seq``, e.g. a left-padded batch); ``cache`` is the
-    list from :meth:`make_cache`.
+    list from :meth:`make_cache`. ``positions`` :math:`(B, L)` integer replaces ``offset + p + t``
+    in the absolute embedding only, e.g. each row's own positions in a left-padded batch (its first
+    real token at 0); relative schemes (rotary, ALiBi, T5) see only position differences, which a
+    shift common to a row leaves unchanged.
 
     Shape:
         - x: :math:`(B, L)` integer tokens; prepend_embeds: :math:`(B, P, \text{emb\_dim})`.
@@ -103,7 +107,8 @@ class Transformer(nn.Module):
 
     def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[List[Cache]] = None,
                  return_embeddings: bool = False, prepend_embeds: Optional[mx.array] = None,
-                 context: Optional[mx.array] = None, context_mask: Optional[mx.array] = None) -> mx.array:
+                 context: Optional[mx.array] = None, context_mask: Optional[mx.array] = None,
+                 positions: Optional[mx.array] = None) -> mx.array:
         if x.ndim != 2 or not mx.issubdtype(x.dtype, mx.integer):
             raise ValueError(f"[Transformer] expected integer tokens of shape (batch, seq), got shape {tuple(x.shape)} "
                              f"and dtype {x.dtype}")
@@ -121,12 +126,16 @@ class Transformer(nn.Module):
         if mask is not None and (mask.ndim != 2 or mask.shape[0] != b or mask.shape[1] not in (n, offset + n)):
             raise ValueError(f"[Transformer] expected mask of shape ({b}, {n}) over the tokens or ({b}, {offset + n}) "
                              f"over every position so far, got shape {tuple(mask.shape)}")
+        if positions is not None and (not isinstance(positions, mx.array) or positions.shape != (b, n)
+                                      or not mx.issubdtype(positions.dtype, mx.integer)):
+            raise ValueError(f"[Transformer] expected integer positions of shape ({b}, {n}), got {describe(positions)}")
         h = self.token_emb(x)  # (b, n, emb_dim)
         if "pos_emb" in self:
             if not static and offset + p + n > self.max_seq_len:
                 raise ValueError(f"[Transformer] expected at most max_seq_len={self.max_seq_len} positions with absolute "
                                  f"position embedding, got {offset + p + n} (cached {offset}, prefix {p}, tokens {n})")
-            h = h + self.pos_emb(x, pos=offset + p + mx.arange(n)).astype(h.dtype)
+            pos = offset + p + mx.arange(n) if positions is None else positions  # (n,) or (b, n)
+            h = h + self.pos_emb(x, pos=pos).astype(h.dtype)
         if "post_emb_norm" in self:
             h = self.post_emb_norm(h)
         if prepend_embeds is not None:
