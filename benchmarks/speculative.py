@@ -7,16 +7,18 @@ Drafts (random weights cannot be distilled, so the draft is carved out of the ta
   (shared, no copy): the realistic case, its acceptance rate is whatever these weights give;
 - ``target``: the target itself (every draft accepted: the upper bound of acceptance; the draft then
   costs as much as the target, so this row bounds tokens per round, not speed);
-- ``oracle p%``: a draft that costs nothing and replays the target's own greedy continuation, a
+- ``oracle p%``: a draft that costs nothing and replays the target's own continuation, a
   fixed random (1 - p) of its positions replaced by a wrong token: what the verification machinery
   gains at a given agreement, the speed-up a good small draft approaches as its cost goes to zero.
 
-Every speculative run is checked to give the target's greedy tokens exactly. Times cover the whole
+Every speculative run is checked to give the target's own tokens exactly (greedy, or with
+``--temperature T`` the tokens plain decoding draws with the same key). Times cover the whole
 generation including the prefill of a short prompt (the same for every row); medians over repeats,
 in rounds over every row (so load drift on a shared machine touches all rows alike; the first round
 is a warm-up). Prints a Markdown table.
 
     .venv/bin/python benchmarks/speculative.py [--quick] [--tokens 64] [--repeats 3] [--draft-layers 4]
+        [--k 2 4] [--temperature 0] [--dtype float32]
 """
 
 import argparse
@@ -63,8 +65,8 @@ def first_layers(target: Transformer, config: Dict[str, Any], layers: int) -> Tr
 
 
 class Oracle:
-    """A free "draft model": at absolute position ``j`` its logits are one-hot on ``seq[j + 1]`` (the
-    prompt and the target's greedy tokens), or on a wrong token where ``wrong[j]``. Its cache is a
+    """A free "draft model": at absolute position ``j`` it is certain of ``seq[j + 1]`` (the
+    prompt and the target's tokens), or on a wrong token where ``wrong[j]``. Its cache is a
     KVCache of empty keys, so ``offset`` (its position) grows and trims like a model's."""
 
     def __init__(self, seq: List[int], vocab: int, agree: float, seed: int = 0):
@@ -78,8 +80,8 @@ class Oracle:
         start, n = cache[0].offset, ids.shape[1]
         cache[0].update_and_fetch(mx.zeros((1, 1, n, 0)), mx.zeros((1, 1, n, 0)))
         nxt = [(self.seq[j + 1] + int(self.wrong[j])) % self.num_tokens for j in range(start, start + n)]
-        logits = np.zeros((1, n, self.num_tokens), np.float32)
-        logits[0, np.arange(n), nxt] = 1.0
+        logits = np.full((1, n, self.num_tokens), -1e9, np.float32)  # certain at any temperature
+        logits[0, np.arange(n), nxt] = 0.0
         return mx.array(logits)
 
 
@@ -87,18 +89,22 @@ def params(model: Transformer) -> int:
     return sum(p.size for _, p in tree_flatten(model.parameters()))
 
 
-def alone(target: Transformer, prompt: mx.array, n: int) -> Tuple[float, List[int]]:
+KEY = mx.random.key(0)
+
+
+def alone(target: Transformer, prompt: mx.array, n: int, temperature: float) -> Tuple[float, List[int]]:
     start = time.perf_counter()
-    toks = [t.item() for t in AutoregressiveWrapper(target).stream(prompt, n, temperature=0)]
+    toks = [t.item() for t in AutoregressiveWrapper(target).stream(prompt, n, temperature=temperature, key=KEY)]
     return time.perf_counter() - start, toks
 
 
-def speculative(target: Transformer, draft: Any, prompt: mx.array, n: int,
-                k: int) -> Tuple[float, List[int], SpeculativeStats]:
+def speculative(target: Transformer, draft: Any, prompt: mx.array, n: int, k: int,
+                temperature: float) -> Tuple[float, List[int], SpeculativeStats]:
     stats = SpeculativeStats()
     start = time.perf_counter()
     toks = [t for t, _, _ in speculative_steps(target, draft, prompt, target.make_cache(), draft.make_cache(), n,
-                                               num_draft_tokens=k, temperature=0, stats=stats)]
+                                               KEY, num_draft_tokens=k, temperature=temperature,
+                                               stats=stats)]
     return time.perf_counter() - start, toks, stats
 
 
@@ -110,6 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--draft-layers", type=int, default=None, help="L of the first-L draft (default: depth / 4)")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 4], help="num_draft_tokens values")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()
 
@@ -118,8 +125,8 @@ def main() -> None:
     layers = args.draft_layers or max(1, config["num_hidden_layers"] // 4)
     small = first_layers(target, config, layers)
     prompt = mx.random.randint(0, config["vocab_size"], (1, args.prompt)).astype(mx.int32)
-    _, greedy = alone(target, prompt, args.tokens)
-    seq = prompt[0].tolist() + greedy
+    _, own = alone(target, prompt, args.tokens, args.temperature)
+    seq = prompt[0].tolist() + own
     rows: List[Tuple[str, Any, int]] = [("target alone", None, 0)]
     rows += [(f"first-{layers} draft", small, k) for k in args.k]
     rows += [("target as draft", target, max(args.k))]
@@ -129,10 +136,10 @@ def main() -> None:
     for round_ in range(args.repeats + 1):
         for i, (_, draft, k) in enumerate(rows):
             if draft is None:
-                seconds, toks = alone(target, prompt, args.tokens)
+                seconds, toks = alone(target, prompt, args.tokens, args.temperature)
             else:
-                seconds, toks, info[i] = speculative(target, draft, prompt, args.tokens, k)
-            assert toks == greedy, f"row {i}: tokens differ from the target's greedy tokens"
+                seconds, toks, info[i] = speculative(target, draft, prompt, args.tokens, k, args.temperature)
+            assert toks == own, f"row {i}: tokens differ from the target's own tokens"
             if round_:
                 times[i].append(seconds)
 
@@ -140,7 +147,8 @@ def main() -> None:
     print(f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__}, "
           f"{mx.default_device()}; target: Llama-shaped, {config['num_hidden_layers']} layers, width "
           f"{config['hidden_size']}, vocab {config['vocab_size']}, {params(target) / 1e6:.0f}M parameters, random "
-          f"weights, {args.dtype}; draft first-{layers}: {params(small) / 1e6:.0f}M parameters (shared); greedy, "
+          f"weights, {args.dtype}; draft first-{layers}: {params(small) / 1e6:.0f}M parameters (shared); "
+          f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}, "
           f"batch 1, {args.prompt}-token prompt, {args.tokens} tokens; median of {args.repeats} runs\n")
     print("| decoding | k | acceptance | tokens / target forward | tok/s | speed-up | same tokens |")
     print("|---|---|---|---|---|---|---|")
