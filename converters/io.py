@@ -27,7 +27,7 @@ import numpy as np
 
 from mlx_zeta.common import atomic_path, check_keys
 
-__all__ = ["CheckpointFormatError", "load_state_dict", "save_state_dict", "check_keys", "check_finite"]
+__all__ = ["CheckpointFormatError", "load_state_dict", "save_state_dict", "check_keys", "check_finite", "materialize"]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -398,3 +398,14 @@ def save_state_dict(
         if p.is_file() and is_weight_file(p.name) and p.name not in written:
             p.unlink()
     return written
+
+
+def materialize(model) -> None:
+    """Evaluate every array ``model`` holds: parameters and private buffers (a rotary ``_inv_freq``).
+
+    A lazy MLX array belongs to the stream of the thread that built it, so a model handed to
+    another thread (a server's worker) must hold no pending array: evaluating one there fails with
+    "There is no Stream(cpu, 0) in current thread". ``model.parameters()`` leaves out names that
+    start with ``_``; this does not.
+    """
+    mx.eval([v for m in model.modules() for v in m.values() if isinstance(v, mx.array)])

@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten
 
 from .base import ACTIVATIONS, BaseModelArgs, TransformerArgs, activation
 from .fields import ConfigError, shown
-from .io import CONFIG, resolve_dtype, check_keys, load_state_dict, save_state_dict
+from .io import CONFIG, resolve_dtype, check_keys, load_state_dict, materialize, save_state_dict
 from .swaps import QUANTIZATION_KEY, TERNARY_KEY, quantize, rebuild, record
 
 __all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "TASKS", "BaseModelArgs", "TransformerArgs", "PretrainedInfo",
@@ -267,7 +267,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | 
         for _, value in tqdm(items, desc=f"loading {folder.name}", unit="tensor"):
             mx.eval(value)
     model.load_weights(items)
-    mx.eval(model.parameters())
+    materialize(model)  # private buffers too: the model may run on another thread
     model.eval()
     model.pretrained = PretrainedInfo(config["model_type"], MappingProxyType(config), folder)
     return model

@@ -236,3 +236,27 @@ def test_every_causal_architecture_generates_like_transformers(module, case, tmp
         want = hf.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
                            pad_token_id=0)[0, len(ids):].tolist()
     assert [r.token for r in stream_generate(model, tok, ids, 12, eos_token_ids=[])] == want
+
+
+def test_a_loaded_model_runs_on_another_thread(tmp_path):
+    """from_pretrained leaves no pending array (materialize): a thread that did not load the model can
+    run it (a lazy rotary buffer made this fail with "There is no Stream(cpu, 0) in current thread")."""
+    import threading
+
+    import test_convert_llama
+
+    _, folder = test_convert_llama.make("llama-gqa-untied", tmp_path / "m")
+    model = mlx_zeta.from_pretrained(folder)
+    out = {}
+
+    def run():
+        try:
+            out["logits"] = np.array(model(mx.array([[1, 2, 3]])))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            out["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert "error" not in out, out.get("error")
+    np.testing.assert_allclose(out["logits"], np.array(model(mx.array([[1, 2, 3]]))), atol=1e-6)
