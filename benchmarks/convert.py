@@ -8,7 +8,7 @@ mlx_zeta against mlx-lm on the same weights.
    heads, intermediate 8192, vocabulary 32000, untied head: 1.10B parameters, 2.2 GB in
    bfloat16. ``--quick``: hidden 768, 8 layers, 12 / 4 heads, intermediate 2048: 99M.
 2. Runs ``mlx-zeta convert SRC DST`` (the installed console script, else
-   ``python -m mlx_zeta.converters.cli``) in a fresh process, and reports its wall time
+   ``python -m mlx_zeta``) in a fresh process, and reports its wall time
    and peak resident memory (the kernel's high-water mark ``VmHWM`` from
    ``/proc/PID/status``, read when the CLI starts writing and when it has finished) against
    the checkpoint's size on disk. The source was just written, so it is read from
@@ -136,7 +136,7 @@ def run_convert(src: Path, dst: Path) -> dict:
     ``wait4``'s ``ru_maxrss``: Linux carries the forking parent's high-water mark (this
     process's, large once models are loaded) into the child's across ``exec``."""
     script = Path(sys.executable).parent / "mlx-zeta"
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "mlx_zeta.converters.cli"]
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "mlx_zeta"]
     cmd += ["convert", str(src), str(dst)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -169,7 +169,7 @@ def run_convert(src: Path, dst: Path) -> dict:
 
 def import_baseline() -> int:
     """Peak RSS (``VmHWM``) of a process that only imports the CLI (interpreter, MLX, BLAS), in bytes."""
-    code = ("import re, mlx_zeta.converters.cli, mlx_zeta.converters.llama; "
+    code = ("import re, mlx_zeta.cli, mlx_zeta.converters.llama; "
             "print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))")
     return int(subprocess.check_output([sys.executable, "-c", code])) * 1024
 

@@ -1,4 +1,5 @@
-"""The ``mlx-zeta`` command line (also ``python -m mlx_zeta.converters.cli``).
+"""The converter commands of the ``mlx-zeta`` command line (:mod:`mlx_zeta.cli`, which parses,
+runs them and sets the exit status; also ``python -m mlx_zeta``).
 
     mlx-zeta convert SRC DST [--dtype bfloat16] [--quantize 4 [--group-size 64]]
                              [--revision REV] [--max-shard-size 5GB] [--overwrite] [--allow-nonfinite]
@@ -28,9 +29,8 @@ its probes of torch, scikit-learn and other frameworks it does not need here
 (:func:`~mlx_zeta.converters.coreml.import_coremltools` with ``lean=True``). Each subcommand
 is one ``_add_*`` function that registers its parser and its handler.
 
-Exit status: 0 on success, 2 for a usage error or a checkpoint the library rejects (a
-one-line message on stderr, no traceback), 1 for an operating-system error while
-reading or writing, 130 when interrupted (Ctrl-C, at any point: one line on stderr).
+A handler raises ``ValueError`` for bad input and ``OSError`` for a failed read or write;
+:func:`mlx_zeta.cli.main` turns them into one line on stderr and exit status 2 or 1.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 PROG = "mlx-zeta"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -260,59 +260,7 @@ def _export_coreml(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- commands
 
+# The commands of this module, composed with the language-model ones by mlx_zeta.cli.
 COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (_add_convert, _add_export_coreml)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="mlx_zeta model tools.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
-        add(sub)
-    return parser
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors: ``mlx-zeta <command>: error: ... (see --help)``, unknown
-    arguments reported by the command they were given to."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-    def parse_args(self, args=None, namespace=None):
-        parsed, extra = self.parse_known_args(args, namespace)
-        if extra:
-            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
-            commands.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(extra)}")
-        return parsed
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``mlx-zeta`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    command = None
-    try:
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
-            return e.code if isinstance(e.code, int) else 2
-        command = args.command
-        return args.handler(args)
-    except ValueError as e:  # the library's errors name the file, key or option at fault
-        _fail(command, e)
-        return 2
-    except OSError as e:
-        _fail(command, e)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}{f' {command}' if command else ''}: interrupted", file=sys.stderr)
-        return 130
-
-
-def _fail(command: str, error: BaseException) -> None:
-    message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    print(f"{PROG} {command}: error: {message or type(error).__name__}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

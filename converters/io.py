@@ -350,8 +350,9 @@ def save_state_dict(
         max_shard_bytes (int): start a new shard before one would exceed this
           size (a single larger tensor gets a shard of its own). Default: 5 GiB.
         config (dict, optional): model configuration for ``config.json``.
-        files (dict, optional): ``{name: source path}`` of other files (a tokenizer, ...)
-          copied into ``folder`` with the weights, in the same atomic write.
+        files (dict, optional): ``{name: source path}`` of other files or folders (a
+          tokenizer, chat templates, ...) copied byte for byte into ``folder`` with the
+          weights, in the same atomic write (a folder replaces one of that name).
 
     Returns:
         The names of the files written.
@@ -388,8 +389,11 @@ def save_state_dict(
             }
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
             written.append(SAFE_INDEX)
-        for name, source in (files or {}).items():
-            shutil.copyfile(source, tmp / name)
+        for name, source in (files or {}).items():  # byte for byte; a folder with all it holds
+            if Path(source).is_dir():
+                shutil.copytree(source, tmp / name)
+            else:
+                shutil.copyfile(source, tmp / name)
             written.append(name)
         if config is not None:
             (tmp / CONFIG).write_text(json.dumps(config, indent=2))

@@ -48,7 +48,8 @@ from .swaps import QUANTIZATION_KEY, TERNARY_KEY, quantize, rebuild, record
 
 __all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "TASKS", "BaseModelArgs", "TransformerArgs", "PretrainedInfo",
            "from_pretrained", "save_pretrained", "resolve", "get_architecture", "register_architecture",
-           "unregister_architecture", "task_of", "quantize", "tokenizer_files", "ConfigError"]
+           "unregister_architecture", "task_of", "quantize", "tokenizer_files", "ConfigError",
+           "AUXILIARY_FILES", "AUXILIARY_FOLDERS", "TOKENIZER_FILES"]
 
 # model_type -> the module that converts it (a module of this package, or one added by
 # :func:`register_architecture`). Read-only view; it follows registrations.
@@ -67,13 +68,21 @@ _BUILT_IN = dict(_REGISTRY)
 TASKS = ("causal-lm", "seq2seq", "encoder", "vision")
 _PROTOCOL = ("ModelArgs", "build", "sanitize")
 
-# Files besides the weights that travel with a converted model (tokenizers, generation settings).
-AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json",
-                   "generation_config.json", "preprocessor_config.json")
+# Files besides the weights that travel with a converted model, copied byte for byte: the
+# tokenizer, special-token and chat-template files transformers' tokenizers and processors read
+# (tokenization_utils_base, processing_utils and utils/hub in transformers 5), and the
+# generation and pre-processing settings.
+AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "sentencepiece.model", "spm.model", "tekken.json", "tiktoken.model",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json",
+                   "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+# Folders of such files copied whole: further named chat templates (``<name>.jinja``) beside the default one.
+AUXILIARY_FOLDERS = ("additional_chat_templates",)
 # The auxiliary files that are a tokenizer (a folder with none of them has no tokenizer).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
-                   "tokenizer.model", "spiece.model")
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "sentencepiece.model", "spm.model",
+                   "tekken.json", "tiktoken.model")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -274,10 +283,12 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | 
 
 
 def _auxiliary(source: Optional[Path], path: Path) -> Dict[str, Path]:
-    """``{name: source file}`` of the :data:`AUXILIARY_FILES` to copy; JSON ones must parse."""
+    """``{name: source file or folder}`` of the :data:`AUXILIARY_FILES` and :data:`AUXILIARY_FOLDERS`
+    to copy; JSON files must parse."""
     if source is None or Path(source).resolve() == path.resolve():
         return {}
     found = {name: Path(source) / name for name in AUXILIARY_FILES if (Path(source) / name).is_file()}
+    found.update({name: Path(source) / name for name in AUXILIARY_FOLDERS if (Path(source) / name).is_dir()})
     for name, file in found.items():
         if name.endswith(".json"):
             try:

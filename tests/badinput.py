@@ -56,7 +56,7 @@ def api_error(exc_type, fn, *args, names=(), pattern=None, clean=(), **kwargs) -
 def cli_error(capsys, argv, *, names=(), pattern=None, clean=(), code=2, absent=()) -> str:
     """Run ``mlx-zeta argv`` in-process; it must exit with ``code`` and print exactly one stderr line
     ``mlx-zeta <command>: error: ...`` naming ``names``; ``absent`` paths must not exist afterwards."""
-    from mlx_zeta.converters.cli import main
+    from mlx_zeta.cli import main
 
     capsys.readouterr()
     status = main([str(a) for a in argv])

@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_zeta.converters import BaseModelArgs, register_architecture, unregister_architecture
-from mlx_zeta.converters.cli import main
+from mlx_zeta.cli import main
 from mlx_zeta.structs import Decoder, Transformer
 
 # ----------------------------------------------------------------------------- the toy converter module

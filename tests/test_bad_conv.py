@@ -206,7 +206,7 @@ def test_cli(name, good, tmp_path, monkeypatch, capsys):
 
 def test_allow_nonfinite_converts_with_one_warning_line(good, tmp_path, capsys):
     """The opt-out of the weight-nan case: the same folder converts, with one warning line."""
-    from mlx_zeta.converters.cli import main
+    from mlx_zeta.cli import main
 
     src = _source(good, tmp_path, CASES["weight-nan"])
     assert main(["convert", str(src), str(tmp_path / "dst"), "--allow-nonfinite"]) == 0

@@ -17,7 +17,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import mlx_zeta  # noqa: E402
-from mlx_zeta.converters.cli import main, parse_size  # noqa: E402
+from mlx_zeta.cli import main  # noqa: E402
+from mlx_zeta.converters.cli import parse_size  # noqa: E402
 from mlx_zeta.converters.pretrained import quantize  # noqa: E402
 from test_convert_llama import make, tokens  # noqa: E402
 
@@ -178,3 +179,57 @@ def test_a_source_without_tokenizer_gets_a_note_and_one_with_it_is_copied(src, t
     assert {name: (tmp_path / "out" / name).read_text() for name in files} == files
     assert mlx_zeta.from_pretrained(tmp_path / "out").pretrained.tokenizer == (
         "tokenizer.json", "tokenizer_config.json", "merges.txt")
+
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TOOL_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+
+
+def _hf_tokenizer(folder: Path) -> None:
+    """A ByteLevel BPE trained here with ``tokenizers``, saved by transformers with a chat template
+    (as ``chat_template.jinja``) and a second, named one (``additional_chat_templates/tool_use.jinja``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, a tiny corpus for a tiny tokenizer"] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
+    fast.chat_template = {"default": TEMPLATE, "tool_use": TOOL_TEMPLATE}
+    fast.save_pretrained(str(folder))
+
+
+def test_every_tokenizer_and_template_file_is_copied_byte_for_byte(src, tmp_path, capsys):
+    """Every file of AUXILIARY_FILES (and the additional_chat_templates folder) arrives byte-identical,
+    and transformers' AutoTokenizer renders the same chat templates from the output as from the source."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from mlx_zeta.converters.pretrained import AUXILIARY_FILES
+
+    folder = Path(shutil.copytree(src, tmp_path / "src"))
+    _hf_tokenizer(folder)
+    written = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert {"chat_template.jinja", "additional_chat_templates/tool_use.jinja"} <= written  # what transformers writes
+    for name in AUXILIARY_FILES:  # the rest: placeholders (a JSON one must parse), odd bytes kept as they are
+        if not (folder / name).exists():
+            text = '{ }\r\n' if name.endswith(".json") else "x\r\ny\x00 \u00e9\n"
+            (folder / name).write_bytes(text.encode())
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+             if p.is_file() and not p.name.endswith(".safetensors") and p.name != "config.json"}
+    code, _, err = run(capsys, "convert", folder, tmp_path / "out")
+    assert code == 0 and "note:" not in err, err
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in files} == files
+    assert set(files) == set(AUXILIARY_FILES) | {"additional_chat_templates/tool_use.jinja"}
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    ours, theirs = AutoTokenizer.from_pretrained(tmp_path / "out"), AutoTokenizer.from_pretrained(folder)
+    for name in (None, "tool_use"):
+        rendered = ours.apply_chat_template(messages, chat_template=name, tokenize=False, add_generation_prompt=True)
+        assert rendered == theirs.apply_chat_template(messages, chat_template=name, tokenize=False,
+                                                      add_generation_prompt=True)
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        "<|system|>be brief\n<|user|>hello\n<|assistant|>"

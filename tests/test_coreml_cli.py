@@ -22,7 +22,7 @@ ct = pytest.importorskip("coremltools")
 import mlx.core as mx  # noqa: E402
 
 from badinput import assert_no_partial  # noqa: E402
-from mlx_zeta.converters.cli import main  # noqa: E402
+from mlx_zeta.cli import main  # noqa: E402
 from mlx_zeta.converters.pretrained import save_pretrained  # noqa: E402
 from test_bad_coreml import CONVERTED  # noqa: E402
 
@@ -35,7 +35,7 @@ def profile(frame, event, arg):
         sys.setprofile(None)
         os.kill(os.getpid(), signal.SIGINT)
 
-from mlx_zeta.converters.cli import main
+from mlx_zeta.cli import main
 sys.setprofile(profile)
 code = main(sys.argv[2:])
 sys.setprofile(None)
@@ -65,7 +65,7 @@ def runs(vit, tmp_path_factory):
         out.mkdir()
         argv = [str(vit), str(out / "vit.mlpackage")]
         cmd = [sys.executable, "-c", DRIVER, MOMENTS[moment], "export-coreml", *argv] if moment in MOMENTS else \
-            [sys.executable, "-m", "mlx_zeta.converters.cli", "export-coreml", *argv]
+            [sys.executable, "-m", "mlx_zeta", "export-coreml", *argv]
         procs[moment] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
     results = {}
     for moment, (proc, out) in procs.items():

@@ -123,7 +123,7 @@ def llama(tmp_path_factory):
     pytest.importorskip("transformers")
     from test_convert_llama import make
 
-    from mlx_zeta.converters.cli import main
+    from mlx_zeta.cli import main
 
     root = tmp_path_factory.mktemp("coreml_llama")
     folder = make("llama-gqa-untied", root / "hf")[1]
@@ -144,7 +144,7 @@ def test_cli_export_coreml_llama_greedy_parity(llama, capsys):
 
 
 def test_cli_export_coreml_errors_exit_2_with_one_line(llama, tmp_path, capsys):
-    from mlx_zeta.converters.cli import main
+    from mlx_zeta.cli import main
 
     folder, _ = llama
     for argv, match in ((["--task", "vit"], "does not fit"), (["--seq-len", "8"], "not used by task lm"),
@@ -164,7 +164,7 @@ def test_cli_export_coreml_vit_and_bert(tmp_path, capsys):
     from hf_tiny import lift_init, save_hf, seeded
     from test_convert_vit import make as make_vit
 
-    from mlx_zeta.converters.cli import main
+    from mlx_zeta.cli import main
 
     vit_folder = make_vit(tmp_path / "vit")[1]
     seeded(0)

@@ -159,6 +159,13 @@ def test_end_token_from_the_list_stops_with_reason_stop(tiny):
     assert "".join(r.text for r in rs) == tok.decode([r.token for r in rs])
 
 
+def test_numpy_token_ids_are_ids(tiny):
+    _, _, model, tok = tiny
+    ids = np.array([2, 11, 5, 30, 4])
+    want = [r.token for r in stream_generate(model, tok, ids.tolist(), 4, eos_token_ids=[])]
+    assert [r.token for r in stream_generate(model, tok, list(ids), 4, eos_token_ids=[])] == want
+
+
 def test_prompt_cache_prefills_only_the_new_suffix_and_changes_nothing(tiny):
     _, _, model, tok = tiny
     shared = [2, 11, 5, 30, 4, 17, 23, 8]
@@ -183,6 +190,8 @@ def test_prompt_cache_prefills_only_the_new_suffix_and_changes_nothing(tiny):
     (dict(logit_bias={48: 1.0}), r"^\[generate\] expected logit_bias keys to be token ids in \[0, 48\)"),
     (dict(logit_bias={3: float("nan")}), r"^\[generate\] expected logit_bias values to be finite numbers"),
     (dict(repetition_penalty=0), r"^\[generate\] expected repetition_penalty to be a number > 0"),
+    (dict(eos_token_ids=[3, -1]), r"^\[generate\] expected eos_token_ids to be token ids in \[0, 48\)"),
+    (dict(eos_token_ids=48), r"^\[generate\] expected eos_token_ids to be token ids in \[0, 48\)"),
     (dict(seed=-2), r"^\[generate\] expected seed to be None or an int >= 0"),
     (dict(prompt_cache="yes"), r"^\[generate\] expected prompt_cache to be a PromptCache, got str"),
     (dict(prompt=[{"role": "user", "content": "hi"}]), r"^\[Tokenizer\] this checkpoint has no chat template"),

@@ -1,6 +1,7 @@
 """The wheel built from the repository ships metal/ and converters/ inside mlx_zeta,
 installs into a fresh virtual environment, and imports from there."""
 
+import re
 import subprocess
 import sys
 import venv
@@ -60,3 +61,7 @@ def test_wheel_installs_and_imports_in_fresh_venv(wheel, tmp_path):
     expected_sources = sorted(f for f in shipped_files("metal") if f.endswith((".metal", ".h", ".cu", ".cuh")))
     assert (out[2].split(",") if out[2] else []) == expected_sources
     assert Path(out[3]).parent.joinpath("README.md").is_file()
+    # the console script pip generated from [project.scripts] runs the installed mlx_zeta.cli:main
+    script = subprocess.run([str(env_dir / "bin" / "mlx-zeta"), "--version"], capture_output=True, text=True, cwd=tmp_path)
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert (script.returncode, script.stdout) == (0, f"mlx-zeta {version}\n"), script.stderr

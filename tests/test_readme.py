@@ -43,20 +43,51 @@ def emulated_kernel(ns: dict) -> None:
     assert ns["fused"].shape == (1, 4, 16, 64) and mx.abs(ns["fused"] - ref).max().item() < 1e-5
 
 
+def run_models(ns: dict) -> None:
+    """Block 5: ``answer`` is transformers' greedy answer to the chat (the tiny Qwen3 stands in for the
+    converted folder), and the sampled stream ended after at most 16 tokens with a finish reason."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained("qwen3-tiny").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained("qwen3-tiny")
+    ids = hf_tok.apply_chat_template(ns["chat"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24)[0, len(ids):]
+    assert ns["answer"] == hf_tok.decode(out, skip_special_tokens=True)
+    assert ns["r"].finish_reason in ("stop", "length") and ns["r"].generation_tokens <= 16
+
+
+def make_qwen3_tiny() -> None:
+    """The folder block 5 loads, made in the test's working directory (random weights, a real tokenizer)."""
+    from pathlib import Path
+
+    from lm_tiny import make_qwen3
+
+    make_qwen3(Path("qwen3-tiny"))
+
+
+SETUPS = {'mlx_zeta.load("qwen3-tiny")': make_qwen3_tiny}  # marker -> what the block needs on disk first
+
 EXPECTATIONS = {  # a string only that block's code holds -> what the block must have computed
     "AutoregressiveWrapper(lm)": quick_start,
     "from_pretrained(path)": pretrained_embeddings,
     "export_coreml(": coreml_export,
     'use_kernels("emulate")': emulated_kernel,
+    'mlx_zeta.load("qwen3-tiny")': run_models,
 }
 
 
-def test_readme_python_blocks_run_and_compute_what_they_say():
+def test_readme_python_blocks_run_and_compute_what_they_say(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README.md has no ```python blocks"
     for i, code in enumerate(blocks):
         found = [check for marker, check in EXPECTATIONS.items() if marker in code]
         assert len(found) == 1, f"README python block {i} matches {len(found)} expectations; give it one in EXPECTATIONS"
+        for marker, setup in SETUPS.items():
+            if marker in code:
+                setup()
         namespace: dict = {}
         exec(compile(code, f"README.md[python block {i}]", "exec"), namespace)
         found[0](namespace)

@@ -16,7 +16,8 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from numbers import Real
+from itertools import islice
+from numbers import Integral, Real
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -108,8 +109,8 @@ def prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> List[int]:
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
+        ids = [int(t) for t in prompt]  # numpy integers too
     else:
         raise ValueError(f"[generate] expected prompt as text, a list of token ids or a list of chat messages, "
                          f"got {type(prompt).__name__}")
@@ -167,9 +168,13 @@ def resolve_settings(model: nn.Module, tokenizer: Tokenizer, vocab: int, max_tok
     check_penalties("generate", repetition, presence, frequency)
     bias = _bias(options.get("logit_bias"), vocab)
     eos = options.get("eos_token_ids")
-    eos = defaults["eos_token_ids"] if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
-    for e in eos:
-        check_int("generate", "eos_token_ids", e, says="expected eos_token_ids to be an int or a list of ints")
+    if eos is None:  # the checkpoint's: an id the model cannot produce cannot end anything
+        eos = tuple(e for e in defaults["eos_token_ids"] if 0 <= e < vocab)
+    else:
+        eos = (eos,) if isinstance(eos, int) else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        for e in eos:
+            check_int("generate", "eos_token_ids", e, 0, vocab - 1,
+                      says=f"expected eos_token_ids to be token ids in [0, {vocab}) (an int or a list)")
     seed = options.get("seed")
     check_int("generate", "seed", seed, 0, optional=True)
     processor = None
@@ -290,7 +295,10 @@ def _seq2seq_steps(model: T5Model, ids: List[int], s: _Settings,
     start = time.perf_counter()
     steps = model.stream(mx.array([ids]), s.max_tokens, eos_token_id=list(s.eos), stop_at_eos=bool(s.eos),
                          key=s.key, **s.sampling, processor=s.processor, counts=counts, logprobs=True)
+    first = [(tok.item(), lp.item()) for tok, lp in islice(steps, 1)]  # MLX is lazy: the encoder runs here
     timing.update(prompt_tokens=len(ids), prompt_time=time.perf_counter() - start)
+    for tok, lp in first:
+        yield tok, lp, False
     for tok, lp in steps:
         yield tok.item(), lp.item(), False
 

@@ -349,6 +349,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(128)  # clients that connect before uvicorn's loop starts wait in the backlog
     except OSError as e:
         raise RuntimeError(f"[serve] expected to listen on {host}:{port}, got {e}") from None
     return sock

@@ -102,7 +102,8 @@ class Tokenizer:
 
     Args:
         backend (tokenizers.Tokenizer): the tokenization pipeline (normaliser, pre-tokeniser,
-            model, post-processor adding e.g. BOS, decoder).
+            model, post-processor adding e.g. BOS, decoder). Its padding and truncation are switched off,
+            as transformers does for ``encode``.
         special (dict): ``bos_token``, ``eos_token``, ``pad_token``, ``unk_token`` as text (missing: none).
         chat_template (str, optional): a jinja2 chat template. Default: none.
         clean_up_spaces (bool): decode with transformers' ``clean_up_tokenization_spaces`` (``" ."`` -> ``"."``
@@ -118,6 +119,8 @@ class Tokenizer:
 
     def __init__(self, backend: Any, special: Optional[Mapping[str, Optional[str]]] = None,
                  chat_template: Optional[str] = None, clean_up_spaces: bool = False):
+        backend.no_padding()  # a tokenizer.json may pad and truncate every encoding to a fixed length
+        backend.no_truncation()  # (all-MiniLM-L6-v2's: 128); transformers' encode does neither
         self.backend = backend
         self.special = {k: v for k, v in (special or {}).items() if isinstance(v, str)}
         self.chat_template = chat_template
@@ -241,7 +244,10 @@ class StreamingDetokenizer:
 
     where :math:`r` is the number of tokens already handed out and :math:`p` where the window
     starts (the start of the last piece). When the decoded window ends in U+FFFD (a character
-    still incomplete) nothing is handed out and the tokens wait for the next ones;
+    still incomplete) nothing is handed out and the tokens wait for the next ones. So do
+    byte-fallback pieces ``<0xNN>`` (SentencePiece-style vocabularies) until a piece of another
+    kind ends their run: the ByteFallback decoder turns a run holding any invalid UTF-8 into one
+    U+FFFD per byte, its valid characters included, so a byte yet to come may change them.
     :meth:`flush` hands out whatever is left. The concatenated pieces are at every step a prefix of
     ``decode(all tokens so far)`` and, after :meth:`flush`, equal to it.
 
@@ -257,6 +263,9 @@ class StreamingDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._decode = lambda ids: tokenizer.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        self._bytes = _byte_fallback_ids(tokenizer.backend)
+        added = tokenizer.backend.get_added_tokens_decoder() if self._bytes and skip_special_tokens else {}
+        self._skipped = frozenset(i for i, t in added.items() if t.special)  # decode leaves these out
         self.reset()
 
     def reset(self) -> None:
@@ -277,12 +286,28 @@ class StreamingDetokenizer:
     def _advance(self, final: bool) -> str:
         before = self._decode(self.tokens[self._start:self._read])
         after = self._decode(self.tokens[self._start:])
-        if len(after) <= len(before) or (after.endswith(REPLACEMENT) and not final):
+        if len(after) <= len(before) or (not final and (after.endswith(REPLACEMENT) or self._open_byte_run())):
             return ""
         piece = after[len(before):]
         self._start, self._read = self._read, len(self.tokens)
         self.text += piece
         return piece
+
+    def _open_byte_run(self) -> bool:
+        """Whether the last token decode sees is a byte-fallback piece (its run may go on)."""
+        for token in reversed(self.tokens[self._start:]):
+            if token not in self._skipped:
+                return token in self._bytes
+        return False
+
+
+def _byte_fallback_ids(backend: Any) -> frozenset:
+    """Ids of the ``<0xNN>`` pieces when the decoder has a ByteFallback step, else none."""
+    decoder = backend.decoder
+    if decoder is None or b'"ByteFallback"' not in decoder.__getstate__():
+        return frozenset()
+    ids = (backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return frozenset(i for i in ids if i is not None)
 
 
 def load_tokenizer(folder: Union[str, os.PathLike]) -> Tokenizer:
