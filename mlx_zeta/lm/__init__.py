@@ -10,8 +10,10 @@ from mlx_zeta.lm.cache import PromptCache, WindowedKVCache, make_caches
 from mlx_zeta.lm.cache_file import load_prompt_cache, save_prompt_cache
 from mlx_zeta.lm.generate import (GenerationResponse, generate, generation_defaults, load, prompt_ids,
                                   stream_generate)
+from mlx_zeta.lm.speculative import SpeculativeStats, speculative_steps
 from mlx_zeta.lm.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
 
-__all__ = ["GenerationResponse", "batch_generate", "batch_stream_generate", "PromptCache", "StreamingDetokenizer", "Tokenizer", "generate",
-           "WindowedKVCache", "generation_defaults", "load", "load_prompt_cache", "load_tokenizer", "make_caches",
-           "prompt_ids", "save_prompt_cache", "stream_generate"]
+__all__ = ["GenerationResponse", "PromptCache", "SpeculativeStats", "StreamingDetokenizer", "Tokenizer",
+           "WindowedKVCache", "batch_generate", "batch_stream_generate", "generate", "generation_defaults", "load",
+           "load_prompt_cache", "load_tokenizer", "make_caches", "prompt_ids", "save_prompt_cache",
+           "speculative_steps", "stream_generate"]

@@ -30,6 +30,7 @@ from mlx_zeta.structs.decoding import check_token_ids, decode_steps, global_key
 from mlx_zeta.structs.sampling import check_penalties, check_sampling_args, penalize, token_counts
 
 from .cache import PromptCache
+from .speculative import SpeculativeStats, check_draft_model, speculative_steps
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["GenerationResponse", "generate", "generation_defaults", "load", "prompt_ids", "stream_generate"]
@@ -239,14 +240,17 @@ def _prefill(model: nn.Module, caches: list, ids: List[int]) -> mx.array:
     return model(mx.array([ids[-1:]]), cache=caches)[:, -1]
 
 
-def _causal_steps(model: nn.Module, ids: List[int], s: _Settings, cache: PromptCache,
-                  timing: Dict[str, float]) -> Iterator[Tuple[int, float, bool]]:
+def _causal_steps(model: nn.Module, ids: List[int], s: _Settings, cache: PromptCache, timing: Dict[str, float],
+                  draft: Optional[nn.Module] = None, num_draft_tokens: int = 3) -> Iterator[Tuple[int, float, bool]]:
     """(token, logprob, from_draft) of a causal LM, prefilling what ``cache`` does not hold."""
     todo = cache.reuse(ids)
     limit = getattr(model, "max_seq_len", None)
     if "pos_emb" in model and len(ids) + s.max_tokens - 1 > limit:
         raise ValueError(f"[generate] the prompt ({len(ids)} tokens) and max_tokens={s.max_tokens} need "
                          f"{len(ids) + s.max_tokens - 1} positions, but the model has {limit} (absolute positions)")
+    if draft is not None:
+        yield from _speculative(model, draft, num_draft_tokens, ids, s, cache, timing)
+        return
     start = time.perf_counter()
     logits = _prefill(model, cache.caches, todo)
     mx.eval(logits)
@@ -265,6 +269,26 @@ def _causal_steps(model: nn.Module, ids: List[int], s: _Settings, cache: PromptC
             made.append(tok.item())
             yield made[-1], lp.item(), False
     finally:
+        cache.tokens = (ids + made)[:cache.offset]
+
+
+def _speculative(model: nn.Module, draft: nn.Module, num_draft_tokens: int, ids: List[int], s: _Settings,
+                 cache: PromptCache, timing: Dict[str, float]) -> Iterator[Tuple[int, float, bool]]:
+    """(token, logprob, from_draft) through :func:`~mlx_zeta.lm.speculative.speculative_steps`, which
+    prefills what ``cache`` does not hold; the draft's caches start empty at every call."""
+    stats = SpeculativeStats()
+    counts = token_counts(mx.array([ids]), model.num_tokens) if s.processor else None
+    steps = speculative_steps(model, draft, mx.array([ids]), cache.caches, draft.make_cache(), s.max_tokens, s.key,
+                              num_draft_tokens=num_draft_tokens, **s.sampling, processor=s.processor, counts=counts,
+                              eos=s.eos, stats=stats, prefill_step=PREFILL_CHUNK)
+    made: List[int] = []
+    try:
+        for tok, lp, from_draft in steps:
+            timing.update(prompt_tokens=stats.prompt_tokens, prompt_time=stats.prompt_time)
+            made.append(tok)
+            yield tok, lp, from_draft
+    finally:
+        steps.close()  # its caches forget what was never handed out
         cache.tokens = (ids + made)[:cache.offset]
 
 
@@ -329,18 +353,19 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt, max_
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
         raise ValueError(f"[generate] expected prompt_cache to be a PromptCache, got {type(prompt_cache).__name__}")
     if draft_model is not None:
-        raise ValueError("[generate] speculative decoding (draft_model) is not available yet")
-    return _responses(model, tokenizer, ids, s, prompt_cache, max_kv_size, seq2seq)
+        check_draft_model("generate", model, draft_model, num_draft_tokens)
+    draft = (draft_model, num_draft_tokens) if draft_model is not None else ()
+    return _responses(model, tokenizer, ids, s, prompt_cache, max_kv_size, seq2seq, draft)
 
 
-def _responses(model, tokenizer, ids, s, prompt_cache, max_kv_size, seq2seq) -> Iterator[GenerationResponse]:
+def _responses(model, tokenizer, ids, s, prompt_cache, max_kv_size, seq2seq, draft=()) -> Iterator[GenerationResponse]:
     """The generator behind :func:`stream_generate` (arguments checked)."""
     mx.reset_peak_memory()
     timing: Dict[str, float] = {}
     if seq2seq:
         steps = _seq2seq_steps(model, ids, s, timing)
     else:
-        steps = _causal_steps(model, ids, s, prompt_cache or PromptCache(model, max_kv_size), timing)
+        steps = _causal_steps(model, ids, s, prompt_cache or PromptCache(model, max_kv_size), timing, *draft)
     row = TextSteps(tokenizer, s)
     first = None
     for n, (token, logprob, from_draft) in enumerate(steps, 1):
