@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx_zeta.lm.cache import make_caches
 from mlx_zeta.lm.generate import (PREFILL_CHUNK, GenerationResponse, Prompt, TextSteps, prompt_ids,
                                   resolve_settings)
-from mlx_zeta.lm.tokenizer import Tokenizer
+from mlx_zeta.lm.tokenizer import Tokenizer, check_tokenizer
 from mlx_zeta.structs.decoding import check_token_ids, decode_steps
 from mlx_zeta.structs.sampling import token_counts
 
@@ -149,8 +149,7 @@ def batch_stream_generate(model: nn.Module, tokenizer: Tokenizer, prompts: Seque
                    repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                    frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed, stop=stop,
                    eos_token_ids=eos_token_ids)
-    if not isinstance(tokenizer, Tokenizer):
-        raise ValueError(f"[batch_generate] expected a mlx_zeta.lm Tokenizer (from load), got {type(tokenizer).__name__}")
+    check_tokenizer("batch_generate", tokenizer)
     if not callable(getattr(model, "make_cache", None)) or not hasattr(model, "num_tokens"):
         raise ValueError(f"[batch_generate] expected a causal LM (make_cache, num_tokens), got {type(model).__name__}")
     rows = _rows(tokenizer, prompts)

@@ -31,7 +31,7 @@ from mlx_zeta.structs.sampling import check_penalties, check_sampling_args, pena
 
 from .cache import PromptCache
 from .speculative import SpeculativeStats, check_draft_model, speculative_steps
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, check_tokenizer, load_tokenizer
 
 __all__ = ["GenerationResponse", "generate", "generation_defaults", "load", "prompt_ids", "stream_generate"]
 
@@ -339,8 +339,7 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt, max_
                    repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                    frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed, stop=stop,
                    eos_token_ids=eos_token_ids)
-    if not isinstance(tokenizer, Tokenizer):
-        raise ValueError(f"[generate] expected a mlx_zeta.lm Tokenizer (from load), got {type(tokenizer).__name__}")
+    check_tokenizer("generate", tokenizer)
     ids = prompt_ids(tokenizer, prompt)
     seq2seq = isinstance(model, T5Model)
     if not seq2seq and not callable(getattr(model, "make_cache", None)):

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-__all__ = ["Tokenizer", "StreamingDetokenizer", "load_tokenizer", "require"]
+__all__ = ["Tokenizer", "StreamingDetokenizer", "check_tokenizer", "load_tokenizer", "require"]
 
 REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 sequence
 _EXTRA = "lm"
@@ -187,6 +187,13 @@ class Tokenizer:
                    "add_generation_prompt": add_generation_prompt}
         text = self._template.render(**context)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def check_tokenizer(owner: str, tokenizer: Any) -> Tokenizer:
+    """``tokenizer`` if it is a :class:`Tokenizer`, else a one-line ``ValueError`` naming ``owner``."""
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError(f"[{owner}] expected a mlx_zeta.lm Tokenizer (from load), got {type(tokenizer).__name__}")
+    return tokenizer
 
 
 def _check_messages(messages: Any) -> None:
