@@ -26,9 +26,9 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
-import mlx_zeta
+import mlx_zeta  # noqa: F401  (first: routes MLX's CPU matmuls to the optimized BLAS)
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
