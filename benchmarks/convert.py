@@ -206,11 +206,25 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
 # --------------------------------------------------------------------------- main
 
 
+def add_shape_options(parser: argparse.ArgumentParser, full: dict, quick: dict) -> None:
+    """``--quick`` and one option per shape field (``--hidden``, ``--kv-heads``, ...) of ``full``."""
+    parser.add_argument("--quick", action="store_true", help="a ~100M model (hidden 768, 8 layers)")
+    for name, value in full.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {value} ({quick[name]} with --quick)")
+
+
+def resolve_shape(parser: argparse.ArgumentParser, a: argparse.Namespace, full: dict, quick: dict) -> None:
+    """Fill the shape fields left unset from ``quick`` or ``full``; heads must divide evenly."""
+    for name, value in (quick if a.quick else full).items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
+    if a.hidden % a.heads or a.heads % a.kv_heads:
+        parser.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a ~100M model (hidden 768, 8 layers)")
-    for name, value in FULL.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {value} ({QUICK[name]} with --quick)")
+    add_shape_options(parser, FULL, QUICK)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
                         help="checkpoint dtype, kept by the conversion and used by both decoders")
     parser.add_argument("--shard-bytes", type=int, default=2**30, help="source shard size (default 1 GiB)")
@@ -220,11 +234,7 @@ def main() -> None:
     parser.add_argument("--no-decode", action="store_true", help="only write and convert")
     parser.add_argument("--workdir", type=Path, help="where the temporary checkpoints go (default: system temp)")
     a = parser.parse_args()
-    for name, value in (QUICK if a.quick else FULL).items():
-        if getattr(a, name) is None:
-            setattr(a, name, value)
-    if a.hidden % a.heads or a.heads % a.kv_heads:
-        parser.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
+    resolve_shape(parser, a, FULL, QUICK)
     if not a.no_decode:
         try:
             import mlx_lm

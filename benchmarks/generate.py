@@ -48,7 +48,7 @@ import mlx_zeta  # first: routes MLX's CPU matmuls to the optimized BLAS
 
 import mlx.core as mx
 
-from convert import QUICK, leading_agreement, run_convert, write_checkpoint
+from convert import QUICK, add_shape_options, leading_agreement, resolve_shape, run_convert, write_checkpoint
 
 FULL = dict(hidden=1024, layers=16, heads=16, kv_heads=4, intermediate=2816, vocab=32000)
 GROUP_SIZE = 64
@@ -174,21 +174,14 @@ def compare(name: str, folders: dict, bits: int | None, ids: list[int], a: argpa
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a ~100M model (hidden 768, 8 layers)")
-    for name, value in FULL.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int,
-                            help=f"default {value} ({QUICK[name]} with --quick)")
+    add_shape_options(parser, FULL, QUICK)
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     parser.add_argument("--tokens", type=int, default=128, help="generated tokens per run (default 128)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up (default 5)")
     parser.add_argument("--variants", nargs="+", default=["float32", "q4"], choices=["float32", "q4"])
     parser.add_argument("--workdir", type=Path, help="where the temporary checkpoints go (default: system temp)")
     a = parser.parse_args()
-    for name, value in (QUICK if a.quick else FULL).items():
-        if getattr(a, name) is None:
-            setattr(a, name, value)
-    if a.hidden % a.heads or a.heads % a.kv_heads:
-        parser.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
+    resolve_shape(parser, a, FULL, QUICK)
     a.dtype, a.shard_bytes = "float32", 2**30  # what convert.write_checkpoint reads
     return a
 

@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_zeta.lm.cache import make_caches
-from mlx_zeta.lm.generate import (PREFILL_CHUNK, GenerationResponse, Prompt, TextSteps, prompt_ids,
+from mlx_zeta.lm.generate import (PREFILL_CHUNK, GenerationResponse, Prompt, TextSteps, prompt_ids, prompt_kind,
                                   resolve_settings)
 from mlx_zeta.lm.tokenizer import Tokenizer, check_tokenizer
 from mlx_zeta.structs.decoding import check_token_ids, decode_steps
@@ -53,20 +53,12 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int = 0) -> Tuple[mx.array, mx.
     return ids, col >= pads, mx.maximum(col - pads, 0)
 
 
-def _kind(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return "text"
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
-        return "chat messages"
-    return "token ids" if isinstance(prompt, (list, tuple)) else type(prompt).__name__
-
-
 def _rows(tokenizer: Tokenizer, prompts: Any) -> List[List[int]]:
     """Token ids of every prompt, all of one kind (text, token ids or chat messages)."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         got = "an empty list" if isinstance(prompts, (list, tuple)) else type(prompts).__name__
         raise ValueError(f"[batch_generate] expected prompts as a non-empty list of prompts, got {got}")
-    kinds = [_kind(p) for p in prompts]
+    kinds = [prompt_kind(p) for p in prompts]
     if len(set(kinds)) > 1:
         raise ValueError(f"[batch_generate] expected prompts of one kind (all text, all token ids or all chat "
                          f"messages), got {sorted(set(kinds))}")

@@ -86,7 +86,6 @@ class PromptCache:
         if not callable(getattr(model, "make_cache", None)):
             raise ValueError(f"[PromptCache] expected a model with make_cache() (a causal LM), got "
                              f"{type(model).__name__}")
-        self.model_type = getattr(getattr(model, "pretrained", None), "model_type", None)
         self.max_kv_size = max_kv_size
         self.caches = make_caches(model, max_kv_size)
         self.tokens: List[int] = []

@@ -291,7 +291,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="requests waiting at most; more get 503 (default: 16)")
     p.add_argument("--max-tokens", type=_count, default=512, metavar="N",
                    help="max_tokens of a request that sets none (default: 512)")
-    p.add_argument("--max-prompt-tokens", type=_count, metavar="N", help="refuse longer prompts (default: no limit)")
+    p.add_argument("--max-prompt-tokens", type=_count, metavar="N", help="refuse longer prompts (default: the model's max_seq_len)")
     p.add_argument("--model-id", metavar="NAME", help="the model's name in the API (default: M as given)")
     p.add_argument("--no-prompt-cache", action="store_true", help="do not reuse the KV cache across requests")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",

@@ -102,14 +102,25 @@ def generation_defaults(model: nn.Module, tokenizer: Optional[Tokenizer] = None)
     return out
 
 
+def prompt_kind(prompt: Any) -> str:
+    """What a prompt is: ``"text"``, ``"chat messages"``, ``"token ids"`` (any other list or tuple),
+    else its type's name."""
+    if isinstance(prompt, str):
+        return "text"
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        return "chat messages"
+    return "token ids" if isinstance(prompt, (list, tuple)) else type(prompt).__name__
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> List[int]:
     """Token ids of a prompt: text (encoded with the tokenizer's special tokens, e.g. BOS), chat
     messages (rendered with the chat template, ``add_generation_prompt=True``), or ids as they are."""
-    if isinstance(prompt, str):
+    kind = prompt_kind(prompt)
+    if kind == "text":
         ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
+    elif kind == "chat messages":
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
+    elif kind == "token ids" and all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
         ids = [int(t) for t in prompt]  # numpy integers too
     else:
         raise ValueError(f"[generate] expected prompt as text, a list of token ids or a list of chat messages, "
