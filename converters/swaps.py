@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import mlx.nn as nn
 
 from mlx_zeta.quant import BitLinear, TernaryLinear
-from mlx_zeta.quant.affine import use_affine_linear
+from mlx_zeta.quant.affine import affine_quantize
 
 from .fields import ConfigError, check_value, problem
 
@@ -57,9 +57,8 @@ def quantize(model: nn.Module, bits: int, group_size: int = 64) -> int:
         raise ValueError(f"[quantize] the model is already quantized ({done[0][1].bits}-bit, group size "
                          f"{done[0][1].group_size}); convert from the unquantized checkpoint instead")
     group_size, bits = int(group_size), int(bits)
-    nn.quantize(model, group_size=group_size, bits=bits,
-                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
-    use_affine_linear(model)  # the same layers, with a BLAS path for a prompt's many rows on the CPU
+    affine_quantize(model, group_size, bits,  # Linears as AffineLinear: a BLAS path for a prompt's rows on the CPU
+                    lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
     return len(quantized_layers(model))
 
 
@@ -144,8 +143,7 @@ def _rebuild_affine(model: nn.Module, spec: Mapping[str, Any], source: str) -> N
     if unknown:
         raise ConfigError(f"{where} lists {unknown[0]!r}, which is no Linear or Embedding layer of the model")
     chosen = set(layers)
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda p, m: p in chosen)
-    use_affine_linear(model)
+    affine_quantize(model, group_size, bits, lambda p, m: p in chosen)
 
 
 def rebuild(model: nn.Module, config: Mapping[str, Any], source: str = "config.json") -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["AffineLinear", "DEQUANTIZE_ROWS", "use_affine_linear"]
+__all__ = ["AffineLinear", "DEQUANTIZE_ROWS", "affine_quantize", "use_affine_linear"]
 
 DEQUANTIZE_ROWS = 8  # rows of x from which the CPU path dequantizes (measured crossover: 4-8 rows)
 
@@ -69,3 +69,11 @@ def use_affine_linear(model: nn.Module) -> int:
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
+
+
+def affine_quantize(model: nn.Module, group_size: int, bits: int, class_predicate) -> None:
+    """``mlx.nn.quantize(model, group_size, bits, class_predicate=...)`` in place, its Linear layers
+    made :class:`AffineLinear`: the one way the library quantizes with MLX's affine scheme (the
+    converters' ``quantize`` and ``rebuild``, ``freeze_model(head_bits=...)``)."""
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=class_predicate)
+    use_affine_linear(model)

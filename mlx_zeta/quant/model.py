@@ -8,7 +8,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_zeta.common import check_choice
-from mlx_zeta.quant.affine import use_affine_linear
+from mlx_zeta.quant.affine import affine_quantize
 from mlx_zeta.quant.bitlinear import BitLinear
 
 __all__ = ["quantize_model", "freeze_model", "default_predicate", "HEAD_NAMES", "TIED_EMBEDDING_NAMES"]
@@ -190,6 +190,5 @@ def freeze_model(model: nn.Module, activation: str = "int8", head_bits: Optional
                 if width % group_size:
                     raise ValueError(f"[freeze_model] expected the head {path!r} input width to be divisible by "
                                      f"group_size={group_size}, got width {width}")
-        nn.quantize(model, group_size=group_size, bits=head_bits, class_predicate=is_head)
-        use_affine_linear(model)  # MLX's layer with a CPU path for many rows (what from_pretrained rebuilds)
+        affine_quantize(model, group_size, head_bits, is_head)  # what from_pretrained rebuilds
     return model
