@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx_zeta.common import check_int
 from mlx_zeta.nn.cache import RotatingKVCache
 
-__all__ = ["PromptCache", "WindowedKVCache", "make_caches"]
+__all__ = ["PromptCache", "WindowedKVCache", "fill_caches", "make_caches"]
 
 
 class WindowedKVCache(RotatingKVCache):
@@ -58,6 +58,15 @@ def make_caches(model: nn.Module, max_kv_size: Optional[int] = None) -> list:
         return caches
     return [c if getattr(c, "max_size", max_kv_size + 1) <= max_kv_size else WindowedKVCache(max_kv_size)
             for c in caches]
+
+
+def fill_caches(model: nn.Module, caches: list, ids: mx.array, step: int) -> None:
+    """Run ``ids`` :math:`(B, L)` through ``model`` into ``caches``, ``step`` positions per forward pass
+    (bounding the attention scores' memory), evaluating only the caches: no logits are asked for, so
+    MLX's lazy graph skips the last layer's tail, the final norm and the head for these positions."""
+    for i in range(0, ids.shape[1], step):
+        model(ids[:, i:i + step], cache=caches)
+        mx.eval([c.state for c in caches])
 
 
 class PromptCache:

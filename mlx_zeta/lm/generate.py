@@ -29,7 +29,7 @@ from mlx_zeta.models.t5 import T5Model
 from mlx_zeta.structs.decoding import check_token_ids, decode_steps, global_key
 from mlx_zeta.structs.sampling import check_penalties, check_sampling_args, penalize, token_counts
 
-from .cache import PromptCache
+from .cache import PromptCache, fill_caches
 from .speculative import SpeculativeStats, check_draft_model, speculative_steps
 from .tokenizer import Tokenizer, check_tokenizer, load_tokenizer
 
@@ -240,14 +240,11 @@ class TextSteps:
 
 
 def _prefill(model: nn.Module, caches: list, ids: List[int]) -> mx.array:
-    """Run ``ids`` through the model; the last position's logits (1, V). All but the last id go in
-    chunks of :data:`PREFILL_CHUNK` of which only the caches are evaluated (MLX's lazy graph then
-    skips the last layer's attention output and feed-forward, the final norm and the head for
-    them); the last id goes alone, as a decoding step."""
-    head = ids[:-1]
-    for i in range(0, len(head), PREFILL_CHUNK):
-        model(mx.array([head[i:i + PREFILL_CHUNK]]), cache=caches)
-        mx.eval([c.state for c in caches])
+    """Run ``ids`` through the model; the last position's logits (1, V). All but the last id fill the
+    caches (:func:`~mlx_zeta.lm.cache.fill_caches`, :data:`PREFILL_CHUNK` at a time); the last id goes
+    alone, as a decoding step."""
+    if len(ids) > 1:
+        fill_caches(model, caches, mx.array([ids[:-1]]), PREFILL_CHUNK)
     return model(mx.array([ids[-1:]]), cache=caches)[:, -1]
 
 

@@ -24,10 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_zeta.common import check_int
+from mlx_zeta.lm.cache import fill_caches
 from mlx_zeta.structs import sample
 from mlx_zeta.structs.decoding import check_token_ids, describe, global_key
 from mlx_zeta.structs.sampling import check_sampling_args, token_counts
-
 
 __all__ = ["SpeculativeStats", "check_draft_model", "speculative_steps"]
 
@@ -300,9 +300,7 @@ class _Run:
         n = prompt.shape[1]
         self.stats.prompt_tokens = n - int(self.tc[0].offset)
         for model, caches in ((self.target, self.tc), (self.draft, self.dc)):
-            for i in range(int(caches[0].offset), n - 1, step):
-                model(prompt[:, i : min(i + step, n - 1)], cache=caches)
-                mx.eval([c.state for c in caches])
+            fill_caches(model, caches, prompt[:, int(caches[0].offset) : n - 1], step)
         self.stats.prompt_time = time.perf_counter() - began
 
     def steps(self, prompt: mx.array, max_tokens: int, keys: _Keys, k_max: int, eos: frozenset,
