@@ -27,6 +27,11 @@ What is dropped, and why (each with a ``UserWarning`` naming the keys, except th
   as ``transformers.AutoModel`` does for such checkpoints;
 - ``pooler.*`` when the model has no pooler (below).
 
+Export (:func:`to_hf`, ``save_pretrained(..., format="hf")``) is the exact inverse for
+``BertModel`` (the renaming table :data:`NAMES` read backwards; ``architectures`` becomes
+``["BertModel"]``, :func:`hf_config`); dropped task heads are not recreated. A model without a
+pooler is loaded by transformers with ``BertModel.from_pretrained(out, add_pooling_layer=False)``.
+
 Pooler: ``config.json``'s ``add_pooling_layer`` if set, else present unless ``architectures``
 names a class that transformers builds without one (:data:`NO_POOLER`); e.g. the original
 ``bert-base-uncased`` says ``BertForMaskedLM`` yet carries a pooler, which is then dropped
@@ -46,7 +51,7 @@ import mlx.core as mx
 
 from mlx_zeta.models.bert import BertEmbeddings, BertEncoder, mean_pool  # noqa: F401  (the model; re-exported)
 
-from .base import ACTIVATIONS, TransformerArgs, activation
+from .base import ACTIVATIONS, TransformerArgs, activation, name_rules
 from .base import rename as apply_rules
 
 MODEL_TYPES = ("bert",)
@@ -98,20 +103,23 @@ def build(args: ModelArgs) -> BertEncoder:
                        norm_eps=args.layer_norm_eps, activation=ACTIVATIONS[args.hidden_act], pooler=args.has_pooler)
 
 
-_LAYER = r"^encoder\.layer\.(\d+)\."
-_RENAMES = [
-    (r"^embeddings\.(word|position|token_type)_embeddings\.", r"embeddings.\1."),
-    (r"^embeddings\.LayerNorm\.", "embeddings.norm."),
-    (_LAYER + r"attention\.self\.query\.", r"encoder.layers.\1.attn.to_q."),
-    (_LAYER + r"attention\.self\.key\.", r"encoder.layers.\1.attn.to_k."),
-    (_LAYER + r"attention\.self\.value\.", r"encoder.layers.\1.attn.to_v."),
-    (_LAYER + r"attention\.output\.dense\.", r"encoder.layers.\1.attn.to_out."),
-    (_LAYER + r"attention\.output\.LayerNorm\.", r"encoder.layers.\1.attn_norm."),
-    (_LAYER + r"intermediate\.dense\.", r"encoder.layers.\1.ff.proj_in."),
-    (_LAYER + r"output\.dense\.", r"encoder.layers.\1.ff.proj_out."),
-    (_LAYER + r"output\.LayerNorm\.", r"encoder.layers.\1.ff_norm."),
-    (r"^pooler\.dense\.", "pooler."),
+# (Hugging Face, ours) name prefixes, "{}" a layer index: read by sanitize, written by to_hf.
+NAMES = [
+    ("embeddings.word_embeddings.", "embeddings.word."),
+    ("embeddings.position_embeddings.", "embeddings.position."),
+    ("embeddings.token_type_embeddings.", "embeddings.token_type."),
+    ("embeddings.LayerNorm.", "embeddings.norm."),
+    ("encoder.layer.{}.attention.self.query.", "encoder.layers.{}.attn.to_q."),
+    ("encoder.layer.{}.attention.self.key.", "encoder.layers.{}.attn.to_k."),
+    ("encoder.layer.{}.attention.self.value.", "encoder.layers.{}.attn.to_v."),
+    ("encoder.layer.{}.attention.output.dense.", "encoder.layers.{}.attn.to_out."),
+    ("encoder.layer.{}.attention.output.LayerNorm.", "encoder.layers.{}.attn_norm."),
+    ("encoder.layer.{}.intermediate.dense.", "encoder.layers.{}.ff.proj_in."),
+    ("encoder.layer.{}.output.dense.", "encoder.layers.{}.ff.proj_out."),
+    ("encoder.layer.{}.output.LayerNorm.", "encoder.layers.{}.ff_norm."),
+    ("pooler.dense.", "pooler."),
 ]
+_RENAMES, _TO_HF = name_rules(NAMES), name_rules(NAMES, to_hf=True)
 _LEGACY_NORM = re.compile(r"(LayerNorm\.)(gamma|beta)$")
 
 
@@ -148,3 +156,21 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
                          f"(architectures {args.architectures}) implies a pooler: add \"add_pooling_layer\": false "
                          "to its config.json to load it without one")
     return out
+
+
+def to_hf(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
+    """The inverse of :func:`sanitize`: :class:`BertEncoder`'s names to ``BertModel``'s (no ``bert.``
+    prefix; the layouts are the same). A model without a pooler writes none: transformers'
+    ``BertModel`` then needs ``add_pooling_layer=False`` (a constructor argument, not a config key).
+    Pure; ``sanitize(to_hf(w, args), args) == w``."""
+    return {apply_rules(name, _TO_HF): value for name, value in weights.items()}
+
+
+def hf_config(config: Dict, args: ModelArgs) -> Dict:
+    """``config.json`` for :func:`to_hf`'s weights: ``architectures`` ``["BertModel"]`` (task heads were
+    dropped on load), and ``"add_pooling_layer": false`` kept for a model without a pooler (which
+    ``BertModel`` alone would otherwise imply when it is read back here)."""
+    config = {**config, "architectures": ["BertModel"]}
+    if not args.has_pooler:
+        config["add_pooling_layer"] = False
+    return config

@@ -21,6 +21,12 @@ GPT-2's ``Conv1D`` stores its weight as ``(in, out)``; it is transposed to ``nn.
 ``(out, in)``. The causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` of old checkpoints
 are dropped.
 
+Export (:func:`to_hf`, ``save_pretrained(..., format="hf")``) is the exact inverse: the
+renaming table :data:`NAMES` read backwards, ``to_{q,k,v}`` fused into ``c_attn``, ``Conv1D``
+weights transposed back to ``(in, out)``, a tied head left for transformers to tie, names
+prefixed ``transformer.`` (``GPT2LMHeadModel``) unless ``architectures`` names only ``GPT2Model``
+(:func:`hf_config` writes the class it chose).
+
 Dropout rates of the config (``attn_pdrop``, ``resid_pdrop``, ``embd_pdrop``) are not carried
 over: the model is built for inference (``from_pretrained`` returns it in eval mode).
 """
@@ -36,7 +42,7 @@ import mlx.nn as nn
 
 from mlx_zeta.structs import Decoder, Transformer
 
-from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename
+from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, name_rules, rename
 
 MODEL_TYPES = ("gpt2",)
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
@@ -98,18 +104,20 @@ def build(args: ModelArgs) -> Transformer:
     return model
 
 
-_LAYER = r"^h\.(\d+)\."
-_RENAMES = [
-    (r"^wte\.", "token_emb."),
-    (r"^wpe\.", "pos_emb.emb."),
-    (r"^ln_f\.", "attn_layers.final_norm."),
-    (r"^lm_head\.", "to_logits."),
-    (_LAYER + r"ln_1\.", r"attn_layers.layers.\1.attn_norm."),
-    (_LAYER + r"ln_2\.", r"attn_layers.layers.\1.ff_norm."),
-    (_LAYER + r"attn\.c_proj\.", r"attn_layers.layers.\1.attn.to_out."),
-    (_LAYER + r"mlp\.c_fc\.", r"attn_layers.layers.\1.ff.proj_in."),
-    (_LAYER + r"mlp\.c_proj\.", r"attn_layers.layers.\1.ff.proj_out."),
+# (Hugging Face, ours) name prefixes, "{}" a layer index: read by sanitize, written by to_hf.
+NAMES = [
+    ("wte.", "token_emb."),
+    ("wpe.", "pos_emb.emb."),
+    ("ln_f.", "attn_layers.final_norm."),
+    ("lm_head.", "to_logits."),
+    ("h.{}.ln_1.", "attn_layers.layers.{}.attn_norm."),
+    ("h.{}.ln_2.", "attn_layers.layers.{}.ff_norm."),
+    ("h.{}.attn.c_proj.", "attn_layers.layers.{}.attn.to_out."),
+    ("h.{}.mlp.c_fc.", "attn_layers.layers.{}.ff.proj_in."),
+    ("h.{}.mlp.c_proj.", "attn_layers.layers.{}.ff.proj_out."),
 ]
+_RENAMES, _TO_HF = name_rules(NAMES), name_rules(NAMES, to_hf=True)
+_LAYER = r"^h\.(\d+)\."
 _CONV1D_WEIGHT = re.compile(_LAYER + r"(attn|mlp)\.c_\w+\.weight$")
 _C_ATTN = re.compile(_LAYER + r"attn\.c_attn\.(weight|bias)$")
 _MASK_BUFFER = re.compile(_LAYER + r"attn\.(bias|masked_bias)$")
@@ -138,3 +146,48 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
             continue
         out[rename(name, _RENAMES)] = mx.contiguous(value.T) if _CONV1D_WEIGHT.match(name) else value
     return out
+
+
+_OUR_QKV = re.compile(r"^attn_layers\.layers\.(\d+)\.attn\.to_([qkv])\.(weight|bias)$")
+
+
+def hf_prefix(args: ModelArgs) -> str:
+    """``"transformer."`` for ``GPT2LMHeadModel`` (the default), ``""`` when ``architectures`` names
+    only ``GPT2Model`` (a trunk saved without the head class's prefix)."""
+    return "" if list(args.architectures or ()) == ["GPT2Model"] else "transformer."
+
+
+def to_hf(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
+    """The inverse of :func:`sanitize`: the ``Transformer``'s names and layouts to the checkpoint
+    transformers writes (``transformer.`` prefixed unless :func:`hf_prefix` says otherwise):
+    ``to_{q,k,v}`` fused into ``c_attn`` ``[q; k; v]``, ``Conv1D`` weights transposed to ``(in, out)``
+    (row-contiguous), an untied ``to_logits`` as ``lm_head``; a tied head is not written (transformers
+    ties ``lm_head`` to ``wte`` itself). Pure; ``sanitize(to_hf(w, args), args) == w``.
+
+    Raises:
+        ValueError: one of a layer's ``to_q``/``to_k``/``to_v`` without the others.
+    """
+    prefix, out = hf_prefix(args), {}
+    fused: Dict[tuple, Dict[str, mx.array]] = {}
+    for name, value in weights.items():
+        m = _OUR_QKV.match(name)
+        if m:
+            fused.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            continue
+        hf = rename(name, _TO_HF)
+        if hf.startswith("lm_head."):
+            out[hf] = value
+            continue
+        out[prefix + hf] = mx.contiguous(value.T) if _CONV1D_WEIGHT.match(hf) else value
+    for (layer, kind), parts in fused.items():
+        if set(parts) != set("qkv"):
+            raise ValueError(f"[gpt2 converter] expected attn_layers.layers.{layer}.attn.to_{{q,k,v}}.{kind} "
+                             f"together (fused into c_attn), got only to_{', to_'.join(sorted(parts))}")
+        qkv = mx.concatenate([parts[p] for p in "qkv"], axis=0)  # (3 * dim, dim) or (3 * dim,)
+        out[f"{prefix}h.{layer}.attn.c_attn.{kind}"] = mx.contiguous(qkv.T) if kind == "weight" else qkv
+    return out
+
+
+def hf_config(config: Dict, args: ModelArgs) -> Dict:
+    """``config.json`` for :func:`to_hf`'s weights: ``architectures`` the class they are named for."""
+    return {**config, "architectures": ["GPT2LMHeadModel" if hf_prefix(args) else "GPT2Model"]}

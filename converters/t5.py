@@ -25,6 +25,10 @@ Weight names (Hugging Face -> mlx_zeta), ``S`` = ``encoder`` or ``decoder``, ``F
 ``S.block.i.layer.F.layer_norm`` -> ``S.layers.i.ff_norm``, ``S.final_layer_norm`` -> ``S.final_norm``,
 ``lm_head`` -> ``lm_head`` (untied checkpoints only).
 
+Export (:func:`to_hf`, ``save_pretrained(..., format="hf")``) is the exact inverse: :data:`NAMES`
+read backwards, ``ff.proj_in`` split back into ``wi_0``/``wi_1``, ``shared`` once, ``lm_head`` only
+when untied (transformers >= 5 then keeps the checkpoint's own head: it ties only equal tensors).
+
 Tying: Hugging Face scales the decoder output by :math:`d_{model}^{-1/2}` when the head is tied to
 ``shared`` (T5 v1). transformers >= 5 writes ``scale_decoder_outputs`` for that and always says
 ``tie_word_embeddings: true``; older configs say ``tie_word_embeddings: false`` for v1.1. Here the
@@ -43,7 +47,7 @@ import mlx.core as mx
 
 from mlx_zeta.models.t5 import T5Model
 
-from .base import ACTIVATIONS, BaseModelArgs, rename
+from .base import ACTIVATIONS, BaseModelArgs, name_rules, rename
 
 MODEL_TYPES = ("t5",)
 TASK = "seq2seq"
@@ -120,27 +124,26 @@ def build(args: ModelArgs) -> T5Model:
         decoder_start_token_id=args.decoder_start_token_id)
 
 
-def _stack_rules(stack: str, ff: int) -> list:
-    p, q = rf"^{stack}\.block\.(\d+)\.layer\.", rf"{stack}.layers.\1."
-    rules = [
-        (rf"^{stack}\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.",
-         f"{stack}.rel_pos.relative_attention_bias."),
-        (p + r"0\.SelfAttention\.([qkv])\.", q + r"attn.to_\2."),
-        (p + r"0\.SelfAttention\.o\.", q + "attn.to_out."),
-        (p + r"0\.layer_norm\.", q + "attn_norm."),
-        (p + rf"{ff}\.DenseReluDense\.wi\.", q + "ff.proj_in."),
-        (p + rf"{ff}\.DenseReluDense\.wo\.", q + "ff.proj_out."),
-        (p + rf"{ff}\.layer_norm\.", q + "ff_norm."),
-        (rf"^{stack}\.final_layer_norm\.", f"{stack}.final_norm."),
-    ]
+def _stack_names(stack: str, ff: int) -> list:
+    """(Hugging Face, ours) name prefixes of one stack, ``ff`` its feed-forward's sub-layer index."""
+    hf, ours = f"{stack}.block.{{}}.layer.", f"{stack}.layers.{{}}."
+    names = [(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.",
+              f"{stack}.rel_pos.relative_attention_bias.")]
+    names += [(f"{hf}0.SelfAttention.{p}.", f"{ours}attn.to_{p}.") for p in "qkv"]
+    names += [(f"{hf}0.SelfAttention.o.", f"{ours}attn.to_out."), (f"{hf}0.layer_norm.", f"{ours}attn_norm."),
+              (f"{hf}{ff}.DenseReluDense.wi.", f"{ours}ff.proj_in."),
+              (f"{hf}{ff}.DenseReluDense.wo.", f"{ours}ff.proj_out."),
+              (f"{hf}{ff}.layer_norm.", f"{ours}ff_norm."), (f"{stack}.final_layer_norm.", f"{stack}.final_norm.")]
     if stack == "decoder":
-        rules += [(p + r"1\.EncDecAttention\.([qkv])\.", q + r"cross_attn.to_\2."),
-                  (p + r"1\.EncDecAttention\.o\.", q + "cross_attn.to_out."),
-                  (p + r"1\.layer_norm\.", q + "cross_attn_norm.")]
-    return rules
+        names += [(f"{hf}1.EncDecAttention.{p}.", f"{ours}cross_attn.to_{p}.") for p in "qkv"]
+        names += [(f"{hf}1.EncDecAttention.o.", f"{ours}cross_attn.to_out."),
+                  (f"{hf}1.layer_norm.", f"{ours}cross_attn_norm.")]
+    return names
 
 
-_RENAMES = _stack_rules("encoder", 1) + _stack_rules("decoder", 2)
+# (Hugging Face, ours) name prefixes, "{}" a layer index: read by sanitize, written by to_hf.
+NAMES = _stack_names("encoder", 1) + _stack_names("decoder", 2)
+_RENAMES, _TO_HF = name_rules(NAMES), name_rules(NAMES, to_hf=True)
 _FF_OF = {"encoder": "1", "decoder": "2"}
 _GATED = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.DenseReluDense\.wi_([01])\.weight$")
 _EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -184,3 +187,29 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
     elif not args.tied and "lm_head.weight" not in out and shared is not None:
         out["lm_head.weight"] = shared
     return out
+
+
+_OUR_PROJ_IN = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.ff\.proj_in\.weight$")
+
+
+def to_hf(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
+    """The inverse of :func:`sanitize`: :class:`T5Model`'s names to ``T5ForConditionalGeneration``'s;
+    a gated ``ff.proj_in`` ``[wi_1; wi_0]`` split back into ``wi_0`` and ``wi_1`` (row-contiguous).
+    ``shared`` is written once (transformers ties ``embed_tokens`` to it), an untied ``lm_head`` as
+    it is, a tied one not at all. Pure; ``sanitize(to_hf(w, args), args) == w``."""
+    out: Dict[str, mx.array] = {}
+    for name, value in weights.items():
+        m = _OUR_PROJ_IN.match(name) if args.gated else None
+        if m:
+            stack, layer = m.groups()
+            value_half, gate_half = mx.split(value, 2, axis=0)  # (2 * d_ff, d_model) -> two (d_ff, d_model)
+            wi = f"{stack}.block.{layer}.layer.{_FF_OF[stack]}.DenseReluDense.wi_"
+            out[wi + "0.weight"], out[wi + "1.weight"] = mx.contiguous(gate_half), mx.contiguous(value_half)
+            continue
+        out[rename(name, _TO_HF)] = value
+    return out
+
+
+def hf_config(config: Dict, args: ModelArgs) -> Dict:
+    """``config.json`` for :func:`to_hf`'s weights: ``architectures`` ``["T5ForConditionalGeneration"]``."""
+    return {**config, "architectures": ["T5ForConditionalGeneration"]}

@@ -29,6 +29,12 @@ Weight names (Hugging Face -> mlx_zeta; the ``vit.`` prefix is optional):
 ``layernorm`` -> ``encoder.final_norm``, ``pooler.dense`` -> ``pooler``, ``classifier`` as it is.
 The names transformers >= 5 uses in memory (``layers.i.attention.{q,k,v,o}_proj``,
 ``layers.i.mlp.fc{1,2}``) are read too. A ``mask_token`` (masked image modelling) is dropped.
+
+Export (:func:`to_hf`, ``save_pretrained(..., format="hf")``) is the exact inverse: the checkpoint
+names (:data:`NAMES` read backwards, ``vit.`` prefixed for the classifier), the convolution back to
+``(out, in, kh, kw)``, ``architectures`` the class built (:func:`hf_config`); the in-memory names
+above are never written. A ``ViTModel`` without a pooler is loaded by transformers with
+``add_pooling_layer=False``.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import mlx.core as mx
 
 from mlx_zeta.models.vit import PretrainedViT, ViTEmbeddings  # noqa: F401  (the model; re-exported)
 
-from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename
+from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, name_rules, rename
 
 MODEL_TYPES = ("vit",)
 ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
@@ -100,22 +106,31 @@ def build(args: ModelArgs) -> PretrainedViT:
         pooler_act=ACTIVATIONS[args.pooler_act] if args.add_pooling_layer else mx.tanh)
 
 
-_LAYER = r"^(?:encoder\.layer|layers)\.(\d+)\."
-_OURS = r"encoder.layers.\1."
-_RENAMES = [
-    (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.proj."),
-    (r"^layernorm\.", "encoder.final_norm."),
-    (r"^pooler\.dense\.", "pooler."),
-    (_LAYER + r"attention\.attention\.query\.", _OURS + "attn.to_q."),
-    (_LAYER + r"attention\.attention\.key\.", _OURS + "attn.to_k."),
-    (_LAYER + r"attention\.attention\.value\.", _OURS + "attn.to_v."),
-    (_LAYER + r"attention\.([qkv])_proj\.", _OURS + r"attn.to_\2."),
-    (_LAYER + r"attention\.(?:output\.dense|o_proj)\.", _OURS + "attn.to_out."),
-    (_LAYER + r"(?:intermediate\.dense|mlp\.fc1)\.", _OURS + "ff.proj_in."),
-    (_LAYER + r"(?:output\.dense|mlp\.fc2)\.", _OURS + "ff.proj_out."),
-    (_LAYER + r"layernorm_before\.", _OURS + "attn_norm."),
-    (_LAYER + r"layernorm_after\.", _OURS + "ff_norm."),
+# (Hugging Face, ours) name prefixes, "{}" a layer index: read by sanitize, written by to_hf.
+NAMES = [
+    ("embeddings.patch_embeddings.projection.", "embeddings.proj."),
+    ("layernorm.", "encoder.final_norm."),
+    ("pooler.dense.", "pooler."),
+    ("encoder.layer.{}.attention.attention.query.", "encoder.layers.{}.attn.to_q."),
+    ("encoder.layer.{}.attention.attention.key.", "encoder.layers.{}.attn.to_k."),
+    ("encoder.layer.{}.attention.attention.value.", "encoder.layers.{}.attn.to_v."),
+    ("encoder.layer.{}.attention.output.dense.", "encoder.layers.{}.attn.to_out."),
+    ("encoder.layer.{}.intermediate.dense.", "encoder.layers.{}.ff.proj_in."),
+    ("encoder.layer.{}.output.dense.", "encoder.layers.{}.ff.proj_out."),
+    ("encoder.layer.{}.layernorm_before.", "encoder.layers.{}.attn_norm."),
+    ("encoder.layer.{}.layernorm_after.", "encoder.layers.{}.ff_norm."),
 ]
+_OURS = r"encoder.layers.\1."
+# The names transformers >= 5 uses in memory, read (never written).
+_IN_MEMORY = [
+    (r"^layers\.(\d+)\.attention\.([qkv])_proj\.", _OURS + r"attn.to_\2."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", _OURS + "attn.to_out."),
+    (r"^layers\.(\d+)\.mlp\.fc1\.", _OURS + "ff.proj_in."),
+    (r"^layers\.(\d+)\.mlp\.fc2\.", _OURS + "ff.proj_out."),
+    (r"^layers\.(\d+)\.layernorm_before\.", _OURS + "attn_norm."),
+    (r"^layers\.(\d+)\.layernorm_after\.", _OURS + "ff_norm."),
+]
+_RENAMES, _TO_HF = name_rules(NAMES) + _IN_MEMORY, name_rules(NAMES, to_hf=True)
 _CONV = "embeddings.patch_embeddings.projection.weight"
 
 
@@ -138,3 +153,29 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
         raise ValueError(f"[{WHERE}] the config builds a ViTModel with a pooler but the checkpoint has no "
                          "pooler.dense weights; add \"add_pooling_layer\": false to its config.json")
     return out
+
+
+def to_hf(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
+    """The inverse of :func:`sanitize`: :class:`PretrainedViT`'s names and layouts to the checkpoint
+    transformers writes: ``ViTForImageClassification``'s (``vit.`` prefixed, ``classifier`` as it is)
+    when the model has a classifier, else ``ViTModel``'s (no prefix); the patch convolution back to
+    ``(out, in, kh, kw)`` (row-contiguous). A ``ViTModel`` without a pooler writes none: transformers
+    then needs ``add_pooling_layer=False`` (a constructor argument). Pure;
+    ``sanitize(to_hf(w, args), args) == w``."""
+    prefix, out = ("vit." if args.classifier else ""), {}
+    for name, value in weights.items():
+        if name.startswith("classifier."):
+            out[name] = value
+            continue
+        hf = rename(name, _TO_HF)
+        out[prefix + hf] = mx.contiguous(value.transpose(0, 3, 1, 2)) if hf == _CONV else value
+    return out
+
+
+def hf_config(config: Dict, args: ModelArgs) -> Dict:
+    """``config.json`` for :func:`to_hf`'s weights: ``architectures`` the class they are named for,
+    ``"add_pooling_layer": false`` kept for a ``ViTModel`` without a pooler."""
+    config = {**config, "architectures": ["ViTForImageClassification" if args.classifier else "ViTModel"]}
+    if not args.classifier and not args.add_pooling_layer:
+        config["add_pooling_layer"] = False
+    return config

@@ -1,0 +1,113 @@
+"""``to_hf`` of the GPT-2, BERT, ViT and T5 converters: the inverse of ``sanitize``.
+
+Two tiers. The law ``sanitize(to_hf(w)) == w`` (exact: names, shapes, dtypes, values) on tiny
+random models built here (no transformers needed); and, against transformers, the export of a
+checkpoint transformers itself wrote: ``save_pretrained(model, out, format="hf")`` read by
+transformers' ``from_pretrained`` with no missing, unexpected or mis-shaped keys, weights equal to
+the original model's bit for bit, and float32 outputs equal to ours (GPT-2 logits, BERT hidden
+states and pooled output, ViT logits / hidden states / pooled output, T5 logits with decoder inputs).
+The law alone cannot tell an identity ``to_hf`` from a real one (``sanitize`` passes our names
+through), so the names and shapes are checked against transformers' own state dict too.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from safetensors import safe_open
+
+from mlx_zeta.converters import bert, gpt2, t5, vit
+
+GPT2 = dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
+BERT = dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            vocab_size=50, max_position_embeddings=16)
+VIT = dict(model_type="vit", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+           image_size=16, patch_size=8)
+T5 = dict(model_type="t5", vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+          num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20)
+# case -> (converter, config.json); each case a different head, tying or layout branch of to_hf
+CASES = {
+    "gpt2-tied": (gpt2, GPT2),
+    "gpt2-untied-relu": (gpt2, {**GPT2, "tie_word_embeddings": False, "activation_function": "relu", "n_inner": 40}),
+    "gpt2-GPT2Model": (gpt2, {**GPT2, "architectures": ["GPT2Model"]}),
+    "bert-pooler": (bert, BERT),
+    "bert-MaskedLM-no-pooler": (bert, {**BERT, "architectures": ["BertForMaskedLM"]}),
+    "vit-classifier": (vit, {**VIT, "architectures": ["ViTForImageClassification"],
+                             "id2label": {"0": "a", "1": "b", "2": "c"}}),
+    "vit-ViTModel-pooler-rect": (vit, {**VIT, "architectures": ["ViTModel"], "image_size": [16, 24],
+                                       "patch_size": [8, 4], "num_channels": 2, "qkv_bias": False}),
+    "vit-ViTModel-no-pooler": (vit, {**VIT, "architectures": ["ViTModel"], "add_pooling_layer": False}),
+    "t5-relu-tied": (t5, T5),
+    "t5-gated-untied": (t5, {**T5, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}),
+}
+
+
+def random_weights(conv, config, seed=0):
+    """``conv.build``'s parameters, every one (norms and biases too) drawn afresh from N(0, 1)."""
+    args = conv.ModelArgs.from_dict(config)
+    params = tree_flatten(conv.build(args).parameters())
+    keys = mx.random.split(mx.random.key(seed), len(params))
+    return args, {k: mx.random.normal(v.shape, key=key).astype(v.dtype) for (k, v), key in zip(params, keys)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sanitize_inverts_to_hf_exactly(case):
+    conv, config = CASES[case]
+    args, weights = random_weights(conv, config)
+    before = dict(weights)
+    hf = conv.to_hf(weights, args)
+    assert weights.keys() == before.keys() and all(weights[k] is before[k] for k in weights), "to_hf changed its input"
+    assert set(hf) != set(weights)  # Hugging Face names, not ours
+    back = conv.sanitize(hf, args)
+    assert back.keys() == weights.keys()
+    for k, v in weights.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+        assert mx.array_equal(back[k], v).item(), k
+
+
+def test_to_hf_keeps_half_precision_and_contiguous_layouts():
+    """Transposed, fused and split tensors come out row-contiguous in the input dtype (what
+    safetensors writes is the array's logical layout either way; contiguity keeps the copy explicit)."""
+    for case in ("gpt2-untied-relu", "vit-classifier", "t5-gated-untied"):
+        conv, config = CASES[case]
+        args, weights = random_weights(conv, config)
+        half = {k: v.astype(mx.bfloat16) for k, v in weights.items()}
+        hf = conv.to_hf(half, args)
+        assert all(v.dtype == mx.bfloat16 for v in hf.values()), case
+        back = conv.sanitize(hf, args)
+        assert all(mx.array_equal(back[k], half[k]).item() for k in half), case
+
+
+def test_gpt2_to_hf_refuses_a_partial_qkv():
+    args, weights = random_weights(gpt2, GPT2)
+    del weights["attn_layers.layers.1.attn.to_k.bias"]
+    with pytest.raises(ValueError, match=r"\[gpt2 converter\] expected attn_layers\.layers\.1\.attn\.to_\{q,k,v\}"
+                                         r"\.bias together \(fused into c_attn\), got only to_q, to_v"):
+        gpt2.to_hf(weights, args)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_to_hf_names_and_shapes_are_transformers(case, tmp_path):
+    """The exported names and shapes are exactly those transformers writes for the same config (its
+    ``save_pretrained``: checkpoint names, not transformers 5's in-memory ViT names; no tied copies)."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    conv, config = CASES[case]
+    args, weights = random_weights(conv, config)
+    model = hf_model(transformers, conv.hf_config(dict(config), args))
+    if conv is t5 and not args.tied:  # transformers 5 always ties T5's head in memory; an own one is written
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.save_pretrained(str(tmp_path))
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+        expected = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert {k: tuple(v.shape) for k, v in conv.to_hf(weights, args).items()} == expected
+
+
+def hf_model(transformers, config):
+    """transformers' model for an exported ``config.json`` dict (its ``architectures[0]`` class);
+    ``add_pooling_layer``, a constructor argument there, passed as one."""
+    kwargs = {"add_pooling_layer": False} if config.get("add_pooling_layer") is False else {}
+    return getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config), **kwargs)
