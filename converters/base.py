@@ -11,15 +11,15 @@ import dataclasses
 import functools
 import re
 from types import MappingProxyType
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .fields import ConfigError, check_fields, shown
 
-__all__ = ["ACTIVATIONS", "activation", "rename", "name_rules", "check_architectures", "BaseModelArgs",
-           "TransformerArgs", "ConfigError"]
+__all__ = ["ACTIVATIONS", "activation", "rename", "rename_rules", "check_architectures", "BaseModelArgs", "TransformerArgs",
+           "ConfigError"]
 
 # Hugging Face activation names (``hidden_act`` & co., transformers' ``ACT2FN``) -> MLX functions, same math.
 ACTIVATIONS: Mapping[str, Callable[[mx.array], mx.array]] = MappingProxyType({
@@ -49,27 +49,25 @@ def rename(name: str, rules: Sequence[Tuple[str, str]]) -> str:
     return name
 
 
-def name_rules(pairs: Sequence[Tuple[str, str]], *, to_hf: bool = False) -> List[Tuple[str, str]]:
-    """:func:`rename` rules from ``(hugging_face, ours)`` name-prefix templates, ``{}`` standing for a
-    layer index (any number of them, in the same order on both sides): Hugging Face -> ours, or
-    ours -> Hugging Face with ``to_hf``. One table serves a converter's ``sanitize`` and ``to_hf``,
-    so the two directions cannot drift apart.
+_FIELD = re.compile(r"\{(\w+)\}")
 
-    Example:
-        >>> table = [("h.{}.ln_1.", "layers.{}.attn_norm.")]
-        >>> rename("h.3.ln_1.weight", name_rules(table)), rename("layers.3.attn_norm.b", name_rules(table, to_hf=True))
-        ('layers.3.attn_norm.weight', 'h.3.ln_1.b')
+
+def _rule(source: str, target: str, fields: Mapping[str, str]) -> Tuple[str, str]:
+    """A ``(pattern, replacement)`` rule from two name-prefix templates sharing ``{field}`` names."""
+    parts = _FIELD.split(source)  # literal, field, literal, field, ...
+    pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{fields[p]})" for i, p in enumerate(parts))
+    return "^" + pattern, _FIELD.sub(lambda m: f"\\g<{m.group(1)}>", target.replace("\\", "\\\\"))
+
+
+def rename_rules(pairs: Sequence[Tuple[str, str]], fields: Mapping[str, str]) -> Tuple[list, list]:
+    r"""``(to ours, to Hugging Face)``: :func:`rename` rules both ways from one table.
+
+    Each pair is ``(Hugging Face prefix, our prefix)``, templates whose ``{name}`` fields stand for
+    the regex ``fields[name]`` (e.g. ``{"i": r"\d+"}``) and are carried across, as in
+    ``("model.layers.{i}.mlp.down_proj.", "attn_layers.layers.{i}.ff.proj_out.")``. Written once,
+    so ``sanitize`` and ``to_hf`` cannot disagree on a name.
     """
-    rules = []
-    for hf, ours in pairs:
-        source, target = (ours, hf) if to_hf else (hf, ours)
-        pieces = target.split("{}")
-        if source.count("{}") != len(pieces) - 1:
-            raise ValueError(f"[name_rules] expected as many '{{}}' in {hf!r} as in {ours!r}")
-        pattern = "^" + r"(\d+)".join(re.escape(p) for p in source.split("{}"))
-        repl = pieces[0] + "".join(f"\\g<{i}>{p}" for i, p in enumerate(pieces[1:], 1))
-        rules.append((pattern, repl))
-    return rules
+    return ([_rule(hf, ours, fields) for hf, ours in pairs], [_rule(ours, hf, fields) for hf, ours in pairs])
 
 
 def check_architectures(architectures: Optional[Sequence[str]], supported: Sequence[str], where: str) -> None:

@@ -51,7 +51,7 @@ import mlx.core as mx
 
 from mlx_zeta.models.bert import BertEmbeddings, BertEncoder, mean_pool  # noqa: F401  (the model; re-exported)
 
-from .base import ACTIVATIONS, TransformerArgs, activation, name_rules
+from .base import ACTIVATIONS, TransformerArgs, activation, rename_rules
 from .base import rename as apply_rules
 
 MODEL_TYPES = ("bert",)
@@ -103,23 +103,23 @@ def build(args: ModelArgs) -> BertEncoder:
                        norm_eps=args.layer_norm_eps, activation=ACTIVATIONS[args.hidden_act], pooler=args.has_pooler)
 
 
-# (Hugging Face, ours) name prefixes, "{}" a layer index: read by sanitize, written by to_hf.
+# (Hugging Face, ours) name prefixes, "{i}" a layer index: read by sanitize, written by to_hf.
 NAMES = [
     ("embeddings.word_embeddings.", "embeddings.word."),
     ("embeddings.position_embeddings.", "embeddings.position."),
     ("embeddings.token_type_embeddings.", "embeddings.token_type."),
     ("embeddings.LayerNorm.", "embeddings.norm."),
-    ("encoder.layer.{}.attention.self.query.", "encoder.layers.{}.attn.to_q."),
-    ("encoder.layer.{}.attention.self.key.", "encoder.layers.{}.attn.to_k."),
-    ("encoder.layer.{}.attention.self.value.", "encoder.layers.{}.attn.to_v."),
-    ("encoder.layer.{}.attention.output.dense.", "encoder.layers.{}.attn.to_out."),
-    ("encoder.layer.{}.attention.output.LayerNorm.", "encoder.layers.{}.attn_norm."),
-    ("encoder.layer.{}.intermediate.dense.", "encoder.layers.{}.ff.proj_in."),
-    ("encoder.layer.{}.output.dense.", "encoder.layers.{}.ff.proj_out."),
-    ("encoder.layer.{}.output.LayerNorm.", "encoder.layers.{}.ff_norm."),
+    ("encoder.layer.{i}.attention.self.query.", "encoder.layers.{i}.attn.to_q."),
+    ("encoder.layer.{i}.attention.self.key.", "encoder.layers.{i}.attn.to_k."),
+    ("encoder.layer.{i}.attention.self.value.", "encoder.layers.{i}.attn.to_v."),
+    ("encoder.layer.{i}.attention.output.dense.", "encoder.layers.{i}.attn.to_out."),
+    ("encoder.layer.{i}.attention.output.LayerNorm.", "encoder.layers.{i}.attn_norm."),
+    ("encoder.layer.{i}.intermediate.dense.", "encoder.layers.{i}.ff.proj_in."),
+    ("encoder.layer.{i}.output.dense.", "encoder.layers.{i}.ff.proj_out."),
+    ("encoder.layer.{i}.output.LayerNorm.", "encoder.layers.{i}.ff_norm."),
     ("pooler.dense.", "pooler."),
 ]
-_RENAMES, _TO_HF = name_rules(NAMES), name_rules(NAMES, to_hf=True)
+_RENAMES, _TO_HF = rename_rules(NAMES, {"i": r"\d+"})
 _LEGACY_NORM = re.compile(r"(LayerNorm\.)(gamma|beta)$")
 
 

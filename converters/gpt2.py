@@ -42,7 +42,7 @@ import mlx.nn as nn
 
 from mlx_zeta.structs import Decoder, Transformer
 
-from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, name_rules, rename
+from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename_rules, rename
 
 MODEL_TYPES = ("gpt2",)
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
@@ -104,19 +104,19 @@ def build(args: ModelArgs) -> Transformer:
     return model
 
 
-# (Hugging Face, ours) name prefixes, "{}" a layer index: read by sanitize, written by to_hf.
+# (Hugging Face, ours) name prefixes, "{i}" a layer index: read by sanitize, written by to_hf.
 NAMES = [
     ("wte.", "token_emb."),
     ("wpe.", "pos_emb.emb."),
     ("ln_f.", "attn_layers.final_norm."),
     ("lm_head.", "to_logits."),
-    ("h.{}.ln_1.", "attn_layers.layers.{}.attn_norm."),
-    ("h.{}.ln_2.", "attn_layers.layers.{}.ff_norm."),
-    ("h.{}.attn.c_proj.", "attn_layers.layers.{}.attn.to_out."),
-    ("h.{}.mlp.c_fc.", "attn_layers.layers.{}.ff.proj_in."),
-    ("h.{}.mlp.c_proj.", "attn_layers.layers.{}.ff.proj_out."),
+    ("h.{i}.ln_1.", "attn_layers.layers.{i}.attn_norm."),
+    ("h.{i}.ln_2.", "attn_layers.layers.{i}.ff_norm."),
+    ("h.{i}.attn.c_proj.", "attn_layers.layers.{i}.attn.to_out."),
+    ("h.{i}.mlp.c_fc.", "attn_layers.layers.{i}.ff.proj_in."),
+    ("h.{i}.mlp.c_proj.", "attn_layers.layers.{i}.ff.proj_out."),
 ]
-_RENAMES, _TO_HF = name_rules(NAMES), name_rules(NAMES, to_hf=True)
+_RENAMES, _TO_HF = rename_rules(NAMES, {"i": r"\d+"})
 _LAYER = r"^h\.(\d+)\."
 _CONV1D_WEIGHT = re.compile(_LAYER + r"(attn|mlp)\.c_\w+\.weight$")
 _C_ATTN = re.compile(_LAYER + r"attn\.c_attn\.(weight|bias)$")

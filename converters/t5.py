@@ -47,7 +47,7 @@ import mlx.core as mx
 
 from mlx_zeta.models.t5 import T5Model
 
-from .base import ACTIVATIONS, BaseModelArgs, name_rules, rename
+from .base import ACTIVATIONS, BaseModelArgs, rename_rules, rename
 
 MODEL_TYPES = ("t5",)
 TASK = "seq2seq"
@@ -126,7 +126,7 @@ def build(args: ModelArgs) -> T5Model:
 
 def _stack_names(stack: str, ff: int) -> list:
     """(Hugging Face, ours) name prefixes of one stack, ``ff`` its feed-forward's sub-layer index."""
-    hf, ours = f"{stack}.block.{{}}.layer.", f"{stack}.layers.{{}}."
+    hf, ours = f"{stack}.block.{{i}}.layer.", f"{stack}.layers.{{i}}."
     names = [(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.",
               f"{stack}.rel_pos.relative_attention_bias.")]
     names += [(f"{hf}0.SelfAttention.{p}.", f"{ours}attn.to_{p}.") for p in "qkv"]
@@ -141,9 +141,9 @@ def _stack_names(stack: str, ff: int) -> list:
     return names
 
 
-# (Hugging Face, ours) name prefixes, "{}" a layer index: read by sanitize, written by to_hf.
+# (Hugging Face, ours) name prefixes, "{i}" a layer index: read by sanitize, written by to_hf.
 NAMES = _stack_names("encoder", 1) + _stack_names("decoder", 2)
-_RENAMES, _TO_HF = name_rules(NAMES), name_rules(NAMES, to_hf=True)
+_RENAMES, _TO_HF = rename_rules(NAMES, {"i": r"\d+"})
 _FF_OF = {"encoder": "1", "decoder": "2"}
 _GATED = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.DenseReluDense\.wi_([01])\.weight$")
 _EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")

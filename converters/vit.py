@@ -46,7 +46,7 @@ import mlx.core as mx
 
 from mlx_zeta.models.vit import PretrainedViT, ViTEmbeddings  # noqa: F401  (the model; re-exported)
 
-from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, name_rules, rename
+from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename_rules, rename
 
 MODEL_TYPES = ("vit",)
 ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
@@ -106,19 +106,19 @@ def build(args: ModelArgs) -> PretrainedViT:
         pooler_act=ACTIVATIONS[args.pooler_act] if args.add_pooling_layer else mx.tanh)
 
 
-# (Hugging Face, ours) name prefixes, "{}" a layer index: read by sanitize, written by to_hf.
+# (Hugging Face, ours) name prefixes, "{i}" a layer index: read by sanitize, written by to_hf.
 NAMES = [
     ("embeddings.patch_embeddings.projection.", "embeddings.proj."),
     ("layernorm.", "encoder.final_norm."),
     ("pooler.dense.", "pooler."),
-    ("encoder.layer.{}.attention.attention.query.", "encoder.layers.{}.attn.to_q."),
-    ("encoder.layer.{}.attention.attention.key.", "encoder.layers.{}.attn.to_k."),
-    ("encoder.layer.{}.attention.attention.value.", "encoder.layers.{}.attn.to_v."),
-    ("encoder.layer.{}.attention.output.dense.", "encoder.layers.{}.attn.to_out."),
-    ("encoder.layer.{}.intermediate.dense.", "encoder.layers.{}.ff.proj_in."),
-    ("encoder.layer.{}.output.dense.", "encoder.layers.{}.ff.proj_out."),
-    ("encoder.layer.{}.layernorm_before.", "encoder.layers.{}.attn_norm."),
-    ("encoder.layer.{}.layernorm_after.", "encoder.layers.{}.ff_norm."),
+    ("encoder.layer.{i}.attention.attention.query.", "encoder.layers.{i}.attn.to_q."),
+    ("encoder.layer.{i}.attention.attention.key.", "encoder.layers.{i}.attn.to_k."),
+    ("encoder.layer.{i}.attention.attention.value.", "encoder.layers.{i}.attn.to_v."),
+    ("encoder.layer.{i}.attention.output.dense.", "encoder.layers.{i}.attn.to_out."),
+    ("encoder.layer.{i}.intermediate.dense.", "encoder.layers.{i}.ff.proj_in."),
+    ("encoder.layer.{i}.output.dense.", "encoder.layers.{i}.ff.proj_out."),
+    ("encoder.layer.{i}.layernorm_before.", "encoder.layers.{i}.attn_norm."),
+    ("encoder.layer.{i}.layernorm_after.", "encoder.layers.{i}.ff_norm."),
 ]
 _OURS = r"encoder.layers.\1."
 # The names transformers >= 5 uses in memory, read (never written).
@@ -130,7 +130,8 @@ _IN_MEMORY = [
     (r"^layers\.(\d+)\.layernorm_before\.", _OURS + "attn_norm."),
     (r"^layers\.(\d+)\.layernorm_after\.", _OURS + "ff_norm."),
 ]
-_RENAMES, _TO_HF = name_rules(NAMES) + _IN_MEMORY, name_rules(NAMES, to_hf=True)
+_FROM_HF, _TO_HF = rename_rules(NAMES, {"i": r"\d+"})
+_RENAMES = _FROM_HF + _IN_MEMORY
 _CONV = "embeddings.patch_embeddings.projection.weight"
 
 
