@@ -30,7 +30,9 @@ What is dropped, and why (each with a ``UserWarning`` naming the keys, except th
 Export (:func:`to_hf`, ``save_pretrained(..., format="hf")``) is the exact inverse for
 ``BertModel`` (the renaming table :data:`NAMES` read backwards; ``architectures`` becomes
 ``["BertModel"]``, :func:`hf_config`); dropped task heads are not recreated. A model without a
-pooler is loaded by transformers with ``BertModel.from_pretrained(out, add_pooling_layer=False)``.
+pooler is loaded by transformers as ``BertModel.from_pretrained(out, config=BertConfig.from_pretrained(out),
+add_pooling_layer=False)`` (given a config object, transformers hands the keyword to the constructor
+instead of absorbing it into the config, whose ``add_pooling_layer`` key is ours).
 
 Pooler: ``config.json``'s ``add_pooling_layer`` if set, else present unless ``architectures``
 names a class that transformers builds without one (:data:`NO_POOLER`); e.g. the original
@@ -161,7 +163,7 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
 def to_hf(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
     """The inverse of :func:`sanitize`: :class:`BertEncoder`'s names to ``BertModel``'s (no ``bert.``
     prefix; the layouts are the same). A model without a pooler writes none: transformers'
-    ``BertModel`` then needs ``add_pooling_layer=False`` (a constructor argument, not a config key).
+    ``BertModel`` then needs ``add_pooling_layer=False`` (a constructor argument; see the module docstring).
     Pure; ``sanitize(to_hf(w, args), args) == w``."""
     return {apply_rules(name, _TO_HF): value for name, value in weights.items()}
 

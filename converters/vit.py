@@ -33,8 +33,9 @@ The names transformers >= 5 uses in memory (``layers.i.attention.{q,k,v,o}_proj`
 Export (:func:`to_hf`, ``save_pretrained(..., format="hf")``) is the exact inverse: the checkpoint
 names (:data:`NAMES` read backwards, ``vit.`` prefixed for the classifier), the convolution back to
 ``(out, in, kh, kw)``, ``architectures`` the class built (:func:`hf_config`); the in-memory names
-above are never written. A ``ViTModel`` without a pooler is loaded by transformers with
-``add_pooling_layer=False``.
+above are never written. A ``ViTModel`` without a pooler is loaded by transformers as
+``ViTModel.from_pretrained(out, config=ViTConfig.from_pretrained(out), add_pooling_layer=False)``
+(given a config object, transformers hands the keyword to the constructor).
 """
 
 from __future__ import annotations
