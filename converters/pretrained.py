@@ -65,7 +65,8 @@ from .io import CONFIG, resolve_dtype, check_keys, load_state_dict, materialize,
 from .swaps import QUANTIZATION_KEY, TERNARY_KEY, dense_parameters, quantize, rebuild, record
 
 __all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "TASKS", "FORMATS", "MARKER", "ORIGINAL_TYPE_KEY",
-           "BaseModelArgs", "TransformerArgs", "PretrainedInfo", "from_pretrained", "save_pretrained", "resolve", "get_architecture", "register_architecture",
+           "BaseModelArgs", "TransformerArgs", "PretrainedInfo", "from_pretrained", "save_pretrained", "resolve",
+           "get_architecture", "register_architecture",
            "unregister_architecture", "task_of", "quantize", "unmarked", "tokenizer_files", "ConfigError",
            "AUXILIARY_FILES", "AUXILIARY_FOLDERS", "TOKENIZER_FILES"]
 
