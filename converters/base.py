@@ -18,8 +18,8 @@ import mlx.nn as nn
 
 from .fields import ConfigError, check_fields, shown
 
-__all__ = ["ACTIVATIONS", "activation", "rename", "rename_rules", "check_architectures", "BaseModelArgs", "TransformerArgs",
-           "ConfigError"]
+__all__ = ["ACTIVATIONS", "activation", "rename", "rename_rules", "check_architectures", "BaseModelArgs",
+           "TransformerArgs", "ConfigError"]
 
 # Hugging Face activation names (``hidden_act`` & co., transformers' ``ACT2FN``) -> MLX functions, same math.
 ACTIVATIONS: Mapping[str, Callable[[mx.array], mx.array]] = MappingProxyType({
