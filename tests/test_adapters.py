@@ -118,3 +118,129 @@ def test_bad_input(tmp_path):
     (tmp_path / "a" / "adapters.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="adapters.safetensors, not found"):
         load_adapters(tiny(), tmp_path / "a")
+
+
+# ------------------------------------------------------------------ parity with PEFT 0.21.2
+# HF Llama module -> ours. gate_proj/up_proj live in our fused ff.proj_in = [up; gate]: one adapter of
+# rank 2r there, A stacked [A_up; A_gate], B block-diagonal, magnitude [m_up; m_gate] (DoRA is row-wise,
+# so this is exactly the two HF adapters).
+HF_TO_OURS = {"self_attn.q_proj": "attn.to_q", "self_attn.k_proj": "attn.to_k", "self_attn.v_proj": "attn.to_v",
+              "self_attn.o_proj": "attn.to_out", "mlp.down_proj": "ff.proj_out"}
+FUSED = {"ff.proj_in": ("mlp.up_proj", "mlp.gate_proj")}
+RANK, ALPHA = 4, 8
+
+
+def peft_llama(tmp_path, dora: bool):
+    """A tiny random Llama (hidden 64, 2 layers), PEFT-adapted on all seven projections with nonzero B
+    (and moved magnitudes), and our model from the same folder with the same adapters copied in."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import mlx_zeta
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, vocab_size=120)
+    hf = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():  # lift the std-0.02 init so every layer matters
+        for p in hf.parameters():
+            p.mul_(5.0) if p.ndim > 1 else p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(str(tmp_path / "llama"))
+    targets = [k.split(".")[1] for k in HF_TO_OURS] + ["up_proj", "gate_proj"]
+    lora = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, use_dora=dora, lora_dropout=0.0)
+    hf = peft.get_peft_model(hf, lora).eval()
+    ours = mlx_zeta.from_pretrained(tmp_path / "llama", dtype="float32")
+    apply_adapters(ours, rank=RANK, alpha=ALPHA, dora=dora, targets=[f"*.{m}" for m in HF_TO_OURS.values()])
+    kind = DoRALinear if dora else LoRALinear
+    for block in ours.attn_layers.layers:
+        block.ff.proj_in = kind(block.ff.proj_in, rank=2 * RANK, scale=ALPHA / RANK)
+    with torch.no_grad():
+        for module in hf.modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                module.lora_B["default"].weight.normal_(0, 0.3)
+                if dora:
+                    module.lora_magnitude_vector["default"].weight.mul_(1 + 0.1 * torch.randn(module.out_features))
+    for i, block in enumerate(ours.attn_layers.layers):
+        hf_block = hf.base_model.model.model.layers[i]
+        parts = {ours_name: [hf_name] for hf_name, ours_name in HF_TO_OURS.items()} | {
+            k: list(v) for k, v in FUSED.items()}
+        for ours_name, hf_names in parts.items():
+            layer = block[ours_name.split(".")[0]][ours_name.split(".")[1]]
+            mods = [hf_block.get_submodule(n) for n in hf_names]
+            a = [mx.array(m.lora_A["default"].weight.detach().numpy()) for m in mods]
+            b = [mx.array(m.lora_B["default"].weight.detach().numpy()) for m in mods]
+            layer.lora_a = mx.concatenate(a, axis=0)
+            layer.lora_b = mx.zeros(layer.lora_b.shape)
+            for j, bj in enumerate(b):  # block-diagonal
+                layer.lora_b[j * bj.shape[0]:(j + 1) * bj.shape[0], j * RANK:(j + 1) * RANK] = bj
+            if dora:
+                layer.magnitude = mx.concatenate([mx.array(m.lora_magnitude_vector["default"].weight.detach().numpy())
+                                                  for m in mods])
+    return hf, ours
+
+
+def hf_grads(hf, dora: bool) -> dict:
+    """Our parameter name -> the torch gradient(s) matching it (a list for the fused proj_in)."""
+    out = {}
+    for i, hf_block in enumerate(hf.base_model.model.model.layers):
+        parts = {o: [h] for h, o in HF_TO_OURS.items()} | {k: list(v) for k, v in FUSED.items()}
+        for ours_name, hf_names in parts.items():
+            mods = [hf_block.get_submodule(n) for n in hf_names]
+            prefix = f"attn_layers.layers.{i}.{ours_name}"
+            out[f"{prefix}.lora_a"] = [m.lora_A["default"].weight.grad.numpy() for m in mods]
+            out[f"{prefix}.lora_b"] = [m.lora_B["default"].weight.grad.numpy() for m in mods]
+            if dora:
+                out[f"{prefix}.magnitude"] = [m.lora_magnitude_vector["default"].weight.grad.numpy() for m in mods]
+    return out
+
+
+def ours_part(name: str, grad: np.ndarray, j: int) -> np.ndarray:
+    """Part ``j`` of our gradient for a (possibly fused) adapter: rows of A, diagonal block of B, rows of m."""
+    if name.endswith("lora_a"):
+        return grad[j * RANK:(j + 1) * RANK] if grad.shape[0] > RANK else grad
+    if name.endswith("lora_b"):
+        if grad.shape[1] == RANK:
+            return grad
+        rows = grad.shape[0] // 2
+        return grad[j * rows:(j + 1) * rows, j * RANK:(j + 1) * RANK]
+    rows = grad.shape[0] // 2
+    return grad[j * rows:(j + 1) * rows] if name.endswith("proj_in.magnitude") else grad
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_logits_and_gradients_equal_peft(tmp_path, dora):
+    import torch
+
+    hf, ours = peft_llama(tmp_path, dora)
+    ids = np.random.default_rng(1).integers(0, 120, (2, 9))
+    logits_ref = hf(input_ids=torch.tensor(ids)).logits
+    logits = ours(mx.array(ids))
+    err_logits = float(np.abs(np.array(logits) - logits_ref.detach().numpy()).max())
+    assert err_logits < 1e-5, err_logits
+
+    emb = hf.base_model.model.model.embed_tokens.weight
+    emb.requires_grad_(True)  # the input's gradient: through every frozen base down to the embedding
+    loss_ref = hf(input_ids=torch.tensor(ids), labels=torch.tensor(ids)).loss
+    loss_ref.backward()
+
+    def loss_fn(params, emb_weight):
+        ours.update(params)
+        ours.token_emb.weight = emb_weight
+        logits = ours(mx.array(ids[:, :-1]))
+        return nn.losses.cross_entropy(logits, mx.array(ids[:, 1:]), reduction="mean")
+
+    loss, (grads, g_emb) = mx.value_and_grad(loss_fn, argnums=(0, 1))(ours.trainable_parameters(),
+                                                                       ours.token_emb.weight)
+    assert abs(loss.item() - loss_ref.item()) < 1e-5
+    grads, worst = dict(tree_flatten(grads)), 0.0
+    pairs = [(name, ours_part(name, np.array(grads[name]), j), ref)
+             for name, refs in hf_grads(hf, dora).items() for j, ref in enumerate(refs)]
+    pairs.append(("token_emb.weight", np.array(g_emb), emb.grad.numpy()))
+    assert len(pairs) == 2 * 7 * (3 if dora else 2) + 1  # 2 blocks x 7 HF projections x (A, B[, m]) + the input
+    for name, got, ref in pairs:
+        scale = float(np.abs(ref).max())
+        assert scale > 0, name
+        err = float(np.abs(got - ref).max())
+        worst = max(worst, err / scale)
+        assert err <= 1e-5 * max(scale, 1.0), f"{name}: max |diff| {err:.3g} (grad scale {scale:.3g})"
+    print(f"peft parity dora={dora}: logits max |diff| {err_logits:.2g}, worst grad diff / scale {worst:.2g}")
