@@ -244,3 +244,104 @@ def test_logits_and_gradients_equal_peft(tmp_path, dora):
         worst = max(worst, err / scale)
         assert err <= 1e-5 * max(scale, 1.0), f"{name}: max |diff| {err:.3g} (grad scale {scale:.3g})"
     print(f"peft parity dora={dora}: logits max |diff| {err_logits:.2g}, worst grad diff / scale {worst:.2g}")
+
+
+# ------------------------------------------------------------------ quantized and ternary bases
+def affine_model(bits: int = 4) -> Transformer:
+    from mlx_zeta.converters.swaps import quantize
+
+    model = tiny()
+    assert quantize(model, bits=bits, group_size=32) == 15  # 12 block Linears, the head, both embeddings
+    return model
+
+
+def dense_grads(model: nn.Module, loss_fn):
+    """(loss, adapter gradients) of ``model`` with each adapter's base replaced, for the call, by an
+    nn.Linear holding dense_weight(base) (and its bias): the float reference for the adapters."""
+    layers = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+    bases = [layer.base for layer in layers]
+    for layer in layers:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.base)
+        linear.update({"weight": dense_weight(layer.base), **({"bias": layer.base.bias} if "bias" in layer.base else {})})
+        linear.freeze()
+        layer.base = linear
+    try:
+        return nn.value_and_grad(model, loss_fn)(model)
+    finally:
+        for layer, base in zip(layers, bases):
+            layer.base = base
+
+
+def loss_of(batch):
+    def loss_fn(model):
+        logits = model(batch[:, :-1])
+        return nn.losses.cross_entropy(logits, batch[:, 1:], reduction="mean")
+    return loss_fn
+
+
+def frozen_arrays(model: nn.Module) -> dict:
+    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    return {k: v for k, v in tree_flatten(model.parameters()) if k not in trainable}
+
+
+def assert_grads_equal(grads, ref_grads, rel):
+    ref, got = dict(tree_flatten(ref_grads)), dict(tree_flatten(grads))
+    assert set(ref) == set(got) and ref
+    for name, r in ref.items():
+        scale = float(mx.abs(r).max())
+        err = float(mx.abs(got[name] - r).max())
+        assert scale > 0 and err <= rel * scale, f"{name}: max |diff| {err:.3g} vs grad scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("shape", [(2, 9), (1, 4)])  # 16 rows: AffineLinear dequantizes; 3 rows: quantized_matmul
+def test_affine_base_stays_quantized_and_matches_dense(dora, shape):
+    import mlx.optimizers as optim
+
+    from mlx_zeta.quant import AffineLinear
+
+    model, batch = affine_model(), tokens(*shape)
+    paths = apply_adapters(model, rank=4, dora=dora)
+    assert all(type(m.base) is AffineLinear and m.base.bits == 4 for p, m in model.named_modules() if p in paths)
+    randomize_adapters(model)
+    loss_fn = loss_of(batch)
+    _, grads = nn.value_and_grad(model, loss_fn)(model)
+    _, ref = dense_grads(model, loss_fn)
+    assert_grads_equal(grads, ref, rel=1e-4)
+    before = frozen_arrays(model)
+    optimizer = optim.Adam(learning_rate=1e-2)
+    optimizer.update(model, grads)
+    after = frozen_arrays(model)
+    assert set(before) == set(after) and all(mx.array_equal(before[k], after[k]) for k in before)
+    assert any(k.endswith(".base.weight") and after[k].dtype == mx.uint32 for k in after)  # still packed words
+    assert not all(mx.array_equal(a, b) for a, b in zip(
+        (v for _, v in tree_flatten(grads)), (v for _, v in tree_flatten(model.trainable_parameters()))))
+
+
+@pytest.mark.parametrize("activation,norm", [("float", False), ("int8", True)])
+@pytest.mark.parametrize("dora", [False, True])
+def test_ternary_base_gradients(activation, norm, dora):
+    """Float activations: the adapters' gradients equal a dense nn.Linear reference. int8 activations
+    (with BitNet's input RMSNorm): they equal the same adapters on the BitLinear layers the ternary ones
+    were frozen from (fake-quantized forward, straight-through gradient), which needs the input
+    gradient of TernaryLinear to be the straight-through one."""
+    from mlx_zeta.quant import TernaryLinear, freeze_model, quantize_model
+
+    mx.random.seed(1)
+    qat = quantize_model(tiny(), norm=norm)  # BitLinear layers (QAT), head float
+    mx.random.seed(1)
+    ternary = freeze_model(quantize_model(tiny(), norm=norm), activation=activation)  # the same, packed
+    batch = tokens()
+    apply_adapters(ternary, rank=4, dora=dora)
+    assert sum(isinstance(m.base, TernaryLinear) for _, m in ternary.named_modules() if isinstance(m, LoRALinear)) == 12
+    randomize_adapters(ternary)
+    loss_fn = loss_of(batch)
+    loss, grads = nn.value_and_grad(ternary, loss_fn)(ternary)
+    if activation == "float":
+        ref_loss, ref = dense_grads(ternary, loss_fn)
+    else:
+        apply_adapters(qat, rank=4, dora=dora)
+        qat.update(ternary.trainable_parameters())
+        ref_loss, ref = nn.value_and_grad(qat, loss_fn)(qat)
+    assert abs(loss.item() - ref_loss.item()) < 1e-4
+    assert_grads_equal(grads, ref, rel=1e-3 if activation == "int8" else 1e-4)
