@@ -345,3 +345,125 @@ def test_ternary_base_gradients(activation, norm, dora):
         ref_loss, ref = nn.value_and_grad(qat, loss_fn)(qat)
     assert abs(loss.item() - ref_loss.item()) < 1e-4
     assert_grads_equal(grads, ref, rel=1e-3 if activation == "int8" else 1e-4)
+
+
+# ------------------------------------------------------------------ dropout
+@pytest.mark.parametrize("dora", [False, True])
+def test_dropout_law(dora):
+    """Train mode with p > 0 changes the output, reproducibly for a seed; eval mode equals p = 0. The
+    train-mode output is PEFT's formula with the mask drawn from the same seed: LoRA
+    base(x) + s (x_d A^T) B^T; DoRA base(x) + (g - 1) (x_d W^T) + g s (x_d A^T) B^T."""
+    base = nn.Linear(16, 8)
+    kind = DoRALinear if dora else LoRALinear
+    layer, plain = kind(base, rank=2, scale=2.0, dropout=0.5), kind(base, rank=2, scale=2.0)
+    layer.lora_b = plain.lora_b = mx.random.normal((8, 2))
+    plain.lora_a = layer.lora_a
+    x = mx.random.normal((4, 16))
+    layer.eval()
+    assert mx.array_equal(layer(x), plain(x))
+    layer.train()
+    mx.random.seed(3)
+    y = layer(x)
+    mx.random.seed(3)
+    assert mx.array_equal(layer(x), y) and not mx.allclose(y, plain(x))
+    mx.random.seed(3)
+    x_d = mx.where(mx.random.bernoulli(0.5, x.shape), 2 * x, 0)
+    lora = 2.0 * (x_d @ layer.lora_a.T) @ layer.lora_b.T
+    if dora:
+        w = base.weight + 2.0 * layer.lora_b @ layer.lora_a
+        g = layer.magnitude / mx.linalg.norm(w, axis=1)
+        want = base(x) + (g - 1) * (x_d @ base.weight.T) + g * lora
+    else:
+        want = base(x) + lora
+    np.testing.assert_allclose(np.array(y), np.array(want), atol=1e-5)
+
+
+# ------------------------------------------------------------------ training machinery
+def test_gradient_checkpointing_and_compiled_trainer_step():
+    """AttentionLayers(checkpoint=True) takes layer.trainable_parameters(): the adapters' gradients are the
+    same with it; a compiled Trainer step on a 4-bit DoRA model moves only the adapters."""
+    import mlx.optimizers as optim
+
+    from mlx_zeta.training import Trainer
+
+    model, batch = affine_model(), tokens()
+    apply_adapters(model, rank=4, dora=True)
+    randomize_adapters(model)
+    model.train()
+    loss_fn = loss_of(batch)
+    _, plain = nn.value_and_grad(model, loss_fn)(model)
+    model.attn_layers.checkpoint = True
+    _, checkpointed = nn.value_and_grad(model, loss_fn)(model)
+    assert_grads_equal(checkpointed, plain, rel=1e-5)
+    before = frozen_arrays(model)
+    adapters = dict(adapter_parameters(model))
+    trainer = Trainer(model, optim.Adam(learning_rate=1e-2), lambda i: batch, loss_fn=lambda m, b: loss_of(b)(m),
+                      progress=False)
+    trainer.train_step()
+    after = frozen_arrays(model)
+    assert all(mx.array_equal(before[k], after[k]) for k in before)
+    assert all(not mx.array_equal(v, adapter_parameters(model)[k]) for k, v in adapters.items())
+
+
+# ------------------------------------------------------------------ fusing quantized and ternary bases
+def adapted_outputs(model, x, dora, **kwargs):
+    apply_adapters(model, rank=4, dora=dora, **kwargs)
+    randomize_adapters(model, std=0.3)
+    model.eval()
+    return model(x)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_fuse_affine_requantizes_within_quantization_error(dora):
+    """Re-quantized (same bits, group size, class): the fused model differs from the adapted one by the
+    4-bit error of the fused weights, measured against the 8-bit re-quantization (16x finer) and the
+    de-quantized fuse (exact)."""
+    from mlx_zeta.quant import AffineLinear
+
+    x = tokens()
+    errors = {}
+    for how in ("4", "8", "float"):
+        mx.random.seed(0)
+        model = affine_model()
+        want = adapted_outputs(model, x, dora)
+        if how == "8":  # the same fused weights at 8 bits: swap the bases' bit width before fusing
+            for _, layer in model.named_modules():
+                if isinstance(layer, LoRALinear):
+                    w = dense_weight(layer.base)
+                    layer.base = AffineLinear.from_quantized(nn.QuantizedLinear.from_linear(
+                        _linear(w), group_size=32, bits=8))
+            want = model(x)
+        paths = fuse_adapters(model, de_quantize=how == "float")
+        kinds = {type(m) for p, m in model.named_modules() if p in paths}
+        assert kinds == ({nn.Linear} if how == "float" else {AffineLinear})
+        if how == "4":
+            assert {m.bits for p, m in model.named_modules() if p in paths} == {4}
+        errors[how] = float(mx.abs(model(x) - want).max())
+    print(f"fuse dora={dora}: max |logit diff| 4-bit re-quantized {errors['4']:.3g}, 8-bit {errors['8']:.3g}, "
+          f"de-quantized {errors['float']:.3g}")
+    assert errors["float"] < 1e-5 < errors["8"] < errors["4"] < 1.0
+    assert errors["4"] > 4 * errors["8"]
+
+
+def _linear(weight):
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = weight
+    return linear
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_fuse_ternary_needs_de_quantize(dora):
+    from mlx_zeta.quant import freeze_model, quantize_model
+
+    x = tokens()
+    model = freeze_model(quantize_model(tiny(), norm=False), activation="float")
+    want = adapted_outputs(model, x, dora)
+    with pytest.raises(ValueError, match=r"has a ternary base \(TernaryLinear\), which cannot hold the float update; "
+                                         "pass de_quantize=True"):
+        fuse_adapters(model)
+    fuse_adapters(model, de_quantize=True)
+    np.testing.assert_allclose(np.array(model(x)), np.array(want), atol=1e-5)  # float activations: exact
+    normed = freeze_model(quantize_model(tiny()))  # BitNet's input RMSNorm cannot live in an nn.Linear
+    adapted_outputs(normed, x, dora)
+    with pytest.raises(ValueError, match="normalises its input"):
+        fuse_adapters(normed, de_quantize=True)
