@@ -467,3 +467,68 @@ def test_fuse_ternary_needs_de_quantize(dora):
     adapted_outputs(normed, x, dora)
     with pytest.raises(ValueError, match="normalises its input"):
         fuse_adapters(normed, de_quantize=True)
+
+
+def test_blocks_found_generically():
+    """num_layers counts the last blocks of each outermost module list: T5's encoder and decoder stacks,
+    a BERT encoder's layers; heads and poolers outside the blocks are left alone."""
+    from mlx_zeta.models import BertEncoder, T5Model
+
+    t5 = T5Model(vocab_size=50, dim=32, depth=2, heads=4, dim_head=8, ff_inner_dim=64)
+    paths = apply_adapters(t5, num_layers=1)
+    assert {p.rsplit(".", 1)[0] for p in paths} == {"encoder.layers.1.attn", "encoder.layers.1.ff",
+                                                     "decoder.layers.1.attn", "decoder.layers.1.cross_attn",
+                                                     "decoder.layers.1.ff"}
+    bert = BertEncoder(vocab_size=50, dim=32, depth=3, heads=4, ff_inner_dim=64)
+    assert all(p.startswith("encoder.layers.2.") for p in apply_adapters(bert, num_layers=1))
+
+
+def test_more_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"\[fuse_adapters\] expected a model with adapters"):
+        fuse_adapters(tiny())
+    with pytest.raises(ValueError, match=r"\[save_adapters\] expected a model with adapters"):
+        save_adapters(tiny(), tmp_path / "x")
+    with pytest.raises(ValueError, match=r"\[LoRALinear\] expected dropout in \[0, 1\), got 1.5"):
+        apply_adapters(tiny(), dropout=1.5)
+    with pytest.raises(ValueError, match=r"\[apply_adapters\] expected scale or alpha, got both"):
+        apply_adapters(tiny(), scale=1.0, alpha=16)
+    with pytest.raises(ValueError, match=r"\[LoRALinear\] expected base to be one of .*, got Embedding"):
+        LoRALinear(nn.Embedding(4, 4))
+    model = tiny()
+    apply_adapters(model, rank=4)
+    with pytest.raises(ValueError, match=r"config\['rank'\] = 8 contradicts the model's adapters \(4\)"):
+        save_adapters(model, tmp_path / "a", {"rank": 8})
+    assert not (tmp_path / "a").exists()
+    save_adapters(model, tmp_path / "a")
+    config = tmp_path / "a" / "adapter_config.json"
+    good = json.loads(config.read_text())
+    config.write_text(json.dumps({**good, "modules": ["attn_layers.layers.0.attn"]}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: expected module 'attn_layers.layers.0.attn' to be a "
+                                         r"Linear layer of the model, found Attention"):
+        load_adapters(tiny(), tmp_path / "a")
+    config.write_text(json.dumps({**good, "format": "peft"}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: expected format 'mlx_zeta-adapters' version 1"):
+        load_adapters(tiny(), tmp_path / "a")
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match=r"adapter_config.json: expected JSON"):
+        load_adapters(tiny(), tmp_path / "a")
+    fresh = tiny()
+    config.write_text(json.dumps({**good, "fine_tune_type": "dora"}))  # the file lacks the magnitudes
+    with pytest.raises(ValueError, match=r"missing keys .*magnitude"):
+        load_adapters(fresh, tmp_path / "a")
+    assert not adapter_parameters(fresh)  # checked before the model changed
+
+
+def test_mixed_ranks_round_trip(tmp_path):
+    """Layers of different ranks (e.g. a fused gate/up adapter of rank 2r) are saved with module_options."""
+    model, x = tiny(), tokens()
+    fresh = tiny()
+    fresh.update(model.parameters())
+    apply_adapters(model, rank=4, targets=["*.attn.to_q"])
+    model.attn_layers.layers[1].ff.proj_in = LoRALinear(model.attn_layers.layers[1].ff.proj_in, rank=8, scale=0.5)
+    randomize_adapters(model)
+    save_adapters(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["module_options"] == {"attn_layers.layers.1.ff.proj_in": {"rank": 8, "scale": 0.5, "dropout": 0.0}}
+    load_adapters(fresh, tmp_path / "a")
+    assert mx.array_equal(fresh(x), model(x))
