@@ -220,6 +220,9 @@ def test_full_fine_tuning_trains_every_parameter_and_saves_the_model(tiny_lm, tm
     (dict(grad_checkpoint=True, dropout=0.1), r"\[train\] expected dropout=0 with grad_checkpoint"),
     (dict(iters=-1), r"\[train\] expected iters"),
     (dict(save_every=0), r"\[train\] expected save_every"),
+    (dict(test=True), r"\[train\] expected .*test.jsonl, not found"),
+    (dict(fine_tune_type="full", rank=4), r"\[train\] expected no adapter settings with fine_tune_type='full', "
+                                          r"got \['rank'\]"),
     (dict(learning_rate=0.0), r"\[train\] expected learning_rate"),
     (dict(data="empty"), r"\[train\] expected .*train.jsonl, not found"),
     (dict(quantized=True, fine_tune_type="full"), r"\[train\] fine_tune_type='full' trains every parameter, but "

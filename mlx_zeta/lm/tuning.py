@@ -100,6 +100,8 @@ def _prepare(model: nn.Module, fine_tune_type: str, adapter: Dict[str, Any]) -> 
     """Make the right parameters trainable: adapters (their paths returned), or every float one."""
     if fine_tune_type != "full":
         return apply_adapters(model, dora=fine_tune_type == "dora", **adapter)
+    if adapter:
+        raise ValueError(f"[train] expected no adapter settings with fine_tune_type='full', got {sorted(adapter)}")
     fixed = sorted(k for k, v in tree_flatten(model.parameters()) if not mx.issubdtype(v.dtype, mx.floating))
     if fixed:
         raise ValueError(f"[train] fine_tune_type='full' trains every parameter, but {fixed[0]} ({len(fixed)} in "
@@ -108,12 +110,13 @@ def _prepare(model: nn.Module, fine_tune_type: str, adapter: Dict[str, Any]) -> 
     return []
 
 
-def _check(model: nn.Module, tokenizer: Tokenizer, fine_tune_type: str, dropout: float, grad_checkpoint: bool) -> None:
+def _check(model: nn.Module, tokenizer: Tokenizer, fine_tune_type: str, dropout: Optional[float],
+           grad_checkpoint: bool) -> None:
     check_tokenizer("train", tokenizer)
     check_choice("train", "fine_tune_type", fine_tune_type, FINE_TUNE_TYPES)
     if task_of(model) not in (None, "causal-lm"):
         raise ValueError(f"[train] expected a causal language model, got one whose task is {task_of(model)!r}")
-    if grad_checkpoint and dropout > 0:  # the recomputation would draw other dropout masks than the forward pass
+    if grad_checkpoint and (dropout or 0) > 0:  # the recomputation would draw other dropout masks than the forward pass
         raise ValueError(f"[train] expected dropout=0 with grad_checkpoint (recomputed blocks would draw new dropout "
                          f"masks), got dropout={dropout}")
 
@@ -139,12 +142,13 @@ def _trainer(model, data, valid, *, learning_rate, batch_size, val_batches, step
 
 
 def train(model: nn.Module, tokenizer: Tokenizer, data_dir: Union[str, os.PathLike], *,
-          fine_tune_type: str = "lora", rank: int = 8, scale: float = 20.0, dropout: float = 0.0,
-          num_layers: Optional[int] = None, targets: Optional[Sequence[str]] = None, iters: int = 1000,
-          batch_size: int = 4, learning_rate: Union[float, Callable[[mx.array], mx.array]] = 1e-5,
-          mask_prompt: bool = False, max_seq_len: int = 2048, pack: bool = False, grad_checkpoint: bool = False,
-          grad_accum: int = 1, max_grad_norm: Optional[float] = None,
-          adapter_path: Union[str, os.PathLike] = "adapters", resume: bool = False, steps_per_eval: Optional[int] = 200, val_batches: Optional[int] = 25,
+          fine_tune_type: str = "lora", rank: Optional[int] = None, scale: Optional[float] = None,
+          alpha: Optional[float] = None, dropout: Optional[float] = None, num_layers: Optional[int] = None,
+          targets: Optional[Sequence[str]] = None, iters: int = 1000, batch_size: int = 4,
+          learning_rate: Union[float, Callable[[mx.array], mx.array]] = 1e-5, mask_prompt: bool = False,
+          max_seq_len: int = 2048, pack: bool = False, grad_checkpoint: bool = False, grad_accum: int = 1,
+          max_grad_norm: Optional[float] = None, adapter_path: Union[str, os.PathLike] = "adapters",
+          resume: bool = False, steps_per_eval: Optional[int] = 200, val_batches: Optional[int] = 25,
           save_every: Optional[int] = 100, test: bool = False, test_batches: Optional[int] = None, seed: int = 0,
           log_path: Optional[str] = None, progress: Optional[bool] = None, stream: Optional[TextIO] = None
           ) -> Dict[str, Any]:
@@ -155,8 +159,8 @@ def train(model: nn.Module, tokenizer: Tokenizer, data_dir: Union[str, os.PathLi
         tokenizer (Tokenizer): its tokenizer (formats the data: :func:`~mlx_zeta.lm.datasets.load_datasets`).
         data_dir: folder with ``train.jsonl`` and optionally ``valid.jsonl``, ``test.jsonl``.
         fine_tune_type (str): ``"lora"``, ``"dora"`` (:func:`~mlx_zeta.training.adapters.apply_adapters`
-            with ``rank``, ``scale``, ``dropout``, ``num_layers``, ``targets``) or ``"full"`` (every
-            parameter; a float model only). Default: ``"lora"``.
+            with ``rank``, ``scale`` or ``alpha``, ``dropout``, ``num_layers``, ``targets``; ``None``
+            takes its default) or ``"full"`` (every parameter; a float model only). Default: ``"lora"``.
         iters (int): optimizer steps. batch_size (int): rows per micro-batch. learning_rate: Adam's
             (a float or a schedule). grad_accum (int): micro-batches per step. max_grad_norm: clipping.
         mask_prompt (bool), max_seq_len (int), pack (bool): the data (see :mod:`mlx_zeta.lm.datasets`);
@@ -187,17 +191,16 @@ def train(model: nn.Module, tokenizer: Tokenizer, data_dir: Union[str, os.PathLi
         max_seq_len = min(max_seq_len, model.max_seq_len)
     datasets = load_datasets(data_dir, tokenizer, mask_prompt=mask_prompt, max_seq_len=max_seq_len)
     data = Batches(_split(datasets, "train", data_dir), batch_size, seed=seed, pack=pack)
-    valid = datasets.get("valid")
+    valid, tests = datasets.get("valid"), _split(datasets, "test", data_dir) if test else None
     mx.random.seed(seed)
-    adapter = dict(rank=rank, scale=scale, dropout=dropout, num_layers=num_layers, targets=targets)
-    modules = _prepare(model, fine_tune_type, adapter)
+    adapter = dict(rank=rank, scale=scale, alpha=alpha, dropout=dropout, num_layers=num_layers, targets=targets)
+    modules = _prepare(model, fine_tune_type, {k: v for k, v in adapter.items() if v is not None})
     if grad_checkpoint:
         set_grad_checkpoint(model)
     config = {"fine_tune_type": fine_tune_type, "iters": iters, "batch_size": batch_size, "mask_prompt": mask_prompt,
               "max_seq_len": max_seq_len, "pack": pack, "grad_accum": grad_accum, "seed": seed,
-              "learning_rate": None if callable(learning_rate) else learning_rate}
-    if fine_tune_type != "full":
-        config.update(num_layers=num_layers, targets=None if targets is None else list(targets))
+              "learning_rate": None if callable(learning_rate) else learning_rate, "num_layers": num_layers,
+              "targets": None if targets is None else list(targets)}
     trainer = _trainer(model, data, valid, learning_rate=learning_rate, batch_size=batch_size,
                        val_batches=val_batches, steps_per_eval=steps_per_eval, adapter_path=adapter_path,
                        save_every=save_every, resume=resume, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
@@ -215,6 +218,6 @@ def train(model: nn.Module, tokenizer: Tokenizer, data_dir: Union[str, os.PathLi
     result = {"adapter_path": Path(adapter_path), "modules": modules, "steps": trainer.step, "train_losses": losses,
               "val_losses": val_losses}
     if test:
-        result["test_loss"] = evaluate(model, _split(datasets, "test", data_dir), batch_size, test_batches)
+        result["test_loss"] = evaluate(model, tests, batch_size, test_batches)
         result["test_perplexity"] = math.exp(result["test_loss"])
     return result
