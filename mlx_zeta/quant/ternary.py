@@ -359,13 +359,25 @@ class TernaryLinear(nn.Module):
         :math:`1/\sigma` for "divide", :math:`\sigma` for "multiply". ``b``: ``bias`` ("divide"),
         :math:`\sigma \cdot` ``bias`` ("multiply"), or None without a bias.
         """
-        codes = mx.concatenate(list(self._codes()), axis=0)[:self.out_features]
+        codes = self._dense_codes()
         sigma = float(self.weight_scale.item())
         divide = self.scale_convention == "divide"
         bias = None
         if "bias" in self:
             bias = self.bias if divide else self.bias * self.weight_scale
         return codes.astype(mx.float32) - 1, (1.0 / sigma if divide else sigma), bias
+
+    def _dense_codes(self) -> mx.array:
+        """The codes :math:`T + 1` (out, in) uint8, decoded from ``packed``."""
+        return mx.concatenate(list(self._codes()), axis=0)[:self.out_features]
+
+    def weight_matrix(self) -> mx.array:
+        r"""The effective float32 weight :math:`W` (out, in) of :math:`y \approx x W^{\top} + b`:
+        :math:`T/\sigma` ("divide") or :math:`T\sigma` ("multiply"), :math:`s\,T` of :meth:`dense_weight`
+        as one array, with no host synchronisation (usable inside ``mx.compile``)."""
+        codes = self._dense_codes().astype(mx.float32) - 1
+        sigma = self.weight_scale.astype(mx.float32)
+        return codes / sigma if self.scale_convention == "divide" else codes * sigma
 
     def dense_forward(self, x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx.array:
         r"""The forward in plain MLX ops on a dense ``weight`` :math:`W = s\,T` (out, in) and the

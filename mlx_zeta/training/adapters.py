@@ -1,0 +1,558 @@
+r"""Low-rank adapters (LoRA, DoRA) on frozen float, affine-quantized and ternary Linear layers:
+the layers, swapping them into a model, fusing them back, and our adapter file format.
+
+:func:`apply_adapters` freezes a model and wraps chosen Linear layers in :class:`LoRALinear` or
+:class:`DoRALinear`, whose ``lora_a``, ``lora_b`` (and ``magnitude``) are then the model's only
+trainable parameters; the bases keep their kind (a 4-bit ``AffineLinear`` stays 4-bit: QLoRA).
+:func:`fuse_adapters` folds them back into plain layers, :func:`save_adapters` /
+:func:`load_adapters` write and read ``adapters.safetensors`` + ``adapter_config.json``.
+
+The math follows PEFT 0.21.2 (``peft/tuners/lora/layer.py``, ``dora.py``, ``variants.py``),
+with the parameters in its layout (``lora_a`` (r, in), ``lora_b`` (out, r)).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from mlx_zeta.common import atomic_path, check_int, check_keys
+from mlx_zeta.quant.affine import AffineLinear
+from mlx_zeta.quant.bitlinear import BitLinear, weight_quant
+from mlx_zeta.quant.ternary import TernaryLinear
+
+__all__ = ["LoRALinear", "DoRALinear", "dense_weight", "apply_adapters", "adapter_parameters", "fuse_adapters",
+           "save_adapters", "load_adapters", "ADAPTER_FILE", "CONFIG_FILE", "FORMAT", "HEAD_NAMES"]
+
+ADAPTER_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+FORMAT, VERSION = "mlx_zeta-adapters", 1
+HEAD_NAMES = ("to_logits", "lm_head")  # output heads, not adapted unless a target names them
+BASES = (nn.Linear, nn.QuantizedLinear, TernaryLinear, BitLinear)
+_PARAMS = ("lora_a", "lora_b", "magnitude")
+
+
+def _features(layer: nn.Module) -> Tuple[int, int]:
+    """``(out_features, in_features)`` of a supported base layer."""
+    if isinstance(layer, (TernaryLinear, BitLinear)):
+        return layer.out_features, layer.in_features
+    if isinstance(layer, nn.QuantizedLinear):
+        return layer.weight.shape[0], layer.scales.shape[1] * layer.group_size
+    return tuple(layer.weight.shape)
+
+
+def dense_weight(layer: nn.Module) -> mx.array:
+    r"""The float weight :math:`W` (out, in) that a supported base layer multiplies.
+
+    - ``nn.Linear``: its ``weight``.
+    - ``nn.QuantizedLinear`` (and ``AffineLinear``): ``mx.dequantize`` of its words, scales and biases.
+    - ``TernaryLinear``: :math:`T/\sigma` ("divide") or :math:`T\sigma` ("multiply"), float32, so that
+      its forward is :math:`y \approx x W^T + b` (exact for ``activation="float"``; the int8 path
+      quantizes ``x`` per token first).
+    - ``BitLinear``: the fake-quantized ternary weight :math:`Q_W / s_w` its forward multiplies
+      (not the float latent weight); its RMSNorm and int8 activations are not part of :math:`W`.
+
+    No host synchronisation, so it works inside ``mx.compile``d steps. A LoRA/DoRA layer gives its
+    base's weight.
+    """
+    if isinstance(layer, LoRALinear):
+        layer = layer.base
+    if isinstance(layer, TernaryLinear):
+        return layer.weight_matrix()
+    if isinstance(layer, BitLinear):
+        return weight_quant(layer.weight, layer.quant_eps)
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits,
+                             mode=layer.mode)
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    raise ValueError(f"[dense_weight] expected one of {', '.join(b.__name__ for b in BASES)}, "
+                     f"got {type(layer).__name__}")
+
+
+def _dense_bias(layer: nn.Module) -> Optional[mx.array]:
+    """The bias added after the product (TernaryLinear "multiply" scales its stored bias), or None."""
+    if "bias" not in layer:
+        return None
+    if isinstance(layer, TernaryLinear) and layer.scale_convention == "multiply":
+        return layer.bias * layer.weight_scale
+    return layer.bias
+
+
+class LoRALinear(nn.Module):
+    r"""A frozen Linear layer plus a trainable low-rank update (LoRA, Hu et al., 2021).
+
+    .. math::
+
+        y = \operatorname{base}(x) + s\, (\operatorname{dropout}(x) A^T) B^T
+
+    with :math:`A` = ``lora_a`` (r, in), :math:`B` = ``lora_b`` (out, r), :math:`s` = ``scale``
+    (PEFT's ``lora_alpha / r``). :math:`B` starts at zero, so the layer starts equal to its base;
+    :math:`A \sim U(-1/\sqrt{in}, 1/\sqrt{in})` (PEFT's ``kaiming_uniform_(a=sqrt(5))``). The adapter
+    is float32 whatever the base; the output has the base output's dtype. Dropout (inverted,
+    probability ``dropout``) acts on the adapter's input only, in training mode.
+
+    The base is frozen (``nn.Linear``, ``nn.QuantizedLinear``/``AffineLinear``, ``TernaryLinear`` or
+    ``BitLinear``) and keeps its kind; gradients still flow through it to ``x``.
+
+    Args:
+        base (nn.Module): the layer to adapt.
+        rank (int): :math:`r \ge 1`. Default: ``8``.
+        scale (float): :math:`s`. Default: ``2.0``.
+        dropout (float): dropout probability in [0, 1). Default: ``0.0``.
+
+    Shape:
+        - Input: :math:`(*, \text{in})`. Output: :math:`(*, \text{out})`.
+
+    Example:
+        >>> layer = LoRALinear(nn.Linear(64, 32), rank=4, scale=2.0)
+        >>> layer(mx.zeros((2, 64))).shape
+        (2, 32)
+
+    Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
+    https://arxiv.org/abs/2106.09685.
+    """
+
+    def __init__(self, base: nn.Module, rank: int = 8, scale: float = 2.0, dropout: float = 0.0):
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(base, BASES) or isinstance(base, LoRALinear):
+            raise ValueError(f"[{name}] expected base to be one of {', '.join(b.__name__ for b in BASES)}, "
+                             f"got {type(base).__name__}")
+        check_int(name, "rank", rank, 1)
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+            raise ValueError(f"[{name}] expected scale to be a finite number, got {scale!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"[{name}] expected dropout in [0, 1), got {dropout!r}")
+        out_features, in_features = _features(base)
+        base.freeze()
+        self.base = base
+        self.scale, self.dropout = float(scale), float(dropout)
+        bound = 1.0 / math.sqrt(in_features)
+        self.lora_a = mx.random.uniform(-bound, bound, (rank, in_features))
+        self.lora_b = mx.zeros((out_features, rank))
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_a.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_b.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+    def _extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"scale={self.scale}, dropout={self.dropout}")
+
+    def _drop(self, x: mx.array) -> mx.array:
+        """Inverted dropout of the adapter's input (training mode, ``dropout > 0`` only)."""
+        if not (self.training and self.dropout > 0):
+            return x
+        keep = mx.random.bernoulli(1.0 - self.dropout, x.shape)
+        return mx.where(keep, x / (1.0 - self.dropout), mx.zeros_like(x))
+
+    def _lora(self, x: mx.array) -> mx.array:
+        """:math:`(x A^T) B^T` in the adapter's dtype."""
+        return (x.astype(self.lora_a.dtype) @ self.lora_a.T) @ self.lora_b.T
+
+    def delta_weight(self) -> mx.array:
+        r""":math:`s\, B A` (out, in), the update a fused layer adds to :math:`W`."""
+        return self.scale * (self.lora_b @ self.lora_a)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base(x)
+        return (y + self.scale * self._lora(self._drop(x))).astype(y.dtype)
+
+    def updated_weight(self) -> mx.array:
+        """:math:`W' = W + s B A` (out, in), float32, :math:`W` = :func:`dense_weight` of the base."""
+        return dense_weight(self.base).astype(mx.float32) + self.delta_weight()
+
+    def fused_weight(self) -> mx.array:
+        """The weight of the fused layer: :math:`W + s B A` (out, in), float32."""
+        return self.updated_weight()
+
+
+class DoRALinear(LoRALinear):
+    r"""Weight-decomposed low-rank adaptation (DoRA, Liu et al., 2024), PEFT 0.21.2's forward.
+
+    With :math:`W` = :func:`dense_weight` of the base, :math:`W' = W + s B A`, the row norms
+    :math:`n = \operatorname{sg}(\lVert W'_i \rVert_2)` held constant in the backward pass (paper §4.3)
+    and :math:`g = m / n` (``magnitude`` :math:`m` (out,), initialised to :math:`\lVert W_i \rVert_2`):
+
+    .. math::
+
+        y = \operatorname{base}(x) + (g - 1) \odot \operatorname{base}_0(\tilde x)
+            + g \odot s\, (\tilde x A^T) B^T
+
+    where :math:`\operatorname{base}_0` is the base without its bias. Without dropout (or in eval
+    mode) :math:`\tilde x = x` and this is :math:`g \odot \operatorname{base}_0(x) + b + g \odot s\,(x A^T)B^T`;
+    in training with dropout, :math:`\tilde x` is the dropped input in both of the last two terms
+    while :math:`\operatorname{base}(x)` keeps the full one, exactly as PEFT. PEFT computes
+    :math:`\operatorname{base}_0(\tilde x)` as :math:`\tilde x W^T`; here it is the base's own forward
+    minus its bias, the same for float and affine bases and the faithful choice for ternary ones
+    (their int8 activations and input norms are not a matmul with :math:`W`).
+
+    Args: as :class:`LoRALinear`.
+
+    Reference: Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", https://arxiv.org/abs/2402.09353.
+    """
+
+    def __init__(self, base: nn.Module, rank: int = 8, scale: float = 2.0, dropout: float = 0.0):
+        super().__init__(base, rank, scale, dropout)
+        self.magnitude = mx.linalg.norm(dense_weight(base).astype(mx.float32), axis=1)
+
+    def _gain(self) -> mx.array:
+        """:math:`m / \\operatorname{sg}(\\lVert W + sBA \\rVert_{row})`, shape (out,)."""
+        norm = mx.linalg.norm(self.updated_weight(), axis=1)
+        return self.magnitude / mx.stop_gradient(norm)
+
+    def _base_no_bias(self, y: mx.array) -> mx.array:
+        bias = _dense_bias(self.base)
+        return y if bias is None else y - bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base(x)
+        dropped = self._drop(x)
+        plain = self._base_no_bias(y if dropped is x else self.base(dropped))
+        g = self._gain()
+        out = y + (g - 1) * plain + g * (self.scale * self._lora(dropped))
+        return out.astype(y.dtype)
+
+    def fused_weight(self) -> mx.array:
+        r""":math:`m \odot W' / \lVert W' \rVert_{row}` (out, in), float32."""
+        weight = self.updated_weight()
+        return (self.magnitude / mx.linalg.norm(weight, axis=1))[:, None] * weight
+
+
+# ------------------------------------------------------------------ choosing layers
+def _block_lists(model: nn.Module) -> List[str]:
+    """Paths of the model's outermost lists of modules (its block stacks): ``attn_layers.layers``
+    for a Transformer, ``encoder.layers`` and ``decoder.layers`` for T5, ``layers`` for a BERT encoder."""
+    parents = {}
+    for path in (p for p, _ in model.named_modules()):
+        head, _, last = path.rpartition(".")
+        if last.isdigit():
+            parents.setdefault(head, set()).add(int(last))
+    lists = sorted(parents)
+    return [p for p in lists if not any(p.startswith(q + ".") for q in lists if q != p)]
+
+
+def _in_last_blocks(model: nn.Module, num_layers: Optional[int]):
+    """A predicate on module paths: inside the last ``num_layers`` blocks of every block list."""
+    if num_layers is None:
+        return lambda path: True
+    lists = _block_lists(model)
+    if not lists:
+        raise ValueError("[apply_adapters] num_layers was given but the model has no list of blocks "
+                         "(a module list such as attn_layers.layers)")
+    prefixes = []
+    for stack in lists:
+        items = sorted({int(p[len(stack) + 1:].split(".")[0]) for p, _ in model.named_modules()
+                        if p.startswith(stack + ".") and p[len(stack) + 1:].split(".")[0].isdigit()})
+        prefixes += [f"{stack}.{i}." for i in items[max(len(items) - num_layers, 0):]]
+    return lambda path: any(path.startswith(p) for p in prefixes)
+
+
+def _matches(pattern: str, path: str) -> bool:
+    """fnmatch on the dotted path, or a full regular expression for a pattern written ``re:...``."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+def _select(model: nn.Module, targets: Optional[Sequence[str]], num_layers: Optional[int]) -> List[str]:
+    """The paths to adapt (sorted as ``named_modules`` lists them, reversed to model order)."""
+    inside = _in_last_blocks(model, num_layers)
+    modules = [(p, m) for p, m in reversed(model.named_modules()) if p and inside(p)]
+    if targets is None:
+        return [p for p, m in modules if isinstance(m, BASES) and p.rsplit(".", 1)[-1] not in HEAD_NAMES]
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"[apply_adapters] expected targets to be a list of patterns (str), got {targets!r}")
+    chosen = []
+    for pattern in targets:
+        hits = [(p, m) for p, m in modules if _matches(pattern, p)]
+        linear = [p for p, m in hits if isinstance(m, BASES)]
+        if not linear:
+            found = (f"only {hits[0][0]!r}, a {type(hits[0][1]).__name__}" if hits else "no module")
+            where = "" if num_layers is None else f" in the last {num_layers} blocks"
+            raise ValueError(f"[apply_adapters] target {pattern!r} expected to match Linear layers{where}, "
+                             f"matched {found}")
+        chosen += [p for p in linear if p not in chosen]
+    order = [p for p, _ in modules]
+    return sorted(chosen, key=order.index)
+
+
+def _adapted(model: nn.Module) -> List[Tuple[str, LoRALinear]]:
+    """``[(path, layer)]`` of the adapter layers, in model order."""
+    return [(p, m) for p, m in reversed(model.named_modules()) if isinstance(m, LoRALinear)]
+
+
+def apply_adapters(model: nn.Module, *, rank: int = 8, scale: Optional[float] = None, alpha: Optional[float] = None,
+                   dropout: float = 0.0, dora: bool = False, targets: Optional[Sequence[str]] = None,
+                   num_layers: Optional[int] = None) -> List[str]:
+    r"""Freeze ``model`` and wrap Linear layers in :class:`LoRALinear` (or :class:`DoRALinear`), in place.
+
+    Afterwards ``model.trainable_parameters()`` holds only the adapters' ``lora_a``, ``lora_b``
+    (and ``magnitude``); quantized and ternary bases stay as they are.
+
+    Which layers: ``targets`` are patterns on module paths, ``fnmatch`` style (``"*.attn.to_q"``,
+    ``"*.ff.*"``) or a full regular expression written ``"re:..."``; each must match at least one
+    Linear layer (non-Linear modules it also matches are skipped). Default: every supported Linear
+    (``nn.Linear``, ``nn.QuantizedLinear``/``AffineLinear``, ``TernaryLinear``, ``BitLinear``) except
+    the LM head (a path ending in ``to_logits`` or ``lm_head``); embeddings are never adapted.
+    ``num_layers`` keeps only layers inside the last ``num_layers`` blocks of each block list; the
+    block lists are found generically as the model's outermost lists of modules (paths ``X.0``,
+    ``X.1``, ...): ``attn_layers.layers`` of a ``Transformer``, ``encoder.layers`` and
+    ``decoder.layers`` of a ``T5Model`` (the last blocks of each), ``layers`` of a ``BertEncoder``.
+
+    Args:
+        model (nn.Module): the model, modified in place.
+        rank (int): adapter rank :math:`r`. Default: ``8``.
+        scale (float, optional): :math:`s`. Default: ``2.0``, or ``alpha / rank`` when ``alpha`` is given.
+        alpha (float, optional): PEFT's ``lora_alpha``; give ``scale`` or ``alpha``, not both.
+        dropout (float): adapter dropout probability. Default: ``0.0``.
+        dora (bool): DoRA instead of LoRA. Default: ``False``.
+        targets (list of str, optional): path patterns (see above). Default: ``None``.
+        num_layers (int, optional): only the last ``num_layers`` blocks. Default: ``None`` (all).
+
+    Returns:
+        list of str: the adapted module paths, in model order.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"[apply_adapters] expected model to be an mlx.nn.Module, got {type(model).__name__}")
+    check_int("apply_adapters", "rank", rank, 1)
+    check_int("apply_adapters", "num_layers", num_layers, 1, optional=True)
+    if scale is not None and alpha is not None:
+        raise ValueError(f"[apply_adapters] expected scale or alpha, got both (scale={scale}, alpha={alpha})")
+    scale = 2.0 if scale is None and alpha is None else (alpha / rank if alpha is not None else scale)
+    if not isinstance(dora, bool):
+        raise ValueError(f"[apply_adapters] expected dora to be a bool, got {dora!r}")
+    done = _adapted(model)
+    if done:
+        raise ValueError(f"[apply_adapters] expected a model without adapters, got one already adapted "
+                         f"({done[0][0]}); fuse_adapters or reload the model first")
+    paths = _select(model, targets, num_layers)
+    if not paths:
+        raise ValueError("[apply_adapters] expected the model to hold Linear layers to adapt, found none")
+    options = {"rank": rank, "scale": scale, "dropout": dropout}
+    _wrap(model, DoRALinear if dora else LoRALinear, {p: options for p in paths})
+    return paths
+
+
+def _wrap(model: nn.Module, kind: type, options: Dict[str, Dict[str, Any]]) -> None:
+    """Freeze ``model`` and swap each ``path`` of ``options`` for ``kind(base, **options[path])``.
+    The layers are all built before the model changes, so a bad option leaves it untouched."""
+    modules = dict(model.named_modules())
+    swaps = []
+    for path, kwargs in options.items():
+        layer = kind(modules[path], **kwargs)
+        layer.train(modules[path].training)
+        swaps.append((path, layer))
+    model.freeze()
+    for _, layer in swaps:
+        layer.base.freeze()
+    model.update_modules(tree_unflatten(swaps))
+
+
+def adapter_parameters(model: nn.Module) -> Dict[str, mx.array]:
+    """``{path: array}`` of every adapter parameter (``<module>.lora_a``, ``.lora_b``, ``.magnitude``)."""
+    out = {}
+    for path, layer in _adapted(model):
+        for name in _PARAMS:
+            if name in layer:
+                out[f"{path}.{name}"] = layer[name]
+    return out
+
+
+# ------------------------------------------------------------------ fusing
+def _fused_layer(path: str, layer: LoRALinear, de_quantize: bool) -> nn.Module:
+    """The plain layer holding ``layer``'s fused weight (see :func:`fuse_adapters`)."""
+    base = layer.base
+    weight, bias = layer.fused_weight(), _dense_bias(base)
+    if isinstance(base, (TernaryLinear, BitLinear)):
+        if not de_quantize:
+            raise ValueError(f"[fuse_adapters] {path} has a ternary base ({type(base).__name__}), which cannot hold "
+                             "the float update; pass de_quantize=True to fuse it into an nn.Linear")
+        if "norm" in base:
+            raise ValueError(f"[fuse_adapters] {path}: its {type(base).__name__} normalises its input (RMSNorm), "
+                             "which an nn.Linear cannot hold; keep the adapter unfused")
+    dtype = (base.scales.dtype if isinstance(base, nn.QuantizedLinear)
+             else mx.float32 if isinstance(base, TernaryLinear) else base.weight.dtype)
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None)
+    linear.weight = weight.astype(dtype)
+    if bias is not None:
+        linear.bias = bias.astype(dtype)
+    if isinstance(base, nn.QuantizedLinear) and not de_quantize:
+        quantized = nn.QuantizedLinear.from_linear(linear, base.group_size, base.bits, mode=base.mode)
+        return AffineLinear.from_quantized(quantized) if isinstance(base, AffineLinear) else quantized
+    return linear
+
+
+def fuse_adapters(model: nn.Module, *, de_quantize: bool = False) -> List[str]:
+    r"""Replace each adapter layer of ``model`` by a plain layer holding its fused weight, in place.
+
+    The fused weight is :math:`W + s B A` (LoRA) or :math:`m \odot W' / \lVert W' \rVert_{row}`,
+    :math:`W' = W + sBA` (DoRA), with :math:`W` = :func:`dense_weight` of the base; the bias stays.
+
+    - float base (``nn.Linear``): an ``nn.Linear`` in the base's dtype; equal to the adapted layer up
+      to float rounding.
+    - affine base (``nn.QuantizedLinear`` / ``AffineLinear``): re-quantized with the same bits, group
+      size and mode into the same class, which adds the quantization error of the fused weight (of the
+      order of the base's own); ``de_quantize=True`` gives a float ``nn.Linear`` (the scales' dtype) instead.
+    - ternary base (``TernaryLinear``, ``BitLinear``): a ternary layer cannot hold a float update, so
+      these are refused unless ``de_quantize=True``, which gives an ``nn.Linear`` holding the dense
+      weight plus the update (and the effective bias). It multiplies float activations: a base with
+      int8 activations differed from that by its per-token activation rounding, which the fused layer
+      no longer applies. A base with an input RMSNorm is refused (an ``nn.Linear`` has none).
+
+    The new layers are frozen, like the rest of the adapted model, and keep its train/eval mode.
+
+    Returns:
+        list of str: the fused module paths.
+    """
+    adapted = _adapted(model)
+    if not adapted:
+        raise ValueError("[fuse_adapters] expected a model with adapters (apply_adapters / load_adapters), found none")
+    swaps = []
+    for path, layer in adapted:
+        fused = _fused_layer(path, layer, de_quantize)
+        fused.freeze()
+        fused.train(layer.training)
+        swaps.append((path, fused))
+    model.update_modules(tree_unflatten(swaps))
+    return [p for p, _ in swaps]
+
+
+# ------------------------------------------------------------------ our adapter files
+def _module_options(layer: LoRALinear) -> Dict[str, Any]:
+    return {"rank": layer.rank, "scale": layer.scale, "dropout": layer.dropout}
+
+
+def save_adapters(model: nn.Module, folder: Union[str, Path], config: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``model``'s adapters to ``folder``: ``adapters.safetensors`` (:func:`adapter_parameters`,
+    our module paths) and ``adapter_config.json``, atomically (other files in ``folder`` stay).
+
+    The config holds ``{"format": "mlx_zeta-adapters", "version": 1, "fine_tune_type": "lora" | "dora",
+    "rank", "scale", "dropout", "modules": [paths]}`` (the first layer's rank, scale and dropout;
+    ``"module_options": {path: {...}}`` for layers that differ) plus the entries of ``config``
+    (training settings, say); a ``config`` entry that contradicts these is refused.
+
+    Returns:
+        Path: ``folder``.
+    """
+    adapted = _adapted(model)
+    if not adapted:
+        raise ValueError("[save_adapters] expected a model with adapters (apply_adapters / load_adapters), found none")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"[save_adapters] expected config to be a dict, got {type(config).__name__}")
+    kinds = {type(m) for _, m in adapted}
+    if len(kinds) > 1:
+        raise ValueError("[save_adapters] expected all adapters to be LoRA or all DoRA, got both")
+    first = _module_options(adapted[0][1])
+    ours = {"format": FORMAT, "version": VERSION, "fine_tune_type": "dora" if DoRALinear in kinds else "lora",
+            **first, "modules": [p for p, _ in adapted]}
+    differ = {p: _module_options(m) for p, m in adapted if _module_options(m) != first}
+    if differ:
+        ours["module_options"] = differ
+    for key, value in (config or {}).items():
+        if key in ours and ours[key] != value:
+            raise ValueError(f"[save_adapters] config[{key!r}] = {value!r} contradicts the model's adapters "
+                             f"({ours[key]!r})")
+    text = json.dumps({**(config or {}), **ours}, indent=2)
+    folder = Path(folder)
+    with atomic_path(folder, folder=True, merge=True, order=[ADAPTER_FILE, CONFIG_FILE]) as tmp:
+        mx.save_safetensors(str(tmp / ADAPTER_FILE), adapter_parameters(model), metadata={"format": "mlx"})
+        (tmp / CONFIG_FILE).write_text(text + "\n")
+    return folder
+
+
+def _read_config(folder: Path) -> Dict[str, Any]:
+    """``adapter_config.json`` of ``folder``, its fields checked (one-line errors naming the file)."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"[load_adapters] expected {path}, not found")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"[load_adapters] {path}: expected JSON, got a parse error ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
+        got = {k: config.get(k) for k in ("format", "version")} if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"[load_adapters] {path}: expected format {FORMAT!r} version {VERSION}, got {got}")
+    if config.get("fine_tune_type") not in ("lora", "dora"):
+        raise ValueError(f"[load_adapters] {path}: expected fine_tune_type 'lora' or 'dora', "
+                         f"got {config.get('fine_tune_type')!r}")
+    modules = config.get("modules")
+    if not (isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules)):
+        raise ValueError(f"[load_adapters] {path}: expected 'modules' to be a non-empty list of module paths, "
+                         f"got {modules!r:.80}")
+    extra = config.get("module_options", {})
+    if not isinstance(extra, dict):
+        raise ValueError(f"[load_adapters] {path}: expected 'module_options' to be an object, got {extra!r:.80}")
+    return config
+
+
+def _options(config: Dict[str, Any], where: Path) -> Dict[str, Dict[str, Any]]:
+    """``{path: {rank, scale, dropout}}`` for every module of the config."""
+    out = {}
+    for path in config["modules"]:
+        found = config.get("module_options", {}).get(path, config)
+        kwargs = {k: found.get(k) for k in ("rank", "scale", "dropout")}
+        bad = [k for k, v in kwargs.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad or not isinstance(kwargs["rank"], int):
+            raise ValueError(f"[load_adapters] {where}: expected numbers rank (int), scale, dropout for {path}, "
+                             f"got {kwargs}")
+        out[path] = kwargs
+    return out
+
+
+def load_adapters(model: nn.Module, folder: Union[str, Path]) -> List[str]:
+    """Apply the adapters saved by :func:`save_adapters` in ``folder`` to ``model`` (freezing it) and
+    load their weights; returns the adapted module paths.
+
+    Everything is checked before the model changes: the config (format, version, fields), that each
+    listed module is a supported Linear layer of the model, and that ``adapters.safetensors`` holds
+    exactly the expected arrays and shapes (missing, unexpected, mismatched keys are named). Only
+    safetensors is read, never a pickle.
+    """
+    folder = Path(folder)
+    config = _read_config(folder)
+    where = folder / CONFIG_FILE
+    options = _options(config, where)
+    done = _adapted(model)
+    if done:
+        raise ValueError(f"[load_adapters] expected a model without adapters, got one already adapted ({done[0][0]})")
+    modules = dict(model.named_modules())
+    for path in options:
+        if not isinstance(modules.get(path), BASES):
+            found = type(modules[path]).__name__ if path in modules else "nothing"
+            raise ValueError(f"[load_adapters] {where}: expected module {path!r} to be a Linear layer of the model, "
+                             f"found {found}")
+    dora = config["fine_tune_type"] == "dora"
+    expected = {}
+    for path, kwargs in options.items():
+        out_features, in_features = _features(modules[path])
+        expected[f"{path}.lora_a"] = (kwargs["rank"], in_features)
+        expected[f"{path}.lora_b"] = (out_features, kwargs["rank"])
+        if dora:
+            expected[f"{path}.magnitude"] = (out_features,)
+    weights_file = folder / ADAPTER_FILE
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"[load_adapters] expected {weights_file}, not found")
+    weights = mx.load(str(weights_file), format="safetensors")
+    check_keys(expected, weights, f"load_adapters {weights_file}")
+    _wrap(model, DoRALinear if dora else LoRALinear, options)
+    model.update(tree_unflatten(list(weights.items())))
+    return list(options)
