@@ -18,8 +18,8 @@ import mlx.nn as nn
 
 from .fields import ConfigError, check_fields, shown
 
-__all__ = ["ACTIVATIONS", "activation", "rename", "check_architectures", "BaseModelArgs", "TransformerArgs",
-           "ConfigError", "LinearPart"]
+__all__ = ["ACTIVATIONS", "activation", "rename", "rename_rules", "check_architectures", "BaseModelArgs",
+           "TransformerArgs", "ConfigError", "LinearPart"]
 
 # Hugging Face activation names (``hidden_act`` & co., transformers' ``ACT2FN``) -> MLX functions, same math.
 ACTIVATIONS: Mapping[str, Callable[[mx.array], mx.array]] = MappingProxyType({
@@ -47,6 +47,27 @@ def rename(name: str, rules: Sequence[Tuple[str, str]]) -> str:
         if n:
             return new
     return name
+
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def _rule(source: str, target: str, fields: Mapping[str, str]) -> Tuple[str, str]:
+    """A ``(pattern, replacement)`` rule from two name-prefix templates sharing ``{field}`` names."""
+    parts = _FIELD.split(source)  # literal, field, literal, field, ...
+    pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{fields[p]})" for i, p in enumerate(parts))
+    return "^" + pattern, _FIELD.sub(lambda m: f"\\g<{m.group(1)}>", target.replace("\\", "\\\\"))
+
+
+def rename_rules(pairs: Sequence[Tuple[str, str]], fields: Mapping[str, str]) -> Tuple[list, list]:
+    r"""``(to ours, to Hugging Face)``: :func:`rename` rules both ways from one table.
+
+    Each pair is ``(Hugging Face prefix, our prefix)``, templates whose ``{name}`` fields stand for
+    the regex ``fields[name]`` (e.g. ``{"i": r"\d+"}``) and are carried across, as in
+    ``("model.layers.{i}.mlp.down_proj.", "attn_layers.layers.{i}.ff.proj_out.")``. Written once,
+    so ``sanitize`` and ``to_hf`` cannot disagree on a name.
+    """
+    return ([_rule(hf, ours, fields) for hf, ours in pairs], [_rule(ours, hf, fields) for hf, ours in pairs])
 
 
 def check_architectures(architectures: Optional[Sequence[str]], supported: Sequence[str], where: str) -> None:

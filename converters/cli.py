@@ -1,14 +1,16 @@
 """The converter commands of the ``mlx-zeta`` command line (:mod:`mlx_zeta.cli`, which parses,
 runs them and sets the exit status; also ``python -m mlx_zeta``).
 
-    mlx-zeta convert SRC DST [--dtype bfloat16] [--quantize 4 [--group-size 64]]
+    mlx-zeta convert SRC DST [--to mlx-zeta|hf] [--dtype bfloat16] [--quantize 4 [--group-size 64]]
                              [--revision REV] [--max-shard-size 5GB] [--overwrite] [--allow-nonfinite]
 
 ``convert`` reads a Hugging Face checkpoint (a folder or a Hub repo id) with
 :func:`~mlx_zeta.converters.pretrained.from_pretrained`, optionally casts and quantizes it
 (MLX affine, :func:`~mlx_zeta.converters.pretrained.quantize`), and writes it with
 :func:`~mlx_zeta.converters.pretrained.save_pretrained`, which writes atomically: on any
-error DST is left as it was. Weights holding NaN/Inf are refused unless ``--allow-nonfinite``
+error DST is left as it was. ``--to mlx-zeta`` (default) writes our format, ``--to hf`` the Hugging
+Face checkpoint that transformers loads (e.g. an mlx_zeta folder back to transformers; float
+weights, so not with ``--quantize``). Weights holding NaN/Inf are refused unless ``--allow-nonfinite``
 (then a warning); a source without tokenizer files gets a ``note:`` line on stderr.
 
     mlx-zeta export-coreml SRC OUT.mlpackage [--task lm|encoder|vit|auto] [--capacity N]
@@ -78,6 +80,10 @@ def _check_destination(command: str, dst: Path, overwrite: bool, replaces: str) 
 
 # --------------------------------------------------------------------------- convert
 
+# --to -> save_pretrained's format.
+_FORMATS = {"mlx-zeta": "mlx_zeta", "hf": "hf"}
+
+
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an mlx_zeta checkpoint",
@@ -86,6 +92,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                                    "loads without conversion.")
     p.add_argument("src", help="source model folder, or a Hub repo id ('owner/name')")
     p.add_argument("dst", type=Path, help="destination folder (created; written atomically)")
+    p.add_argument("--to", choices=list(_FORMATS), default="mlx-zeta",
+                   help="mlx-zeta: our format, loaded by mlx_zeta.from_pretrained without conversion (default); "
+                        "hf: the Hugging Face checkpoint that transformers loads")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="cast floating weights (default: keep the checkpoint's dtypes)")
     p.add_argument("--quantize", type=int, choices=[4, 8], metavar="{4,8}",
@@ -113,6 +122,9 @@ def _convert(args: argparse.Namespace) -> int:
     _check_destination("convert", dst, args.overwrite, replaces="its weights")
     if args.group_size is not None and args.quantize is None:
         raise ValueError("[convert] --group-size needs --quantize")
+    if args.quantize is not None and args.to == "hf":
+        raise ValueError("[convert] --quantize with --to hf: a Hugging Face checkpoint holds float weights, "
+                         "it would be de-quantized again")
     group_size = args.group_size or 64
 
     start = time.perf_counter()
@@ -133,7 +145,7 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"quantized {layers} layers to {args.quantize} bits (group size {group_size})", file=sys.stderr)
     if terminal:
         print(f"writing {dst} ...", file=sys.stderr, flush=True)
-    save_pretrained(model, dst, max_shard_bytes=args.max_shard_size)
+    save_pretrained(model, dst, format=_FORMATS[args.to], max_shard_bytes=args.max_shard_size)
     end = time.perf_counter()
 
     files = [p for p in dst.iterdir() if p.is_file()]
@@ -142,7 +154,7 @@ def _convert(args: argparse.Namespace) -> int:
     kind = model.pretrained.model_type
     if not model.pretrained.tokenizer:
         print(f"note: no tokenizer files found in {args.src}; the converted folder has none", file=sys.stderr)
-    print(f"converted {args.src} ({kind}, {n_params:,} parameters) -> {dst}: {_human(written)} in "
+    print(f"converted {args.src} ({kind}, {n_params:,} parameters) -> {dst} ({args.to}): {_human(written)} in "
           f"{shards} shard(s) + {len(files) - shards} other file(s); {end - start:.1f} s "
           f"(load {loaded - start:.1f} s, write {end - loaded:.1f} s)")
     return 0

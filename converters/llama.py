@@ -18,7 +18,9 @@ Weight names (Hugging Face -> mlx_zeta): ``model.embed_tokens`` -> ``token_emb``
 ``...self_attn.{q,k}_norm`` -> ``...attn.{q,k}_norm``, ``mlp.{up,gate}_proj`` ->
 ``ff.proj_in`` (stacked), ``mlp.down_proj`` -> ``ff.proj_out``, ``input_layernorm`` ->
 ``attn_norm``, ``post_attention_layernorm`` -> ``ff_norm``, ``model.norm`` ->
-``attn_layers.final_norm``, ``lm_head`` -> ``to_logits``.
+``attn_layers.final_norm``, ``lm_head`` -> ``to_logits``; one table (``NAMES``) gives both
+directions: :func:`sanitize` reads a checkpoint, :func:`to_hf` writes one back (``ff.proj_in`` split
+into ``up_proj``, ``gate_proj``) and :func:`hf_config` sets its ``architectures``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import mlx.nn as nn
 
 from mlx_zeta.structs import Decoder, Transformer
 
-from .base import LinearPart, TransformerArgs, rename
+from .base import LinearPart, TransformerArgs, rename, rename_rules
 from .fields import check_entries
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -146,18 +148,25 @@ def build(args: ModelArgs) -> Transformer:
                        tie_embedding=args.tie_word_embeddings, use_abs_pos_emb=False)
 
 
-RENAMES = [
-    (r"^model\.embed_tokens\.", "token_emb."),
-    (r"^model\.norm\.", "attn_layers.final_norm."),
-    (r"^lm_head\.", "to_logits."),
-    (r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"attn_layers.layers.\1.attn.to_\2."),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"attn_layers.layers.\1.attn.to_out."),
-    (r"^model\.layers\.(\d+)\.self_attn\.([qk])_norm\.", r"attn_layers.layers.\1.attn.\2_norm."),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"attn_layers.layers.\1.ff.proj_out."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"attn_layers.layers.\1.attn_norm."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"attn_layers.layers.\1.ff_norm."),
+# (Hugging Face prefix, ours); {i}: a layer index, {p}: q/k/v, {n}: q/k.
+NAMES = [
+    ("model.embed_tokens.", "token_emb."),
+    ("model.norm.", "attn_layers.final_norm."),
+    ("lm_head.", "to_logits."),
+    ("model.layers.{i}.self_attn.{p}_proj.", "attn_layers.layers.{i}.attn.to_{p}."),
+    ("model.layers.{i}.self_attn.o_proj.", "attn_layers.layers.{i}.attn.to_out."),
+    ("model.layers.{i}.self_attn.{n}_norm.", "attn_layers.layers.{i}.attn.{n}_norm."),
+    ("model.layers.{i}.mlp.down_proj.", "attn_layers.layers.{i}.ff.proj_out."),
+    ("model.layers.{i}.input_layernorm.", "attn_layers.layers.{i}.attn_norm."),
+    ("model.layers.{i}.post_attention_layernorm.", "attn_layers.layers.{i}.ff_norm."),
 ]
+FIELDS = {"i": r"\d+", "p": "[qkv]", "n": "[qk]"}
+RENAMES, HF_RENAMES = rename_rules(NAMES, FIELDS)
 _GATE_UP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)$")
+_PROJ_IN = re.compile(r"^attn_layers\.layers\.(\d+)\.ff\.proj_in\.(weight|bias)$")
+# model_type -> the transformers class of the checkpoint (config.json's architectures).
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM"}
 
 
 def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
@@ -184,6 +193,27 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
                              f"missing (its partner is present; both are needed for {target})")
         out[target] = mx.concatenate([pair["up"], pair["gate"]], axis=0)
     return out
+
+
+def to_hf(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
+    """The inverse of :func:`sanitize`: the ``Transformer``'s names to Hugging Face's, ``ff.proj_in``
+    split back into ``up_proj`` (first half) and ``gate_proj``; a tied model has no ``lm_head``
+    (transformers ties it). Pure; ``sanitize(to_hf(w, args), args) == w``."""
+    out: Dict[str, mx.array] = {}
+    for name, value in weights.items():
+        m = _PROJ_IN.match(name)
+        if m:
+            up, gate = mx.split(value, 2, axis=0)
+            out[f"model.layers.{m.group(1)}.mlp.up_proj.{m.group(2)}"] = up
+            out[f"model.layers.{m.group(1)}.mlp.gate_proj.{m.group(2)}"] = gate
+        else:
+            out[rename(name, HF_RENAMES)] = value
+    return out
+
+
+def hf_config(config: Dict[str, Any], args: ModelArgs) -> Dict[str, Any]:
+    """``config.json`` for :func:`to_hf`'s weights: ``architectures`` the model_type's causal LM."""
+    return {**config, "architectures": [HF_ARCHITECTURES[args.model_type]]}
 
 
 # --------------------------------------------------------------------------- adapters: Hugging Face modules

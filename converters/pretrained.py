@@ -14,7 +14,14 @@ converter module maps a checkpoint onto them and provides
   (the model's own names) loads through the same path;
 - ``TASK`` (optional): what the model does, one of :data:`TASKS`
   (``"causal-lm"``, ``"seq2seq"``, ``"encoder"``, ``"vision"``); ``mlx-zeta export-coreml``
-  picks its export from it.
+  picks its export from it;
+- ``to_hf(weights, args) -> dict`` (optional): the inverse of ``sanitize``, the model's names and
+  layouts back to the Hugging Face checkpoint's (pure; ``sanitize(to_hf(w, args), args) == w``
+  exactly). :func:`save_pretrained` with ``format="hf"`` needs it and refuses an architecture
+  without it;
+- ``hf_config(config, args) -> dict`` (optional, with ``to_hf``): the ``config.json`` that
+  transformers reads for the exported weights (e.g. ``architectures`` set), from the original
+  ``config`` without our keys. Default: that ``config`` as it is.
 
 Adding a Llama-like architecture is one such module plus one line in :data:`ARCHITECTURES`
 (or a :func:`register_architecture` call). Helpers the modules share live in :mod:`.base`; the
@@ -24,6 +31,17 @@ layers swapped after ``build`` are recorded and rebuilt by :mod:`.swaps`.
 The model returned by :func:`from_pretrained` carries a :class:`PretrainedInfo` as
 ``model.pretrained`` (the ``model_type``, the original ``config.json`` and the source
 folder), which :func:`save_pretrained` writes back.
+
+Two formats are written. ``format="mlx_zeta"`` (the default): the model's own names and
+layouts (packed, quantized), read back with no conversion; its ``config.json`` says
+``"model_type": "mlx_zeta"`` (:data:`MARKER`) and keeps the architecture in
+``"mlx_zeta_model_type"`` (:data:`ORIGINAL_TYPE_KEY`), so transformers refuses the folder ("model
+type `mlx_zeta` but Transformers does not recognize this architecture") instead of loading random
+weights for names it does not know. :func:`from_pretrained` reads the marked form and the plain one
+(folders written before the marker; Hugging Face checkpoints); ``model.pretrained.model_type`` and
+``.config["model_type"]`` are always the architecture's. ``format="hf"``: the Hugging Face
+checkpoint that transformers loads (``to_hf``, ``hf_config``), every swapped layer (:mod:`.swaps`)
+as the float layer the converter builds.
 """
 
 from __future__ import annotations
@@ -44,10 +62,10 @@ from mlx.utils import tree_flatten
 from .base import ACTIVATIONS, BaseModelArgs, TransformerArgs, activation
 from .fields import ConfigError, shown
 from .io import CONFIG, resolve_dtype, check_keys, load_state_dict, materialize, save_state_dict
-from .swaps import QUANTIZATION_KEY, TERNARY_KEY, quantize, rebuild, record
+from .swaps import QUANTIZATION_KEY, TERNARY_KEY, dense_parameters, quantize, rebuild, record
 
-__all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "TASKS", "BaseModelArgs", "TransformerArgs", "PretrainedInfo",
-           "from_pretrained", "save_pretrained", "resolve", "get_architecture", "register_architecture",
+__all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "TASKS", "FORMATS", "MARKER", "ORIGINAL_TYPE_KEY",
+           "BaseModelArgs", "TransformerArgs", "PretrainedInfo", "from_pretrained", "save_pretrained", "resolve", "get_architecture", "register_architecture",
            "unregister_architecture", "task_of", "quantize", "tokenizer_files", "ConfigError",
            "AUXILIARY_FILES", "AUXILIARY_FOLDERS", "TOKENIZER_FILES"]
 
@@ -67,6 +85,14 @@ _BUILT_IN = dict(_REGISTRY)
 # What a model does, declared as ``TASK`` by its converter module; the CLI picks its path from it.
 TASKS = ("causal-lm", "seq2seq", "encoder", "vision")
 _PROTOCOL = ("ModelArgs", "build", "sanitize")
+
+# What save_pretrained writes: our own layout (marked) or the Hugging Face checkpoint.
+FORMATS = ("mlx_zeta", "hf")
+# config.json's model_type in our format (no transformers architecture), and the key keeping the real one.
+MARKER = "mlx_zeta"
+ORIGINAL_TYPE_KEY = "mlx_zeta_model_type"
+# Keys of our config.json that a Hugging Face checkpoint does not have.
+_OUR_KEYS = (QUANTIZATION_KEY, TERNARY_KEY, ORIGINAL_TYPE_KEY)
 
 # Files besides the weights that travel with a converted model, copied byte for byte: the
 # tokenizer, special-token and chat-template files transformers' tokenizers and processors read
@@ -145,8 +171,9 @@ def register_architecture(model_type: str, module: Union[str, ModuleType], *, re
         >>> register_architecture("tiny_llama", "my_package.tiny_llama")
         >>> model = from_pretrained("path/to/tiny-llama-checkpoint")
     """
-    if not isinstance(model_type, str) or not model_type:
-        raise ValueError(f"[register_architecture] expected model_type to be a non-empty str, got {model_type!r}")
+    if not isinstance(model_type, str) or not model_type or model_type == MARKER:
+        raise ValueError(f"[register_architecture] expected model_type to be a non-empty str other than "
+                         f"{MARKER!r} (our format's marker), got {model_type!r}")
     if model_type in _REGISTRY and not replace:
         raise ValueError(f"[register_architecture] model_type {model_type!r} is already registered "
                          f"({_REGISTRY[model_type]}); pass replace=True to replace it")
@@ -219,9 +246,24 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"[from_pretrained] {path} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object of config fields, got {shown(config)}")
+    return unmarked(config, str(path))
+
+
+def unmarked(config: Mapping[str, Any], source: str = CONFIG) -> dict:
+    """``config`` with the architecture's own ``model_type``: our format's marked form
+    (``"model_type": "mlx_zeta"``, the type in ``"mlx_zeta_model_type"``) undone, a plain one as it is.
+    A ``ConfigError`` naming ``source`` when no model_type string is found."""
+    config = dict(config)
+    if config.get("model_type") == MARKER:
+        original = config.pop(ORIGINAL_TYPE_KEY, None)
+        if not isinstance(original, str) or original == MARKER:
+            found = shown(original) if original is not None else "none"
+            raise ConfigError(f"{source}: model_type {MARKER!r} (an mlx_zeta folder) expected field "
+                              f"{ORIGINAL_TYPE_KEY!r} to name the architecture, got {found}")
+        config["model_type"] = original
     if not isinstance(config.get("model_type"), str):
         found = shown(config["model_type"]) if "model_type" in config else "none"
-        raise ConfigError(f"{path}: expected field 'model_type' to be a string naming the architecture (one of "
+        raise ConfigError(f"{source}: expected field 'model_type' to be a string naming the architecture (one of "
                           f"{', '.join(sorted(ARCHITECTURES))}), got {found}")
     return config
 
@@ -299,23 +341,37 @@ def _auxiliary(source: Optional[Path], path: Path) -> Dict[str, Path]:
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.Dtype | None = None, *,
-                    max_shard_bytes: int = 5 * 2**30, config: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``model`` as ``config.json`` plus (sharded) safetensors that :func:`from_pretrained` reads.
+                    format: str = "mlx_zeta", max_shard_bytes: int = 5 * 2**30,
+                    config: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``model`` as ``config.json`` plus (sharded) safetensors.
 
-    The parameters are written under the model's own names (so loading them back runs
-    no conversion), in ``dtype`` if given (floating ones only). Layers swapped after the
-    converter built the model (MLX quantization, ``quantize_model`` / ``freeze_model``) are
-    recorded in ``config.json`` (:mod:`.swaps`) so that :func:`from_pretrained` rebuilds them.
-    Tokenizer and generation files of the source folder are copied beside them (a JSON one
-    that does not parse is refused). Nothing half-written is left: weights, those files and
-    ``config.json`` go through :func:`save_state_dict`'s temporary folder together.
+    ``format="mlx_zeta"`` (default): the parameters under the model's own names, which
+    :func:`from_pretrained` loads with no conversion; layers swapped after the converter built the
+    model (MLX quantization, ``quantize_model`` / ``freeze_model``) are recorded in ``config.json``
+    (:mod:`.swaps`) so that it rebuilds them, and ``config.json`` is marked (``"model_type":
+    "mlx_zeta"``, the architecture in ``"mlx_zeta_model_type"``) so that transformers refuses it.
+
+    ``format="hf"``: the Hugging Face checkpoint of the architecture, which transformers'
+    ``from_pretrained`` loads: the weights through the converter's ``to_hf``, ``config.json``
+    through its ``hf_config`` (our keys removed, ``dtype`` the weights'), MLX affine-quantized
+    layers de-quantized (``mx.dequantize``) and ternary swaps written as their dense float weight
+    (:func:`.swaps.dense_parameters`: their int8 activation quantization is not kept). An
+    architecture without ``to_hf`` is refused.
+
+    Tokenizer and generation files of the source folder are copied beside them (a JSON one that
+    does not parse is refused). Nothing half-written is left: weights, those files and
+    ``config.json`` go through :func:`save_state_dict`'s temporary folder together, and every
+    refusal comes before anything is written.
 
     Args:
         model: a model from :func:`from_pretrained` (or any model, with ``config``).
         path: destination folder. dtype: cast floating weights before writing.
+        format: ``"mlx_zeta"`` or ``"hf"`` (:data:`FORMATS`).
         max_shard_bytes: shard size limit (an index file is written for more than one shard).
         config: the ``config.json`` dict for a model that has no ``model.pretrained``.
     """
+    if format not in FORMATS:
+        raise ValueError(f"[save_pretrained] expected format in {FORMATS}, got {format!r}")
     info = getattr(model, "pretrained", None)
     if config is None:
         if not isinstance(info, PretrainedInfo):
@@ -325,15 +381,45 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.D
     if not isinstance(config, Mapping):
         raise ValueError(f"[save_pretrained] expected config to be a dict of config.json fields, got "
                          f"{type(config).__name__}")
-    config = {k: v for k, v in config.items() if k not in (QUANTIZATION_KEY, TERNARY_KEY)}
     if "model_type" not in config:
         raise ValueError("[save_pretrained] expected config to name its model_type")
+    config = {k: v for k, v in unmarked(config, "[save_pretrained] config").items() if k not in _OUR_KEYS}
     arch = get_architecture(config["model_type"])
-    config.update(record(model, arch.build(_args(arch, config, Path(CONFIG))), config["model_type"]))
+    args = _args(arch, config, Path(CONFIG))
+    if format == "hf":
+        weights, config = _hf_checkpoint(model, arch, args, config)
+    else:
+        config = {"model_type": MARKER, ORIGINAL_TYPE_KEY: config["model_type"],
+                  **{k: v for k, v in config.items() if k != "model_type"},
+                  **record(model, arch.build(args), config["model_type"])}
+        weights = dict(tree_flatten(model.parameters()))
     dt = resolve_dtype(dtype)
     weights = {k: v.astype(dt) if dt is not None and mx.issubdtype(v.dtype, mx.floating) else v
-               for k, v in tree_flatten(model.parameters())}
+               for k, v in weights.items()}
+    if format == "hf":
+        config = {**{k: v for k, v in config.items() if k != "torch_dtype"}, "dtype": _dtype_name(weights)}
     path = Path(path)
     source = info.source if isinstance(info, PretrainedInfo) else None
     save_state_dict(weights, path, max_shard_bytes=max_shard_bytes, config=config, files=_auxiliary(source, path))
     return path
+
+
+def _hf_checkpoint(model: nn.Module, arch: ModuleType, args: Any, config: dict) -> tuple:
+    """``(weights, config)`` of the Hugging Face checkpoint of ``model`` (``format="hf"``)."""
+    model_type = config["model_type"]
+    if not callable(getattr(arch, "to_hf", None)):
+        raise ValueError(f'[save_pretrained] format="hf" is not supported for model_type {model_type} '
+                         f"(its converter {arch.__name__} has no to_hf)")
+    dense = dense_parameters(model, arch.build(args), model_type)
+    hf_config = getattr(arch, "hf_config", None)
+    return arch.to_hf(dense, args), (hf_config(dict(config), args) if callable(hf_config) else config)
+
+
+def _dtype_name(weights: Mapping[str, mx.array]) -> Optional[str]:
+    """The floating dtype holding most of ``weights``' elements, as transformers names it (None: none)."""
+    sizes: Dict[str, int] = {}
+    for v in weights.values():
+        if mx.issubdtype(v.dtype, mx.floating):
+            name = str(v.dtype).rsplit(".", 1)[-1]
+            sizes[name] = sizes.get(name, 0) + v.size
+    return max(sizes, key=sizes.get) if sizes else None

@@ -14,6 +14,9 @@ Two kinds of swap are recorded by :func:`record` (called by ``save_pretrained``)
   :class:`~mlx_zeta.quant.TernaryLinear`): ``"mlx_zeta_ternary": [{"class": "TernaryLinear",
   "options": {constructor keywords}, "layers": [paths]}, ...]``, one entry per class and options.
 
+For a Hugging Face export (``save_pretrained(format="hf")``), :func:`dense_parameters` undoes both
+kinds: the model's parameters with every swapped layer written as the float layer ``build`` makes.
+
 Ternary layers that the converter builds itself (BitNet checkpoints) are not recorded: they are
 what ``build`` makes. A layer of any other class where ``build`` makes something else cannot be
 rebuilt, and ``save_pretrained`` refuses it by name rather than write a folder that does not load.
@@ -23,14 +26,16 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional
 
+import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
-from mlx_zeta.quant import BitLinear, TernaryLinear
+from mlx_zeta.quant import BitLinear, TernaryLinear, weight_quant
 from mlx_zeta.quant.affine import affine_quantize
 
 from .fields import ConfigError, check_value, problem
 
-__all__ = ["QUANTIZATION_KEY", "TERNARY_KEY", "quantize", "quantized_layers", "record", "rebuild"]
+__all__ = ["QUANTIZATION_KEY", "TERNARY_KEY", "quantize", "quantized_layers", "record", "rebuild", "dense_parameters"]
 
 QUANTIZATION_KEY = "mlx_zeta_quantization"
 TERNARY_KEY = "mlx_zeta_ternary"
@@ -154,3 +159,39 @@ def rebuild(model: nn.Module, config: Mapping[str, Any], source: str = "config.j
     if QUANTIZATION_KEY in config:
         spec = check_value(config[QUANTIZATION_KEY], Dict[str, Any], f"{source}: field {QUANTIZATION_KEY!r}")
         _rebuild_affine(model, spec, source)
+
+
+def _dense(path: str, layer: nn.Module, model_type: str) -> Dict[str, mx.array]:
+    """``{"weight", "bias"?}`` of the float layer that computes what ``layer`` (a swap) holds."""
+    if isinstance(layer, _AFFINE):
+        weight = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+        return {"weight": weight, **({"bias": layer.bias} if "bias" in layer else {})}
+    if "norm" in layer:
+        raise ValueError(f'[save_pretrained] format="hf": {path} is a {type(layer).__name__} with an input RMSNorm, '
+                         f"which the {model_type} checkpoint's Linear cannot hold (swap with norm=False to export)")
+    if isinstance(layer, BitLinear):  # the weight its forward multiplies: Q_W / s_w
+        return {"weight": weight_quant(layer.weight, layer.quant_eps),
+                **({"bias": layer.bias} if "bias" in layer else {})}
+    codes, scale, bias = layer.dense_weight()  # W = s T, the effective bias
+    return {"weight": codes * scale, **({"bias": bias} if bias is not None else {})}
+
+
+def dense_parameters(model: nn.Module, fresh: nn.Module, model_type: str) -> Dict[str, mx.array]:
+    r"""The flat parameters of ``model`` as the float model ``build`` (which made ``fresh``) holds them.
+
+    MLX affine layers are de-quantized (``mx.dequantize``: :math:`W = s\,q + b` per group);
+    a ternary swap becomes its dense weight, :math:`Q_W / s_w` for :class:`BitLinear` (what its
+    forward multiplies) and :math:`s\,T` with the effective bias for :class:`TernaryLinear`
+    (:meth:`~mlx_zeta.quant.TernaryLinear.dense_weight`). The per-token int8 quantization of their
+    inputs has no place in a float Linear and is dropped; a swap with an input RMSNorm is refused.
+    Layers ``build`` makes itself (BitNet's packed ones) stay as they are.
+    """
+    built = dict(fresh.named_modules())
+    swapped = {path: layer for path, layer in model.named_modules()
+               if isinstance(layer, _AFFINE) or (type(layer) in _TERNARY.values() and path in built
+                                                 and type(built[path]) is not type(layer))}
+    out = {k: v for k, v in tree_flatten(model.parameters())
+           if not any(k.startswith(f"{path}.") for path in swapped)}
+    for path, layer in swapped.items():
+        out.update({f"{path}.{k}": v for k, v in _dense(path, layer, model_type).items()})
+    return out

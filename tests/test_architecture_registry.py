@@ -149,7 +149,8 @@ def test_toy_architecture_converts_loads_and_matches_transformers(toy_registered
     dst = tmp_path / "converted"
     assert main(["convert", str(toy_folder), str(dst)]) == 0
     assert "(toy_llama," in capsys.readouterr().out
-    assert json.loads((dst / "config.json").read_text())["model_type"] == "toy_llama"
+    assert {k: json.loads((dst / "config.json").read_text())[k] for k in ("model_type", "mlx_zeta_model_type")} == \
+        {"model_type": "mlx_zeta", "mlx_zeta_model_type": "toy_llama"}  # marked: transformers refuses our format
     model = mlx_zeta.from_pretrained(dst, dtype="float32")
     assert isinstance(model, Transformer) and model.pretrained.model_type == "toy_llama"
     ids = _tokens()

@@ -216,7 +216,8 @@ def test_save_pretrained_reload_is_identical(tmp_path):
     model = mlx_zeta.from_pretrained(path)
     out = mlx_zeta.save_pretrained(model, tmp_path / "ours")
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "bitnet" and config["quantization_config"]["use_rms_norm"] is True
+    assert (config["model_type"], config["mlx_zeta_model_type"]) == ("mlx_zeta", "bitnet")
+    assert config["quantization_config"]["use_rms_norm"] is True
     saved = load_state_dict(out)
     assert saved["attn_layers.layers.0.attn.to_q.packed"].dtype == mx.uint8
     again = mlx_zeta.from_pretrained(out)
