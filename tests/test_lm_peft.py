@@ -8,6 +8,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -63,3 +64,144 @@ def test_hf_linear_parts_name_every_hf_linear_and_the_rows_sanitize_puts_there(p
         rows.sort()
         assert rows[0][0] == 0 and rows[-1][1] == flat[path].weight.shape[0], path
         assert all(x[1] == y[0] for x, y in zip(rows, rows[1:])), path
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def ids_for(model, seed=0):
+    return np.random.default_rng(seed).integers(0, model.pretrained.config["vocab_size"], size=(2, 11))
+
+
+def ours_logits(model, ids):
+    return np.array(model(mx.array(ids)).astype(mx.float32))
+
+
+def theirs_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def assert_close(a, b):
+    diff = float(np.abs(a - b).max())
+    scale = float(np.abs(b).max())
+    assert diff <= TOL * max(1.0, scale), (diff, scale)
+    return diff
+
+
+def randomize(model, seed=1):
+    """Nonzero B (and a fresh A, a perturbed DoRA magnitude) in every adapter of ours."""
+    from mlx_zeta.training.adapters import LoRALinear
+
+    mx.random.seed(seed)
+    for _, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            layer.lora_a = 0.3 * mx.random.normal(layer.lora_a.shape)
+            layer.lora_b = 0.3 * mx.random.normal(layer.lora_b.shape)
+            if "magnitude" in layer:
+                layer.magnitude = layer.magnitude * (1 + 0.2 * mx.random.normal(layer.magnitude.shape))
+
+
+def swap(model, path, layer):
+    from mlx.utils import tree_unflatten
+
+    model.update_modules(tree_unflatten([(path, layer)]))
+
+
+# --------------------------------------------------------------------------- ours -> PEFT
+
+
+def adapt_ours(name, folder, dora):
+    """Our float32 model with adapters (nonzero B) whose ranks and scales differ between modules:
+    Llama: every Linear, layer 0's ``ff.proj_in`` rank 2 scale 1.5 (-> rank_pattern, alpha_pattern);
+    GPT-2: q/k/v in layer 0 (to_k scale 0.5: folded into c_attn's B), q/v only in layer 1."""
+    from mlx_zeta.training.adapters import DoRALinear, LoRALinear, apply_adapters
+
+    model = from_pretrained(folder, dtype="float32")
+    if name == "llama":
+        apply_adapters(model, rank=4, scale=2.0, dora=dora)
+        path = "attn_layers.layers.0.ff.proj_in"
+        base = dict(model.named_modules())[path].base
+        swap(model, path, (DoRALinear if dora else LoRALinear)(base, rank=2, scale=1.5))
+    else:
+        apply_adapters(model, rank=4, scale=2.0, dora=dora, targets=["*.0.attn.to_[qkv]", "*.1.attn.to_[qv]"])
+        dict(model.named_modules())["attn_layers.layers.0.attn.to_k"].scale = 0.5
+    randomize(model)
+    return model
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_save_peft_gives_peft_the_same_model(pair, dora, tmp_path):
+    from mlx_zeta.lm.adapters_hf import load_peft, save_peft
+
+    name, folder, base, _ = pair
+    ours = adapt_ours(name, folder, dora)
+    save_peft(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is dora and config["fan_in_fan_out"] is (name == "gpt2")
+    if name == "llama":
+        assert config["rank_pattern"] == {"model.layers.0.mlp.up_proj": 2, "model.layers.0.mlp.gate_proj": 2}
+        assert config["alpha_pattern"] == {"model.layers.0.mlp.up_proj": 3, "model.layers.0.mlp.gate_proj": 3}
+        assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj",
+                                                   "down_proj"])
+    else:  # c_attn: rank 4 + 4 + 4 in layer 0, 4 + 4 in layer 1 (k's rows of B zero)
+        assert config["target_modules"] == ["c_attn"]
+        assert {config["r"], *config["rank_pattern"].values()} == {12, 8}
+    theirs = peft.PeftModel.from_pretrained(hf_model(folder), str(tmp_path)).eval()
+    ids = ids_for(ours)
+    expected = ours_logits(ours, ids)
+    assert_close(expected, theirs_logits(theirs, ids))
+    assert np.abs(expected - ours_logits(base, ids)).max() > 0.1  # the adapters matter
+    again = from_pretrained(folder, dtype="float32")  # and our reader reads our writer back
+    load_peft(again, tmp_path)
+    np.testing.assert_allclose(ours_logits(again, ids), expected, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- PEFT -> ours
+
+PEFT_CONFIGS = {  # up_proj without gate_proj / k rows of c_attn: rows of ours no adapter covers
+    "llama": [dict(target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], r=4, lora_alpha=8,
+                   rank_pattern={"down_proj": 2}, alpha_pattern={"up_proj": 5}),
+              dict(target_modules=["k_proj", "gate_proj", "up_proj"], r=4, lora_alpha=6,
+                   rank_pattern={"gate_proj": 2}, alpha_pattern={"model.layers.1.mlp.up_proj": 3}),
+              dict(target_modules=["q_proj", "gate_proj", "up_proj"], r=4, lora_alpha=8, use_rslora=True)],
+    "gpt2": [dict(target_modules=["c_attn", "c_fc"], r=4, lora_alpha=8, rank_pattern={"c_fc": 2}, fan_in_fan_out=True),
+             dict(target_modules=["c_attn", "c_proj"], r=2, lora_alpha=3, alpha_pattern={"h.1.attn.c_attn": 7},
+                  fan_in_fan_out=True),
+             dict(target_modules=["h.0.attn.c_attn", "h.1.mlp.c_fc"], r=3, lora_alpha=4, use_rslora=True,
+                  fan_in_fan_out=True)],
+}
+
+
+def peft_adapter(folder, out, settings, dora, seed=0):
+    """A PEFT adapter made by peft on the transformers model, random nonzero A, B (and magnitude),
+    written by ``save_pretrained``; returns the PeftModel."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(**settings, use_dora=dora)
+    model = peft.get_peft_model(hf_model(folder), config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif "lora_" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    model.save_pretrained(str(out))
+    return model
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_load_peft_gives_ours_the_peft_model(pair, which, dora, tmp_path):
+    from mlx_zeta.lm.adapters_hf import load_peft
+
+    name, folder, base, _ = pair
+    theirs = peft_adapter(folder, tmp_path, PEFT_CONFIGS[name][which], dora)
+    ours = from_pretrained(folder, dtype="float32")
+    paths = load_peft(ours, tmp_path)
+    assert paths and all(".attn." in p or ".ff." in p for p in paths)
+    ids = ids_for(ours)
+    expected = theirs_logits(theirs, ids)
+    assert_close(ours_logits(ours, ids), expected)
+    assert np.abs(expected - ours_logits(base, ids)).max() > 0.1
+    trainable = [k for k, _ in tree_flatten(ours.trainable_parameters())]
+    assert trainable and all(k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "magnitude") for k in trainable)
