@@ -205,3 +205,75 @@ def test_load_peft_gives_ours_the_peft_model(pair, which, dora, tmp_path):
     assert np.abs(expected - ours_logits(base, ids)).max() > 0.1
     trainable = [k for k, _ in tree_flatten(ours.trainable_parameters())]
     assert trainable and all(k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "magnitude") for k in trainable)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _edit_config(**changes):
+    def edit(folder):
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+def _edit_weights(rename=None, drop=None):
+    def edit(folder):
+        path = folder / "adapter_model.safetensors"
+        weights = mx.load(str(path))
+        if drop:
+            weights = {k: v for k, v in weights.items() if drop not in k}
+        if rename:
+            weights = {k.replace(*rename): v for k, v in weights.items()}
+        mx.save_safetensors(str(path), weights)
+    return edit
+
+
+def _pickle_only(folder):
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit_config(peft_type="IA3"), "expected peft_type 'LORA', got 'IA3'"),
+    (_edit_config(bias="all"), "unsupported bias='all'"),
+    (_edit_config(modules_to_save=["lm_head"]), "unsupported modules_to_save=['lm_head']"),
+    (_edit_config(r=5, rank_pattern={}), "expected rank 5 (adapter_config.json), got 4"),
+    (_edit_config(lora_alpha="8"), "unexpected lora_alpha='8'"),
+    (_edit_weights(rename=("layers.1.self_attn.q_proj", "layers.7.self_attn.q_proj")),
+     "expected a module a Hugging Face llama model has"),
+    (_edit_weights(drop="layers.0.self_attn.q_proj.lora_B"), "expected lora_A.weight, lora_B.weight, got lora_A.weight"),
+    (_edit_weights(rename=("lora_B.weight", "lora_B.bias")), "unexpected key"),
+    (_pickle_only, "found only adapter_model.bin (a pickle, never read here)"),
+])
+def test_load_peft_refuses_with_one_line_naming_the_file(tiny_lm, tmp_path, edit, message):
+    from mlx_zeta.lm.adapters_hf import load_peft
+
+    folder = tiny_lm("llama")
+    peft_adapter(folder, tmp_path, PEFT_CONFIGS["llama"][0], dora=False)
+    edit(tmp_path)
+    model = from_pretrained(folder, dtype="float32")
+    with pytest.raises(ValueError) as e:
+        load_peft(model, tmp_path)
+    text = str(e.value)
+    assert message in text and str(tmp_path) in text and "\n" not in text, text
+    assert not any(".lora_" in k for k, _ in tree_flatten(model.parameters()))  # the model is untouched
+
+
+def test_save_and_load_peft_refuse_models_they_cannot_map(tiny_lm, tmp_path):
+    from mlx_zeta.lm.adapters_hf import load_peft, save_peft
+    from mlx_zeta.training.adapters import apply_adapters
+
+    model = from_pretrained(tiny_lm("llama"), dtype="float32")
+    with pytest.raises(ValueError, match=r"^\[save_peft\] expected a model with adapters"):
+        save_peft(model, tmp_path / "a")
+    apply_adapters(model, rank=2, targets=["*.to_q", "to_logits"])
+    with pytest.raises(ValueError, match=r"^\[save_peft\] expected adapters on Linears a Hugging Face llama model "
+                                         r"has, got one on 'to_logits'"):
+        save_peft(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    peft_adapter(tiny_lm("llama"), tmp_path / "p", PEFT_CONFIGS["llama"][0], dora=False)
+    with pytest.raises(ValueError, match=r"^\[load_peft\] expected a model without adapters"):
+        load_peft(model, tmp_path / "p")
+    t5 = from_pretrained(tiny_lm("t5"))
+    with pytest.raises(ValueError, match=r"^\[load_peft\] expected a model_type whose converter maps .* got 't5'"):
+        load_peft(t5, tmp_path / "p")

@@ -47,9 +47,9 @@ from mlx.utils import tree_unflatten
 from mlx_zeta.common import atomic_path
 from mlx_zeta.converters.base import LinearPart
 from mlx_zeta.converters.pretrained import PretrainedInfo, get_architecture
-from mlx_zeta.training.adapters import DoRALinear, LoRALinear, dense_weight
+from mlx_zeta.training.adapters import DoRALinear, LoRALinear, dense_weight, load_adapters
 
-__all__ = ["save_peft", "load_peft", "is_peft_folder", "PEFT_CONFIG", "PEFT_WEIGHTS"]
+__all__ = ["save_peft", "load_peft", "load_any_adapters", "PEFT_CONFIG", "PEFT_WEIGHTS"]
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -354,11 +354,16 @@ def load_peft(model: nn.Module, folder: Union[str, Path]) -> List[str]:
     return [path for path, _ in swaps]
 
 
-def is_peft_folder(folder: Union[str, Path]) -> bool:
-    """Whether ``folder``'s ``adapter_config.json`` is PEFT's (it names a ``peft_type``)."""
+def load_any_adapters(model: nn.Module, folder: Union[str, Path]) -> List[str]:
+    """Apply the adapters in ``folder`` to ``model``: PEFT's (:func:`load_peft`) when its
+    ``adapter_config.json`` names a ``peft_type``, else ours
+    (:func:`~mlx_zeta.training.adapters.load_adapters`, which checks its own format); returns the
+    adapted module paths."""
     path = Path(folder) / PEFT_CONFIG
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(config, dict) and "peft_type" in config
+        config = None  # load_adapters names what is wrong with it
+    if isinstance(config, dict) and "peft_type" in config:
+        return load_peft(model, folder)
+    return load_adapters(model, folder)
