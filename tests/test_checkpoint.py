@@ -224,3 +224,32 @@ def test_kill_during_write_keeps_previous(tmp_path, stage):
     # The next save clears the dead writer's leftovers.
     save_checkpoint(root, model, opt, step=3, config=CONFIG)
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_trainable_only_holds_and_restores_only_trainable_parameters(tmp_path):
+    """A frozen base with a trainable part: the file holds the trainable names alone; loading
+    restores them exactly and leaves the (caller's) frozen weights as they are."""
+    def partly_frozen(seed):
+        model = make_model(seed)
+        model.freeze()
+        model.attn_layers.layers[0].ff.unfreeze()
+        return model
+
+    model, opt = partly_frozen(0), make_optimizer()
+    train(model, opt, 0, 2)
+    path = save_checkpoint(tmp_path, model, opt, step=2, config=CONFIG, trainable_only=True)
+    saved = mx.load(str(path / "model.safetensors"))
+    assert sorted(saved) == sorted(flat(model.trainable_parameters())) and len(saved) < len(flat(model.parameters()))
+    assert json.loads((path / "meta.json").read_text())["trainable_only"] is True
+
+    fresh, fresh_opt = partly_frozen(1), make_optimizer()
+    frozen_before = {k: v for k, v in flat(fresh.parameters()).items() if k not in saved}
+    load_checkpoint(tmp_path, fresh, fresh_opt)
+    assert_trees_equal(model.trainable_parameters(), fresh.trainable_parameters())
+    assert_trees_equal(opt.state, fresh_opt.state)
+    for k, v in frozen_before.items():  # untouched: still seed 1's
+        assert mx.array_equal(flat(fresh.parameters())[k], v), k
+
+    other = make_model(0)  # everything trainable: the checkpoint lacks most names
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path, other)

@@ -6,7 +6,7 @@ Layout of a checkpoint root ``directory``::
     directory/
         latest                  # one line: the name of the newest complete checkpoint
         ckpt-00000100/
-            model.safetensors       # tree_flatten(model.parameters())
+            model.safetensors       # tree_flatten(model.parameters()), or only the trainable ones
             optimizer.safetensors   # tree_flatten(optimizer.state): moments, step, learning rate
             meta.json               # step, config, extra, RNG key, size and sha256 of each file
         ckpt-00000200/ ...
@@ -21,6 +21,10 @@ folder, which readers never look at and the next save removes.
 
     >>> save_checkpoint("runs/a", model, optimizer, step=100, config={"dim": 64})
     >>> info = load_checkpoint("runs/a", model, optimizer)   # info["step"] == 100
+
+``trainable_only=True`` stores ``model.trainable_parameters()`` alone (adapters on a frozen base:
+megabytes instead of the whole model); ``meta.json`` records it and loading then checks and restores
+exactly the model's trainable parameters, the frozen ones being the caller's (the same base model).
 """
 
 import hashlib
@@ -81,7 +85,8 @@ def _checkpoints(root: Path):
 
 
 def save_checkpoint(directory: PathLike, model: nn.Module, optimizer: optim.Optimizer, step: int,
-                    config: Dict[str, Any], extra: Optional[Dict[str, Any]] = None, keep: int = 3) -> Path:
+                    config: Dict[str, Any], extra: Optional[Dict[str, Any]] = None, keep: int = 3,
+                    trainable_only: bool = False) -> Path:
     """Write checkpoint ``step`` under ``directory`` atomically and point ``latest`` at it.
 
     Args:
@@ -92,6 +97,8 @@ def save_checkpoint(directory: PathLike, model: nn.Module, optimizer: optim.Opti
         config (dict): JSON-serialisable run configuration.
         extra (dict, optional): more JSON-serialisable state (data position, best loss, ...).
         keep (int): newest checkpoints kept; older ones are deleted after the write. Default: ``3``.
+        trainable_only (bool): save ``model.trainable_parameters()`` only (see the module docstring).
+            Default: ``False``.
 
     Returns:
         The path of the new checkpoint directory.
@@ -107,7 +114,7 @@ def save_checkpoint(directory: PathLike, model: nn.Module, optimizer: optim.Opti
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(root)  # left by a writer that died (one writer per root)
 
-    weights = dict(tree_flatten(model.parameters()))
+    weights = dict(tree_flatten(_saved_parameters(model, trainable_only)))
     opt_state = dict(tree_flatten(optimizer.state))
     bad = sorted(k for k, v in opt_state.items() if not isinstance(v, mx.array))
     if bad:
@@ -125,7 +132,8 @@ def save_checkpoint(directory: PathLike, model: nn.Module, optimizer: optim.Opti
         _write_arrays(tmp / OPTIMIZER_FILE, opt_state)
         files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
                  for f in (MODEL_FILE, OPTIMIZER_FILE)}
-        _write_json(tmp / META_FILE, {"format": FORMAT, "step": step, "rng_key": rng_key, "files": files, **meta_json})
+        _write_json(tmp / META_FILE, {"format": FORMAT, "step": step, "rng_key": rng_key, "files": files,
+                                       "trainable_only": bool(trainable_only), **meta_json})
     with atomic_path(root / LATEST) as pointer:
         pointer.write_text(name + "\n")
 
@@ -133,6 +141,11 @@ def save_checkpoint(directory: PathLike, model: nn.Module, optimizer: optim.Opti
     for old in others[:max(len(others) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return root / name
+
+
+def _saved_parameters(model: nn.Module, trainable_only: bool) -> dict:
+    """The parameter tree a checkpoint holds: all of ``model``'s, or its trainable ones."""
+    return model.trainable_parameters() if trainable_only else model.parameters()
 
 
 def latest_checkpoint(directory: PathLike) -> Optional[Path]:
@@ -170,7 +183,8 @@ def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[o
     Args:
         directory (str or PathLike): a checkpoint root (its ``latest`` is loaded) or one
             ``ckpt-<step>`` directory.
-        model (nn.Module): receives the weights; keys and shapes must match exactly.
+        model (nn.Module): receives the weights; keys and shapes must match exactly (its trainable
+            parameters' when the checkpoint was saved with ``trainable_only=True``).
         optimizer (Optimizer, optional): receives the saved state.
 
     Returns:
@@ -192,7 +206,7 @@ def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[o
         raise CheckpointError(f"[load_checkpoint] {meta_path}: expected format {FORMAT}, got {meta.get('format')!r}")
 
     weights = _read_arrays(path / MODEL_FILE, files.get(MODEL_FILE, {}))
-    current = dict(tree_flatten(model.parameters()))
+    current = dict(tree_flatten(_saved_parameters(model, meta.get("trainable_only") is True)))
     try:  # names and shapes, listed as the converters list them
         check_keys({k: v.shape for k, v in current.items()}, weights, where=f"load_checkpoint {path / MODEL_FILE}")
     except ValueError as e:

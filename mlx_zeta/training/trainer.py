@@ -153,6 +153,8 @@ class Trainer:
         checkpoint_dir (str, optional), checkpoint_every (int, optional), resume (bool):
             checkpoints through :func:`~mlx_zeta.training.save_checkpoint` every
             ``checkpoint_every`` steps and at the end of :meth:`train`; ``config`` (dict) is stored with them.
+        checkpoint_trainable_only (bool): checkpoints hold the trainable parameters only (adapters
+            on a frozen base; the base is the caller's to rebuild before resuming). Default: ``False``.
         group (optional): an ``mx.distributed`` group; default :func:`~mlx_zeta.training.world`.
         tokens_fn (callable): tokens in a micro-batch, for tokens/s. Default: elements of its first array.
 
@@ -170,7 +172,8 @@ class Trainer:
                  log_every: int = 1, log_path: Optional[str] = None, progress: Optional[bool] = None,
                  stream: Optional[TextIO] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every: Optional[int] = None, resume: bool = False, config: Optional[dict] = None,
-                 group: Any = "auto", tokens_fn: Callable[[Batch], int] = count_tokens):
+                 group: Any = "auto", tokens_fn: Callable[[Batch], int] = count_tokens,
+                 checkpoint_trainable_only: bool = False):
         for what, value in (("grad_accum_steps", grad_accum_steps), ("log_every", log_every),
                             ("eval_every", eval_every or 1), ("checkpoint_every", checkpoint_every or 1)):
             check_int("Trainer", what, value, 1)
@@ -190,6 +193,7 @@ class Trainer:
         self.stream = stream or sys.stdout
         self.progress = progress
         self.checkpoint_dir, self.checkpoint_every, self.config = checkpoint_dir, checkpoint_every, dict(config or {})
+        self.checkpoint_trainable_only = bool(checkpoint_trainable_only)
         if group == "auto":
             from mlx_zeta.training.distributed import world
             group = world()
@@ -404,7 +408,8 @@ class Trainer:
         extra = {"consumed_batches": self._consumed}
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
-        save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.step, self.config, extra)
+        save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.step, self.config, extra,
+                        trainable_only=self.checkpoint_trainable_only)
         self._saved_step = self.step
 
     def _log(self, record: Dict[str, Any], to_stream: bool) -> None:
