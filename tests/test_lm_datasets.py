@@ -169,3 +169,13 @@ def test_bad_folders_and_arguments(tiny_lm, tmp_path):
         Batches(dataset([3]), 0)
     with pytest.raises(ValueError, match=r"\[TextDataset\] expected examples of at least 2 ids"):
         TextDataset([([1], 0)])
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tiny_lm, tmp_path):
+    """The generation prompt here is not what the template writes before an answer: no honest mask."""
+    tok = load_tokenizer(tiny_lm("llama"))
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+                         "{% if add_generation_prompt %}ANSWER:{% endif %}")
+    with pytest.raises(ValueError, match=r"train.jsonl:1: expected the chat template's rendering of the turns before "
+                                         r"the last assistant turn .* to be a prefix of the whole chat's"):
+        load_datasets(write(tmp_path / "d", "train", [LINES[1]]), tok, mask_prompt=True)

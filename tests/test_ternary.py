@@ -102,6 +102,18 @@ def test_int8_output_matches_bitlinear_training_forward(rng, bias, norm, convent
 
 @pytest.mark.parametrize("convention", ["divide", "multiply"])
 @pytest.mark.parametrize("kernel, packing", PATHS)
+def test_int8_input_gradient_is_bitlinears_straight_through(rng, convention, kernel, packing):
+    """The int8 rounding passes the gradient straight through, as BitLinear trains (otherwise x would
+    get only the gradient through s_x): needed by adapters on earlier layers of a ternary model."""
+    bit = _bitlinear(rng, 70, 33, bias=True, norm=True)
+    layer = TernaryLinear.from_bitlinear(bit, scale_convention=convention, kernel=kernel, packing=packing)
+    x, w = _x(rng, 2, 3, 70), mx.array(rng.standard_normal((2, 3, 33)).astype(np.float32))
+    grad = mx.grad(lambda x: (layer(x) * w).sum())(x)
+    assert_close(grad, mx.grad(lambda x: (bit(x) * w).sum())(x))
+
+
+@pytest.mark.parametrize("convention", ["divide", "multiply"])
+@pytest.mark.parametrize("kernel, packing", PATHS)
 def test_float_mode(rng, convention, kernel, packing):
     bit = _bitlinear(rng, 70, 33, bias=True)
     layer = TernaryLinear.from_bitlinear(bit, activation="float", scale_convention=convention,

@@ -171,6 +171,8 @@ def with_reference_vjp(forward: Callable[..., mx.array], reference: Callable[...
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
+        if isinstance(primals, mx.array):  # MLX hands a single primal over bare, not in a tuple
+            primals = (primals,)
         wrt = [n for n, x in enumerate(primals) if n not in frozen and mx.issubdtype(x.dtype, mx.floating)]
         out = [mx.zeros_like(x) for x in primals]
         if wrt:

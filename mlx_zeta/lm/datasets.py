@@ -112,7 +112,8 @@ def _chat_texts(tokenizer: Tokenizer, messages: list, tools: Any, last: int) -> 
 
 def _tokens(tokenizer: Tokenizer, whole: str, prompt: str, special: bool) -> Example:
     """(ids of ``whole``, how many leading ids it shares with ``prompt``'s own encoding)."""
-    ids, head = tokenizer.encode(whole, add_special_tokens=special), tokenizer.encode(prompt, add_special_tokens=special)
+    ids = tokenizer.encode(whole, add_special_tokens=special)
+    head = tokenizer.encode(prompt, add_special_tokens=special)
     shared = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), min(len(ids), len(head)))
     return ids, shared if prompt else 0
 
@@ -129,7 +130,7 @@ def _example(tokenizer: Tokenizer, record: Any, mask_prompt: bool) -> Example:
         roles = [m.get("role") for m in messages]
         last = max((i for i, r in enumerate(roles) if r == "assistant"), default=None)
         if last is None and mask_prompt:
-            raise _LineError("an assistant message to train on with mask_prompt, got roles " + ", ".join(map(str, roles)))
+            raise _LineError(f"an assistant message to train on with mask_prompt, got roles {', '.join(map(str, roles))}")
         return _tokens(tokenizer, *_chat_texts(tokenizer, messages, record.get("tools"), last or 0), special=False)
     if "prompt" in record or "completion" in record:
         p, c = record.get("prompt"), record.get("completion")

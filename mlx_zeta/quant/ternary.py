@@ -37,7 +37,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_zeta.common import check_choice, check_int, check_positive
-from mlx_zeta.kernels.dispatch import kernels_active
+from mlx_zeta.kernels.dispatch import kernels_active, with_reference_vjp
 from mlx_zeta.kernels.packing import TRITS_PER_BYTE, base3_codes, pack_2bit, pack_base3
 from mlx_zeta.kernels.ternary import ternary_matmul
 from mlx_zeta.quant.quantizers import quantize_activations, ternarize
@@ -324,23 +324,35 @@ class TernaryLinear(nn.Module):
         dtype = x.dtype  # before the norm, whose float32 gain would promote float16 inputs
         x = self.prepare_input(x)
         lead = x.shape[:-1]
-        if self.activation == "int8":
-            q_x, s_x = quantize_activations(x, self.quant_eps)
-            acc = self._matmul(q_x.reshape(-1, self.in_features).astype(mx.float32), exact=True)
-            s_x = s_x.reshape(-1, 1)
+        x = x.reshape(-1, self.in_features)
+        bias = (self.bias,) if "bias" in self else ()
+        if self.activation == "int8":  # exact integers forward, straight-through gradient (that of x W^T + b)
+            y = with_reference_vjp(self._int8_forward, self._straight_through)(x, *bias)
         else:
-            acc = self._matmul(x.reshape(-1, self.in_features).astype(mx.float32), exact=False)
-            s_x = None
+            y = self._output(self._matmul(x.astype(mx.float32), exact=False), None, *bias)
+        return y.astype(dtype).reshape(*lead, self.out_features)
+
+    def _output(self, acc: mx.array, s_x: Optional[mx.array], *bias: mx.array) -> mx.array:
+        """The layer's output from the product ``acc`` (M, out) and the activation scales (M, 1) or None."""
         if self.scale_convention == "divide":  # transformers BitLinear: y / (s_w * s_x), then + b
             y = acc / (s_x * self.weight_scale if s_x is not None else self.weight_scale)
-            if "bias" in self:
-                y = y + self.bias
-        else:  # transformers AutoBitLinear: (x_q @ T^T + b) * weight_scale
-            y = acc / s_x if s_x is not None else acc
-            if "bias" in self:
-                y = y + self.bias
-            y = y * self.weight_scale
-        return y.astype(dtype).reshape(*lead, self.out_features)
+            return y + bias[0] if bias else y
+        y = acc / s_x if s_x is not None else acc  # transformers AutoBitLinear: (x_q @ T^T + b) * weight_scale
+        return (y + bias[0] if bias else y) * self.weight_scale
+
+    def _int8_forward(self, x: mx.array, *bias: mx.array) -> mx.array:
+        """x (M, in) -> y (M, out) float32 through per-token int8 activations and exact integer products."""
+        q_x, s_x = quantize_activations(x, self.quant_eps)
+        return self._output(self._matmul(q_x.astype(mx.float32), exact=True), s_x, *bias)
+
+    def _straight_through(self, x: mx.array, *bias: mx.array) -> mx.array:
+        r"""The int8 forward's gradient reference: :math:`x W^T + b` (:meth:`weight_matrix`), i.e.
+        :math:`Q_x / s_x \approx x` passed straight through, as :class:`~mlx_zeta.quant.BitLinear` trains.
+        Without it the rounding would leave ``x`` only the gradient through :math:`s_x`."""
+        y = x.astype(mx.float32) @ self.weight_matrix().T
+        if not bias:
+            return y
+        return y + (bias[0] if self.scale_convention == "divide" else bias[0] * self.weight_scale)
 
     def nbytes(self, cache: bool = True) -> int:
         """Resident bytes of the parameters, plus the affine path's cached words when ``cache``."""
