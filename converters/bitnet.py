@@ -64,7 +64,7 @@ from mlx_zeta.quant import StackedProjection, SubNormTernaryLinear, TernaryLinea
 from mlx_zeta.structs import Decoder, Transformer
 
 from . import llama
-from .base import rename
+from .base import rename, rename_rules
 from .fields import check_entries
 
 MODEL_TYPES = ("bitnet",)
@@ -165,11 +165,15 @@ def build(args: ModelArgs) -> Transformer:
 
 
 # Renamed before llama's rules, which then map q/k/v/o/down, norms, embeddings and the head.
-_RENAMES = [
-    (r"^model\.layers\.(\d+)\.self_attn\.attn_sub_norm\.", r"attn_layers.layers.\1.attn.to_out.sub_norm."),
-    (r"^model\.layers\.(\d+)\.mlp\.ffn_sub_norm\.", r"attn_layers.layers.\1.ff.proj_out.sub_norm."),
-    (r"^model\.layers\.(\d+)\.mlp\.(up|gate)_proj\.", r"attn_layers.layers.\1.ff.proj_in.\2."),
+# (Hugging Face prefix, ours), both ways (base.rename_rules); {i}: a layer index, {g}: up/gate.
+NAMES = [
+    ("model.layers.{i}.self_attn.attn_sub_norm.", "attn_layers.layers.{i}.attn.to_out.sub_norm."),
+    ("model.layers.{i}.mlp.ffn_sub_norm.", "attn_layers.layers.{i}.ff.proj_out.sub_norm."),
+    ("model.layers.{i}.mlp.{g}_proj.", "attn_layers.layers.{i}.ff.proj_in.{g}."),
 ]
+_RENAMES, _HF_RENAMES = rename_rules(NAMES, {"i": r"\d+", "g": "up|gate"})
+# A ternary layer's own entries, Hugging Face -> ours (the weight's layout changes only when online).
+_LEAVES = {"weight": "packed", "weight_scale": "weight_scale", "rms_norm.weight": "norm.weight"}
 _TERNARY = re.compile(r"^(attn_layers\.layers\.\d+\.(?:attn\.to_(?:q|k|v|out)|ff\.proj_in\.(?:up|gate)|ff\.proj_out))"
                       r"\.(.+)$")
 
@@ -209,7 +213,7 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
         m = _TERNARY.match(name)
         leaf = m.group(2) if m else None
         if leaf == "rms_norm.weight":
-            out[f"{m.group(1)}.norm.weight"] = value
+            out[f"{m.group(1)}.{_LEAVES[leaf]}"] = value
         elif leaf == "weight":
             label = name if source.get(name, name) == name else f"{name} (checkpoint {source[name]})"
             found = _packed(label, value, args)
@@ -222,3 +226,28 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
         else:
             out[name] = value
     return out
+
+
+def to_hf(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
+    """The inverse of :func:`sanitize`: the packed uint8 ``packed`` back as ``weight`` (the 2-bit layout
+    is transformers' own), ``weight_scale`` as shape (1,) float32, ``norm`` as ``rms_norm``; other names
+    as :func:`.llama.to_hf`. Pure; ``sanitize(to_hf(w, args), hf_args) == w`` with ``hf_args`` the
+    :func:`hf_config`'s (an online checkpoint is written as the offline bitlinear one it computes)."""
+    hf_leaf = {ours: theirs for theirs, ours in _LEAVES.items()}
+    out: Dict[str, mx.array] = {}
+    for name, value in weights.items():
+        m = _TERNARY.match(name)
+        if m and m.group(2) in hf_leaf:
+            name = f"{m.group(1)}.{hf_leaf[m.group(2)]}"
+            value = value.reshape(1) if m.group(2) == "weight_scale" else value
+        out[rename(name, _HF_RENAMES)] = value
+    return llama.to_hf(out, args)
+
+
+def hf_config(config: Dict[str, Any], args: ModelArgs) -> Dict[str, Any]:
+    """``config.json`` for :func:`to_hf`'s weights: ``BitNetForCausalLM``; an online ``autobitlinear``
+    config becomes ``bitlinear`` (packed weights, "divide" scales: the same math, weights ternarized once)."""
+    quantization = dict(config["quantization_config"])
+    if args.online:
+        quantization.update(linear_class="bitlinear", quantization_mode="offline")
+    return {**config, "architectures": ["BitNetForCausalLM"], "quantization_config": quantization}

@@ -89,7 +89,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an mlx_zeta checkpoint",
                        description="Convert a Hugging Face checkpoint (folder or Hub repo id) into an mlx_zeta "
                                    "checkpoint folder (config.json + safetensors) that mlx_zeta.from_pretrained "
-                                   "loads without conversion.")
+                                   "loads without conversion, or (--to hf) any folder from_pretrained reads into "
+                                   "the Hugging Face checkpoint that transformers loads.")
     p.add_argument("src", help="source model folder, or a Hub repo id ('owner/name')")
     p.add_argument("dst", type=Path, help="destination folder (created; written atomically)")
     p.add_argument("--to", choices=list(_FORMATS), default="mlx-zeta",

@@ -65,8 +65,9 @@ from .io import CONFIG, resolve_dtype, check_keys, load_state_dict, materialize,
 from .swaps import QUANTIZATION_KEY, TERNARY_KEY, dense_parameters, quantize, rebuild, record
 
 __all__ = ["ACTIVATIONS", "activation", "ARCHITECTURES", "TASKS", "FORMATS", "MARKER", "ORIGINAL_TYPE_KEY",
-           "BaseModelArgs", "TransformerArgs", "PretrainedInfo", "from_pretrained", "save_pretrained", "resolve", "get_architecture", "register_architecture",
-           "unregister_architecture", "task_of", "quantize", "tokenizer_files", "ConfigError",
+           "BaseModelArgs", "TransformerArgs", "PretrainedInfo", "from_pretrained", "save_pretrained", "resolve",
+           "get_architecture", "register_architecture",
+           "unregister_architecture", "task_of", "quantize", "unmarked", "tokenizer_files", "ConfigError",
            "AUXILIARY_FILES", "AUXILIARY_FOLDERS", "TOKENIZER_FILES"]
 
 # model_type -> the module that converts it (a module of this package, or one added by
@@ -115,7 +116,8 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 @dataclasses.dataclass(frozen=True)
 class PretrainedInfo:
-    """What :func:`from_pretrained` knew: ``model_type``, the ``config.json`` dict, the source folder."""
+    """What :func:`from_pretrained` knew: ``model_type``, the ``config.json`` dict (:func:`unmarked`: its
+    ``model_type`` is the architecture's, also for a folder in our format), the source folder."""
 
     model_type: str
     config: Mapping[str, Any]
