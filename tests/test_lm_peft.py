@@ -241,7 +241,8 @@ def _pickle_only(folder):
     (_edit_config(lora_alpha="8"), "unexpected lora_alpha='8'"),
     (_edit_weights(rename=("layers.1.self_attn.q_proj", "layers.7.self_attn.q_proj")),
      "expected a module a Hugging Face llama model has"),
-    (_edit_weights(drop="layers.0.self_attn.q_proj.lora_B"), "expected lora_A.weight, lora_B.weight, got lora_A.weight"),
+    (_edit_weights(drop="layers.0.self_attn.q_proj.lora_B"),
+     "expected lora_A.weight, lora_B.weight, got lora_A.weight"),
     (_edit_weights(rename=("lora_B.weight", "lora_B.bias")), "unexpected key"),
     (_pickle_only, "found only adapter_model.bin (a pickle, never read here)"),
 ])

@@ -76,8 +76,8 @@ def test_fuse_writes_the_model_with_its_adapters(trained, tmp_path, capsys):
     from mlx_zeta.lm import load
 
     folder, data, adapters = trained
-    code, out, err = run(capsys, "fuse", "--model", folder, "--adapter-path", adapters, "--save-path", tmp_path / "fused",
-                         "--data", data)
+    code, out, err = run(capsys, "fuse", "--model", folder, "--adapter-path", adapters,
+                         "--save-path", tmp_path / "fused", "--data", data)
     assert code == 0, err
     modules = json.loads((adapters / "adapter_config.json").read_text())["modules"]
     m = re.fullmatch(rf"fused {len(modules)} adapters into {re.escape(str(folder))} -> "
@@ -88,7 +88,8 @@ def test_fuse_writes_the_model_with_its_adapters(trained, tmp_path, capsys):
     assert abs(before - after) < 1e-4  # a float model: fusing changes nothing but rounding
     adapted, _ = load(folder, adapter_path=adapters)
     expected = logits(adapted)
-    np.testing.assert_allclose(logits(from_pretrained(tmp_path / "fused")), expected, atol=2e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(logits(from_pretrained(tmp_path / "fused")), expected,
+                               atol=2e-5 * np.abs(expected).max())
     base = logits(from_pretrained(folder))
     assert np.abs(base - expected).max() > 1e-2
 
@@ -178,7 +179,8 @@ def test_qlora_then_fuse_requantizes_and_reports_the_loss_change(trained, tmp_pa
     (["lora", "--data", "{data}", "--dropout", "1.5"], "[lora] --dropout: expected a probability in [0, 1), got 1.5"),
     (["lora", "--data", "{data}", "--resume", "--adapter-path", "{missing}"], "[lora] --resume: expected checkpoints"),
     (["lora", "--data", "{data}", "--test"], "[lora] --data: expected {data}/test.jsonl, not found"),
-    (["lora", "--data", "{data}", "--scale", "1", "--alpha", "2"], "argument --alpha: not allowed with argument --scale"),
+    (["lora", "--data", "{data}", "--scale", "1", "--alpha", "2"],
+     "argument --alpha: not allowed with argument --scale"),
     (["lora", "--data", "{data}", "--rank", "0"], "argument --rank: expected an int > 0, got '0'"),
     (["fuse", "--adapter-path", "{missing}", "--save-path", "{out}"],
      "[fuse] --adapter-path: expected a folder with adapter_config.json, got '{missing}'"),

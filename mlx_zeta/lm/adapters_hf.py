@@ -187,7 +187,8 @@ def save_peft(model: nn.Module, folder: Union[str, Path]) -> Path:
                          f"got one on {unknown[0]!r}")
     dora = {isinstance(m, DoRALinear) for m in ours.values()}
     if len(dora) > 1:
-        raise ValueError("[save_peft] expected all adapters LoRA or all DoRA (PEFT's use_dora is one setting), got both")
+        raise ValueError("[save_peft] expected all adapters LoRA or all DoRA (PEFT's use_dora is one setting), "
+                         "got both")
     sources = {path: _Lora(m.lora_a, m.lora_b, m.scale, m.get("magnitude")) for path, m in ours.items()}
     base_rows = _base_rows(model)
     hf = {}

@@ -89,7 +89,8 @@ def _add_lora(sub: argparse._SubParsersAction) -> None:
                    help="adapters (LoRA, DoRA) or every parameter (default: lora)")
     p.add_argument("--rank", type=_positive(int), default=8, help="adapter rank (default: 8)")
     scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--scale", type=float, help="adapter scale s in y = Wx + s BAx (default: mlx_zeta.lm.tuning.train's)")
+    scale.add_argument("--scale", type=float,
+                       help="adapter scale s in y = Wx + s BAx (default: mlx_zeta.lm.tuning.train's)")
     scale.add_argument("--alpha", type=float, help="PEFT's lora_alpha: scale = alpha / rank")
     p.add_argument("--dropout", type=float, default=0.0, help="adapter dropout probability (default: 0)")
     p.add_argument("--num-layers", type=_positive(int), metavar="N", help="adapt only the last N blocks (default: all)")
@@ -114,7 +115,8 @@ def _add_lora(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-batches", type=_positive(int), default=25, metavar="N",
                    help="validation batches per evaluation (default: 25)")
     p.add_argument("--save-every", type=_positive(int), default=100, metavar="N", help="checkpoint every N steps")
-    p.add_argument("--test", action="store_true", help="report the test loss and perplexity (test.jsonl) after training")
+    p.add_argument("--test", action="store_true",
+                   help="report the test loss and perplexity (test.jsonl) after training")
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter init, dropout and batch order")
     p.add_argument("--dtype", choices=_DTYPES, help="cast floating weights (default: the checkpoint's dtypes)")
     p.set_defaults(handler=_lora)
