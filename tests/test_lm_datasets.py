@@ -111,6 +111,8 @@ def test_batches_are_bucketed_shuffled_per_epoch_and_deterministic():
     np.testing.assert_array_equal(np.array(inputs)[2], [1, 2, 3, 0])
     np.testing.assert_array_equal(np.array(targets)[2], [2, 3, 4, 0])
     assert len(list(iterate_batches(ds, 3, epochs=2))) == 6
+    capped = TextDataset([(list(range(1, 12)), 0)], max_seq_len=10)
+    assert Batches(capped, 1, pad_to=8)(0)[0].shape == (1, 10)  # not 16: never past max_seq_len
 
 
 def test_prompt_mask_starts_at_the_first_completion_target():

@@ -219,6 +219,7 @@ def test_full_fine_tuning_trains_every_parameter_and_saves_the_model(tiny_lm, tm
     (dict(fine_tune_type="qlora"), r"\[train\] expected fine_tune_type"),
     (dict(grad_checkpoint=True, dropout=0.1), r"\[train\] expected dropout=0 with grad_checkpoint"),
     (dict(iters=-1), r"\[train\] expected iters"),
+    (dict(save_every=0), r"\[train\] expected save_every"),
     (dict(learning_rate=0.0), r"\[train\] expected learning_rate"),
     (dict(data="empty"), r"\[train\] expected .*train.jsonl, not found"),
     (dict(quantized=True, fine_tune_type="full"), r"\[train\] fine_tune_type='full' trains every parameter, but "

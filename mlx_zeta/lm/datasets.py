@@ -32,7 +32,8 @@ and :func:`iterate_batches`): ``(inputs, targets, mask)``, each ``(batch, L)``, 
     \text{inputs}_j = t_j,\quad \text{targets}_j = t_{j+1},\quad
     \text{mask}_j = [\, j + 1 \ge p \,],\qquad 0 \le j < n - 1,
 
-right-padded with zeros (mask 0) to ``L``, the longest row rounded up to a multiple of ``pad_to``.
+right-padded with zeros (mask 0) to ``L``, the longest row rounded up to a multiple of ``pad_to``
+(but not past the dataset's ``max_seq_len``).
 Examples are sorted by length and cut into batches of neighbours (little padding); the order of
 the batches is shuffled with ``seed`` anew each epoch. ``pack=True`` instead concatenates whole
 examples into rows of at most ``max_seq_len`` positions: targets never cross an example's end,
@@ -263,7 +264,8 @@ class Batches:
         if self.shuffle:
             k = int(np.random.default_rng([self.seed, epoch]).permutation(len(self))[k])
         arrays = [_row_arrays(self.dataset, row) for row in self.batches[k]]
-        width = self.pad_to * math.ceil(max(len(a[0]) for a in arrays) / self.pad_to)
+        longest = max(len(a[0]) for a in arrays)
+        width = max(min(self.pad_to * math.ceil(longest / self.pad_to), self.dataset.max_seq_len), longest)
         out = [np.zeros((len(arrays), width), dtype) for dtype in (np.int32, np.int32, bool)]
         for r, row in enumerate(arrays):
             for o, a in zip(out, row):

@@ -31,7 +31,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from mlx_zeta.common import check_choice, check_int, check_positive
+from mlx_zeta.common import check_choice, check_int, check_positive, check_sizes
 from mlx_zeta.converters.pretrained import save_pretrained, task_of
 from mlx_zeta.structs.attention_layers import AttentionLayers
 from mlx_zeta.training import Trainer
@@ -159,7 +159,8 @@ def train(model: nn.Module, tokenizer: Tokenizer, data_dir: Union[str, os.PathLi
             parameter; a float model only). Default: ``"lora"``.
         iters (int): optimizer steps. batch_size (int): rows per micro-batch. learning_rate: Adam's
             (a float or a schedule). grad_accum (int): micro-batches per step. max_grad_norm: clipping.
-        mask_prompt (bool), max_seq_len (int), pack (bool): the data (see :mod:`mlx_zeta.lm.datasets`).
+        mask_prompt (bool), max_seq_len (int), pack (bool): the data (see :mod:`mlx_zeta.lm.datasets`);
+            ``max_seq_len`` is capped at the model's own for learned absolute positions (GPT-2).
         grad_checkpoint (bool): recompute each block in the backward pass (needs ``dropout=0``).
         adapter_path: the output folder; checkpoints go to ``<adapter_path>/checkpoints`` every
             ``save_every`` steps and at the end (trainable parameters and optimizer state only).
@@ -177,9 +178,13 @@ def train(model: nn.Module, tokenizer: Tokenizer, data_dir: Union[str, os.PathLi
         ``"full"``, the model (:func:`~mlx_zeta.converters.save_pretrained`) are in ``adapter_path``.
     """
     _check(model, tokenizer, fine_tune_type, dropout, grad_checkpoint)
-    for what, value in (("iters", iters), ("batch_size", batch_size), ("seed", seed)):
-        check_int("train", what, value, 0 if what in ("iters", "seed") else 1)
+    check_int("train", "iters", iters, 0)
+    check_int("train", "seed", seed, 0)
+    check_sizes("train", batch_size=batch_size, grad_accum=grad_accum, steps_per_eval=steps_per_eval,
+                val_batches=val_batches, save_every=save_every, test_batches=test_batches)
     check_positive("train", "learning_rate", None if callable(learning_rate) else learning_rate, optional=True)
+    if "pos_emb" in model:  # learned absolute positions: no example may be longer than the table
+        max_seq_len = min(max_seq_len, model.max_seq_len)
     datasets = load_datasets(data_dir, tokenizer, mask_prompt=mask_prompt, max_seq_len=max_seq_len)
     data = Batches(_split(datasets, "train", data_dir), batch_size, seed=seed, pack=pack)
     valid = datasets.get("valid")
