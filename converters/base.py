@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import re
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,7 +19,7 @@ import mlx.nn as nn
 from .fields import ConfigError, check_fields, shown
 
 __all__ = ["ACTIVATIONS", "activation", "rename", "rename_rules", "check_architectures", "BaseModelArgs",
-           "TransformerArgs", "ConfigError"]
+           "TransformerArgs", "ConfigError", "LinearPart"]
 
 # Hugging Face activation names (``hidden_act`` & co., transformers' ``ACT2FN``) -> MLX functions, same math.
 ACTIVATIONS: Mapping[str, Callable[[mx.array], mx.array]] = MappingProxyType({
@@ -143,3 +143,20 @@ class TransformerArgs(BaseModelArgs):
     vocab_size: int
 
     POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+class LinearPart(NamedTuple):
+    """Rows ``ours_rows`` (``(start, stop)``) of the Linear at module path ``ours`` of the built
+    model are rows ``hf_rows`` of the Hugging Face module ``hf`` (its path in the transformers
+    model, as PEFT names it), computed from the same input. ``transposed``: the Hugging Face module
+    stores its weight as ``(in, out)`` (GPT-2's ``Conv1D``) rather than ``nn.Linear``'s ``(out, in)``.
+
+    A converter's ``hf_linear_parts(args)`` lists these for every Linear an adapter may wrap; the
+    adapter interop (:mod:`mlx_zeta.lm.adapters_hf`) maps LoRA weights through them, so a fused
+    layer of ours (Llama's ``[up; gate]``) or of Hugging Face's (GPT-2's ``c_attn``) maps exactly."""
+
+    ours: str
+    ours_rows: Tuple[int, int]
+    hf: str
+    hf_rows: Tuple[int, int]
+    transposed: bool = False

@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_zeta.structs import Decoder, Transformer
 
-from .base import ACTIVATIONS, BaseModelArgs, activation, check_architectures, rename_rules, rename
+from .base import ACTIVATIONS, BaseModelArgs, LinearPart, activation, check_architectures, rename_rules, rename
 
 MODEL_TYPES = ("gpt2",)
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
@@ -191,3 +191,27 @@ def to_hf(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
 def hf_config(config: Dict, args: ModelArgs) -> Dict:
     """``config.json`` for :func:`to_hf`'s weights: ``architectures`` the class they are named for."""
     return {**config, "architectures": ["GPT2LMHeadModel" if hf_prefix(args) else "GPT2Model"]}
+
+# --------------------------------------------------------------------------- adapters: Hugging Face modules
+
+
+def hf_linear_parts(args: ModelArgs) -> List[LinearPart]:
+    """The Hugging Face module (PEFT's name for it) behind each Linear an adapter may wrap; all
+    are ``Conv1D`` (``transposed``: weight ``(in, out)``; PEFT's ``fan_in_fan_out``).
+
+    Per layer ``i`` (``attn_layers.layers.i.`` -> ``transformer.h.i.``, no ``transformer.`` for a
+    bare ``GPT2Model``): ``attn.to_q``, ``to_k``, ``to_v`` are rows ``0:d``, ``d:2d``, ``2d:3d`` of
+    ``attn.c_attn`` (``d = n_embd``; :func:`sanitize` splits it so), ``attn.to_out`` is
+    ``attn.c_proj``, ``ff.proj_in`` is ``mlp.c_fc`` and ``ff.proj_out`` is ``mlp.c_proj``. A LoRA on
+    ``c_attn`` is one on each of ``to_q``/``to_k``/``to_v`` with the same ``A`` and ``B`` split by
+    rows; LoRAs on those are one on ``c_attn`` with the ``A``'s stacked and the ``B``'s block-diagonal."""
+    d, inner = args.n_embd, args.n_inner
+    parts = []
+    for i in range(args.n_layer):
+        ours, hf = f"attn_layers.layers.{i}.", f"{hf_prefix(args)}h.{i}."
+        for j, name in enumerate(("to_q", "to_k", "to_v")):
+            parts.append(LinearPart(f"{ours}attn.{name}", (0, d), f"{hf}attn.c_attn", (j * d, (j + 1) * d), True))
+        parts += [LinearPart(f"{ours}attn.to_out", (0, d), f"{hf}attn.c_proj", (0, d), True),
+                  LinearPart(f"{ours}ff.proj_in", (0, inner), f"{hf}mlp.c_fc", (0, inner), True),
+                  LinearPart(f"{ours}ff.proj_out", (0, d), f"{hf}mlp.c_proj", (0, d), True)]
+    return parts

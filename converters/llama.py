@@ -28,14 +28,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_zeta.structs import Decoder, Transformer
 
-from .base import TransformerArgs, rename, rename_rules
+from .base import LinearPart, TransformerArgs, rename, rename_rules
 from .fields import check_entries
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -214,3 +214,29 @@ def to_hf(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
 def hf_config(config: Dict[str, Any], args: ModelArgs) -> Dict[str, Any]:
     """``config.json`` for :func:`to_hf`'s weights: ``architectures`` the model_type's causal LM."""
     return {**config, "architectures": [HF_ARCHITECTURES[args.model_type]]}
+
+
+# --------------------------------------------------------------------------- adapters: Hugging Face modules
+
+
+def hf_linear_parts(args: ModelArgs) -> List[LinearPart]:
+    """The Hugging Face module (PEFT's name for it) behind each Linear an adapter may wrap.
+
+    Per layer ``i`` (``attn_layers.layers.i.`` -> ``model.layers.i.``): ``attn.to_{q,k,v,out}`` is
+    ``self_attn.{q,k,v,o}_proj`` and ``ff.proj_out`` is ``mlp.down_proj``, whole; ``ff.proj_in``
+    holds ``[up; gate]`` (:func:`sanitize`), so its rows ``0:I`` are ``mlp.up_proj`` and rows
+    ``I:2I`` ``mlp.gate_proj`` (``I = intermediate_size``). A LoRA on ``proj_in`` is therefore one on
+    each half with the same ``A`` and ``B`` split by rows; LoRAs on both halves are one on
+    ``proj_in`` with the ``A``'s stacked and the ``B``'s block-diagonal."""
+    q = args.num_attention_heads * args.head_dim
+    kv = args.num_key_value_heads * args.head_dim
+    inner, dim = args.intermediate_size, args.hidden_size
+    parts = []
+    for i in range(args.num_hidden_layers):
+        ours, hf = f"attn_layers.layers.{i}.", f"model.layers.{i}."
+        for name, proj, rows in (("to_q", "q", q), ("to_k", "k", kv), ("to_v", "v", kv), ("to_out", "o", dim)):
+            parts.append(LinearPart(f"{ours}attn.{name}", (0, rows), f"{hf}self_attn.{proj}_proj", (0, rows)))
+        parts += [LinearPart(f"{ours}ff.proj_in", (0, inner), f"{hf}mlp.up_proj", (0, inner)),
+                  LinearPart(f"{ours}ff.proj_in", (inner, 2 * inner), f"{hf}mlp.gate_proj", (0, inner)),
+                  LinearPart(f"{ours}ff.proj_out", (0, dim), f"{hf}mlp.down_proj", (0, dim))]
+    return parts

@@ -9,8 +9,9 @@ function listed in that module's ``COMMANDS``:
   folder, optionally cast and quantized) and ``export-coreml`` (a model folder to a Core ML
   package);
 - :mod:`mlx_zeta.lm.cli`: ``generate`` (stream text from a prompt), ``chat`` (a terminal
-  REPL that keeps the history and its KV cache) and ``serve`` (an OpenAI-compatible HTTP
-  server).
+  REPL that keeps the history and its KV cache), ``serve`` (an OpenAI-compatible HTTP
+  server), and from :mod:`mlx_zeta.lm.tune_cli` ``lora`` (fine-tune with LoRA / DoRA
+  adapters) and ``fuse`` (fold adapters into the weights).
 
 Each handler takes the parsed ``argparse.Namespace`` and returns the exit status. This module
 only parses and turns exceptions into exit statuses, the same for every command:

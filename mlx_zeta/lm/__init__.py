@@ -5,6 +5,7 @@ Needs the ``lm`` extra (``pip install 'mlx-zeta[lm]'``: ``tokenizers`` and ``jin
 when a tokenizer is first loaded.
 """
 
+from mlx_zeta.lm.adapters_hf import load_peft, save_peft
 from mlx_zeta.lm.batch import batch_generate, batch_stream_generate
 from mlx_zeta.lm.cache import PromptCache, WindowedKVCache, make_caches
 from mlx_zeta.lm.cache_file import load_prompt_cache, save_prompt_cache
@@ -15,5 +16,5 @@ from mlx_zeta.lm.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenize
 
 __all__ = ["GenerationResponse", "PromptCache", "SpeculativeStats", "StreamingDetokenizer", "Tokenizer",
            "WindowedKVCache", "batch_generate", "batch_stream_generate", "generate", "generation_defaults", "load",
-           "load_prompt_cache", "load_tokenizer", "make_caches", "prompt_ids", "save_prompt_cache",
-           "speculative_steps", "stream_generate"]
+           "load_peft", "load_prompt_cache", "load_tokenizer", "make_caches", "prompt_ids", "save_peft",
+           "save_prompt_cache", "speculative_steps", "stream_generate"]

@@ -4,7 +4,7 @@ them and sets the exit status).
     mlx-zeta generate --model M --prompt TEXT [--system S] [--max-tokens N] [--temp T] [--top-p P]
                       [--top-k K] [--min-p P] [--repetition-penalty R] [--seed S] [--stop S ...]
                       [--chat | --no-chat] [--max-kv-size N] [--prompt-cache FILE]
-                      [--draft-model D [--num-draft-tokens K]] [--dtype D]
+                      [--draft-model D [--num-draft-tokens K]] [--adapter-path A] [--dtype D]
 
 ``generate`` loads M (a folder or a Hub repo id, :func:`mlx_zeta.lm.load`) and streams the text of
 :func:`mlx_zeta.lm.stream_generate` to stdout piece by piece (each flushed as it comes), then one
@@ -14,8 +14,10 @@ optional ``--system`` message, is the user's message of a chat; ``--no-chat`` fe
 is. ``--prompt -`` reads the prompt from stdin. Sampling options left out come from the
 checkpoint's ``generation_config.json`` (greedy without one). ``--prompt-cache FILE`` starts from
 the prompt cache saved in FILE, or saves one there after the run when FILE does not exist yet.
+``--adapter-path A`` applies the LoRA/DoRA adapters in A first (ours from ``mlx-zeta lora``, or a
+PEFT adapter folder; ``chat`` takes it too).
 
-    mlx-zeta chat --model M [--system S] [--max-tokens N] [--temp T] [...]
+    mlx-zeta chat --model M [--system S] [--max-tokens N] [--temp T] [--adapter-path A] [...]
 
 ``chat`` is a REPL: each line read from stdin (a terminal or a pipe) is the user's next message,
 the answer streams to stdout, and one :class:`~mlx_zeta.lm.PromptCache` lives across the turns,
@@ -28,6 +30,9 @@ it (exit status 0).
 ``serve`` runs the OpenAI-compatible server (:func:`mlx_zeta.lm.server.serve`, the ``serve``
 extra) until Ctrl-C.
 
+``lora`` (fine-tuning) and ``fuse`` (adapters into weights) are :mod:`mlx_zeta.lm.tune_cli`'s,
+listed in :data:`COMMANDS` here.
+
 Handlers raise ``ValueError`` for bad input (exit status 2) and ``OSError`` for what the system
 refused (exit status 1); the options are checked before the model loads.
 """
@@ -38,6 +43,9 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .tune_cli import COMMANDS as _TUNE_COMMANDS
+from .tune_cli import check_adapter_path
 
 __all__ = ["COMMANDS"]
 
@@ -118,10 +126,16 @@ def _stream(responses) -> tuple:
     return "".join(pieces), last, drafted
 
 
+def _adapter_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter-path", type=Path, metavar="A",
+                   help="apply the LoRA/DoRA adapters in folder A (ours or PEFT's)")
+
+
 def _load(args: argparse.Namespace):
     from mlx_zeta.lm import load
 
-    return load(args.model, dtype=args.dtype)
+    check_adapter_path(args.command, args.adapter_path)
+    return load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
 
 
 # --------------------------------------------------------------------------- generate
@@ -143,6 +157,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-model", metavar="D", help="speculative decoding with this smaller model")
     p.add_argument("--num-draft-tokens", type=_count, metavar="K",
                    help="tokens the draft proposes per step (default: 3)")
+    _adapter_option(p)
     p.set_defaults(handler=_generate)
 
 
@@ -230,6 +245,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     _model_options(p)
     p.add_argument("--system", metavar="S", help="a system message opening the chat")
     _sampling_options(p)
+    _adapter_option(p)
     p.set_defaults(handler=_chat)
 
 
@@ -314,4 +330,5 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # The commands of this module, composed with the converter ones by mlx_zeta.cli.
-COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (_add_generate, _add_chat, _add_serve)
+COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (_add_generate, _add_chat, _add_serve,
+                                                                    *_TUNE_COMMANDS)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from itertools import islice
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -29,6 +30,7 @@ from mlx_zeta.models.t5 import T5Model
 from mlx_zeta.structs.decoding import check_token_ids, decode_steps, global_key
 from mlx_zeta.structs.sampling import check_penalties, check_sampling_args, penalize, token_counts
 
+from .adapters_hf import load_any_adapters
 from .cache import PromptCache, fill_caches
 from .speculative import SpeculativeStats, check_draft_model, speculative_steps
 from .tokenizer import Tokenizer, check_tokenizer, load_tokenizer
@@ -67,12 +69,17 @@ class GenerationResponse:
     from_draft: bool = False
 
 
-def load(path_or_repo: str, dtype: Any = None, *, revision: Optional[str] = None,
-         allow_nonfinite: bool = False) -> Tuple[nn.Module, Tokenizer]:
+def load(path_or_repo: str, dtype: Any = None, *, adapter_path: Optional[Union[str, Path]] = None,
+         revision: Optional[str] = None, allow_nonfinite: bool = False) -> Tuple[nn.Module, Tokenizer]:
     """A checkpoint (folder or Hub repo id) as ``(model, tokenizer)``: the model through
     :func:`~mlx_zeta.from_pretrained` (``dtype``, ``revision``, ``allow_nonfinite`` as there), the
-    tokenizer from the same folder (:func:`~mlx_zeta.lm.tokenizer.load_tokenizer`)."""
+    tokenizer from the same folder (:func:`~mlx_zeta.lm.tokenizer.load_tokenizer`). ``adapter_path``:
+    a folder of LoRA/DoRA adapters applied to the model, ours (``save_adapters``, ``mlx-zeta lora``)
+    or PEFT's (``adapter_model.safetensors``), told apart by its ``adapter_config.json``
+    (:func:`~mlx_zeta.lm.adapters_hf.load_any_adapters`)."""
     model = from_pretrained(path_or_repo, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite)
+    if adapter_path is not None:
+        load_any_adapters(model, adapter_path)
     return model, load_tokenizer(model.pretrained.source)
 
 
