@@ -158,7 +158,7 @@ def test_qlora_then_fuse_requantizes_and_reports_the_loss_change(trained, tmp_pa
     assert before != after
     fused, tok = load(tmp_path / "f4")
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in fused.named_modules())
-    assert abs(evaluate(fused, load_datasets(data, tok)["valid"], 4) - after) < 1e-5
+    assert abs(evaluate(fused, load_datasets(data, tok)["valid"], 4) - after) <= 5e-5  # printed to 4 decimals
     code, out, err = run(capsys, "fuse", "--model", q4, "--adapter-path", adapters, "--save-path", tmp_path / "f32",
                          "--data", data, "--de-quantize")
     assert code == 0, err
