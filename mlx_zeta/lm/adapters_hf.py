@@ -42,12 +42,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
 from mlx_zeta.common import atomic_path
 from mlx_zeta.converters.base import LinearPart
 from mlx_zeta.converters.pretrained import PretrainedInfo, get_architecture
-from mlx_zeta.training.adapters import DoRALinear, LoRALinear, dense_weight, load_adapters
+from mlx_zeta.training.adapters import (DoRALinear, LoRALinear, build_layers, dense_weight, load_adapters,
+                                       wrap_layers)
 
 __all__ = ["save_peft", "load_peft", "load_any_adapters", "PEFT_CONFIG", "PEFT_WEIGHTS"]
 
@@ -333,14 +333,15 @@ def load_peft(model: nn.Module, folder: Union[str, Path]) -> List[str]:
     if _adapters(model):
         raise ValueError(f"[load_peft] expected a model without adapters, got one adapted "
                          f"({next(iter(_adapters(model)))}); fuse_adapters or reload it first")
-    modules, base_rows = dict(model.named_modules()), _base_rows(model)
+    base_rows = _base_rows(model)
     kind = DoRALinear if config["use_dora"] else LoRALinear
-    swaps = []
+    layers = {}
     for path, group in _by(parts, lambda p: p.ours).items():
         lora = _combine([(p, p.ours_rows, p.hf, p.hf_rows) for p in group], hf, base_rows)
         if lora is None:
             continue
-        layer = kind(modules[path], rank=lora.a.shape[0], scale=lora.scale, dropout=config["lora_dropout"])
+        options = {"rank": lora.a.shape[0], "scale": lora.scale, "dropout": config["lora_dropout"]}
+        layer = layers[path] = build_layers(model, kind, {path: options})[path]
         if layer.lora_a.shape != lora.a.shape:
             names = sorted({p.hf for p in group if p.hf in hf})
             raise ValueError(f"[load_peft] {folder / PEFT_WEIGHTS}: expected lora_A of {', '.join(names)} to take "
@@ -348,11 +349,8 @@ def load_peft(model: nn.Module, folder: Union[str, Path]) -> List[str]:
         layer.lora_a, layer.lora_b = lora.a, lora.b
         if lora.magnitude is not None:
             layer.magnitude = lora.magnitude
-        layer.train(modules[path].training)
-        swaps.append((path, layer))
-    model.freeze()
-    model.update_modules(tree_unflatten(swaps))
-    return [path for path, _ in swaps]
+    wrap_layers(model, layers)
+    return list(layers)
 
 
 def load_any_adapters(model: nn.Module, folder: Union[str, Path]) -> List[str]:

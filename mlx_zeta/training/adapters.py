@@ -26,7 +26,7 @@ from mlx_zeta.quant.ternary import TernaryLinear
 from mlx_zeta.training.lora import BASES, DoRALinear, LoRALinear, base_features, dense_bias, dense_weight
 
 __all__ = ["LoRALinear", "DoRALinear", "dense_weight", "apply_adapters", "adapter_parameters", "fuse_adapters",
-           "save_adapters", "load_adapters", "ADAPTER_FILE", "CONFIG_FILE", "FORMAT", "HEAD_NAMES"]
+           "save_adapters", "load_adapters", "build_layers", "wrap_layers", "ADAPTER_FILE", "CONFIG_FILE", "FORMAT", "HEAD_NAMES"]
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -146,23 +146,28 @@ def apply_adapters(model: nn.Module, *, rank: int = 8, scale: Optional[float] = 
     if not paths:
         raise ValueError("[apply_adapters] expected the model to hold Linear layers to adapt, found none")
     options = {"rank": rank, "scale": scale, "dropout": dropout}
-    _wrap(model, DoRALinear if dora else LoRALinear, {p: options for p in paths})
+    wrap_layers(model, build_layers(model, DoRALinear if dora else LoRALinear, {p: options for p in paths}))
     return paths
 
 
-def _wrap(model: nn.Module, kind: type, options: Dict[str, Dict[str, Any]]) -> None:
-    """Freeze ``model`` and swap each ``path`` of ``options`` for ``kind(base, **options[path])``.
-    The layers are all built before the model changes, so a bad option leaves it untouched."""
+def build_layers(model: nn.Module, kind: type, options: Dict[str, Dict[str, Any]]) -> Dict[str, LoRALinear]:
+    """``{path: kind(base, **options[path])}`` for layers of ``model`` (not swapped in yet: see
+    :func:`wrap_layers`), each in its base's train/eval mode."""
     modules = dict(model.named_modules())
-    swaps = []
+    layers = {}
     for path, kwargs in options.items():
-        layer = kind(modules[path], **kwargs)
-        layer.train(modules[path].training)
-        swaps.append((path, layer))
+        layers[path] = kind(modules[path], **kwargs)
+        layers[path].train(modules[path].training)
+    return layers
+
+
+def wrap_layers(model: nn.Module, layers: Dict[str, LoRALinear]) -> None:
+    """Freeze ``model`` and swap in ``layers`` (``{path: adapter layer around that path's base}``, from
+    :func:`build_layers`); build and fill them all first, so a bad option leaves the model untouched."""
     model.freeze()
-    for _, layer in swaps:
+    for layer in layers.values():
         layer.base.freeze()
-    model.update_modules(tree_unflatten(swaps))
+    model.update_modules(tree_unflatten(list(layers.items())))
 
 
 def adapter_parameters(model: nn.Module) -> Dict[str, mx.array]:
@@ -352,6 +357,6 @@ def load_adapters(model: nn.Module, folder: Union[str, Path]) -> List[str]:
         raise FileNotFoundError(f"[load_adapters] expected {weights_file}, not found")
     weights = mx.load(str(weights_file), format="safetensors")
     check_keys(expected, weights, f"load_adapters {weights_file}")
-    _wrap(model, DoRALinear if dora else LoRALinear, options)
+    wrap_layers(model, build_layers(model, DoRALinear if dora else LoRALinear, options))
     model.update(tree_unflatten(list(weights.items())))
     return list(options)
