@@ -50,6 +50,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_zeta.converters import llama
+from mlx_zeta.converters.swaps import quantize
+from mlx_zeta.structs import AutoregressiveWrapper
+from mlx_zeta.training import Trainer
+from mlx_zeta.training.adapters import apply_adapters
+
 from convert import QUICK, add_shape_options, resolve_shape
 from generate import FULL
 
@@ -60,9 +66,6 @@ RANK, SCALE = 8, 2.0
 
 def build(a: argparse.Namespace, mode: str):
     """(the wrapped model of ``mode``, its adapted paths, the float model's parameter count)."""
-    from mlx_zeta.converters import llama
-    from mlx_zeta.structs import AutoregressiveWrapper
-
     mx.random.seed(0)
     config = dict(model_type="llama", hidden_size=a.hidden, num_hidden_layers=a.layers,
                   num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, intermediate_size=a.intermediate,
@@ -72,13 +75,9 @@ def build(a: argparse.Namespace, mode: str):
     count = sum(v.size for _, v in tree_flatten(net.parameters()))
     paths: list = []
     if mode == "qlora":
-        from mlx_zeta.converters.swaps import quantize
-
         quantize(net, BITS, GROUP_SIZE)
         mx.eval(net.parameters())
     if mode != "full":
-        from mlx_zeta.training.adapters import apply_adapters
-
         paths = apply_adapters(net, rank=RANK, scale=SCALE)  # default targets: every block Linear
         mx.eval(net.parameters())
     return AutoregressiveWrapper(net), paths, count
@@ -91,8 +90,6 @@ def nbytes(tree) -> int:
 def worker(conn, mode: str, options: dict) -> None:
     """One mode in its own process: build and warm up, then answer each step count with the step
     times; ``None`` ends it with the memory figures."""
-    from mlx_zeta.training import Trainer
-
     a = argparse.Namespace(**options)
     model, paths, count = build(a, mode)
     data = np.random.default_rng(0).integers(0, a.vocab, (8, a.batch, a.seq + 1)).astype(np.int32)
