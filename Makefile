@@ -34,7 +34,7 @@ bench: $(VENV)/.installed-demo
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/grad_checkpoint.py
 	$(PY) benchmarks/kernels.py
-	$(PIP) install -q -e '.[bench,lm]' && $(PY) benchmarks/generate.py --quick && $(PY) benchmarks/speculative.py --quick
+	$(PIP) install -q -e '.[bench,lm]' && $(PY) benchmarks/generate.py --quick && $(PY) benchmarks/speculative.py --quick && $(PY) benchmarks/finetune.py --quick
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
