@@ -4,6 +4,8 @@ linearly with the rows (``BENCHMARKS.md``: 50x a float32 matmul at 256 rows)."""
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -23,7 +25,9 @@ class AffineLinear(nn.QuantizedLinear):
     through a BLAS matmul (the same :math:`\hat W` that ``quantized_matmul`` multiplies, summed in
     another order: equal to float32 rounding). Fewer rows (a decoding step), another mode than
     ``affine``, or another device (Metal, CUDA) take ``mx.quantized_matmul``. The dequantized
-    weight is transient: one layer's float weight at a time on top of the quantized model.
+    weight is transient: one layer's float weight at a time on top of the quantized model, in the
+    backward pass too (it is dequantized again there rather than kept from the forward pass, so
+    adapters on a quantized base train in little more than the quantized model's memory).
 
     Measured (2 cores, MKL, 4-bit group 64, 1024 -> 5632, 512 rows): 1734 ms -> 54 ms.
 
@@ -51,10 +55,32 @@ class AffineLinear(nn.QuantizedLinear):
         rows = x.size // max(x.shape[-1], 1)
         if self.mode != "affine" or rows < DEQUANTIZE_ROWS or mx.default_device() != mx.cpu:
             return super().__call__(x)
-        w = mx.dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
-        if "bias" in self:
-            return mx.addmm(self["bias"], x, w.T)
-        return x @ w.T
+        y = _dequantized_matmul(self.group_size, self.bits)(x, self["weight"], self["scales"], self["biases"])
+        return y + self["bias"] if "bias" in self else y
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantized_matmul(group_size: int, bits: int):
+    r""":math:`(x, W_q, s, z) \mapsto x\,\hat W^T`, dequantizing :math:`\hat W` only once ``x`` exists
+    (MLX would otherwise schedule every layer's independent dequantize early, holding the whole
+    model in float during a prefill), and again in the backward pass once the incoming gradient
+    exists, instead of keeping the forward's float copy alive: a prefill, or training adapters on a
+    quantized base (QLoRA), holds one layer's float weight at a time. The quantized arrays are
+    frozen and get zero gradients."""
+
+    @mx.custom_function
+    def matmul(x, w, scales, biases):
+        w, scales, biases = mx.depends([w, scales, biases], [x])  # not before x exists: one float weight at a time
+        return x @ mx.dequantize(w, scales, biases, group_size, bits).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, _output):
+        x, w, scales, biases = primals
+        w, scales, biases = mx.depends([w, scales, biases], [cotangent])  # not before the gradient arrives
+        dx = cotangent @ mx.dequantize(w, scales, biases, group_size, bits)
+        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return matmul
 
 
 def use_affine_linear(model: nn.Module) -> int:
