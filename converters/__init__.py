@@ -13,7 +13,7 @@ from .fields import ConfigError
 __all__ += ["CheckpointFormatError", "ConfigError", "check_finite", "check_keys", "load_state_dict", "save_state_dict"]
 from .pretrained import (  # noqa: E402
     ARCHITECTURES, TASKS, BaseModelArgs, PretrainedInfo, from_pretrained, get_architecture, register_architecture,
-    resolve, save_pretrained, task_of, unregister_architecture)
+    quantize, resolve, save_pretrained, task_of, unregister_architecture)
 
 __all__ += ["ARCHITECTURES", "TASKS", "BaseModelArgs", "PretrainedInfo", "from_pretrained", "get_architecture",
-            "register_architecture", "resolve", "save_pretrained", "task_of", "unregister_architecture"]
+            "register_architecture", "quantize", "resolve", "save_pretrained", "task_of", "unregister_architecture"]

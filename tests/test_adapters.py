@@ -97,6 +97,25 @@ def test_save_load_round_trip(tmp_path, dora):
     assert mx.array_equal(fresh(x), model(x))
 
 
+def test_save_pretrained_refuses_adapters_and_keeps_a_fused_model(tmp_path):
+    """An adapted model is refused in one line (nothing written); fused, it saves and loads back equal."""
+    from mlx_zeta.converters import from_pretrained, save_pretrained
+    from mlx_zeta.converters.llama import ModelArgs, build
+
+    config = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 64, "vocab_size": 64}
+    model, x = build(ModelArgs.from_dict(config)), tokens()
+    apply_adapters(model, rank=4)
+    randomize_adapters(model)
+    with pytest.raises(ValueError, match=r"^\[save_pretrained\] the model has adapters .*fuse_adapters"):
+        save_pretrained(model, tmp_path / "adapted", config=config)
+    assert not (tmp_path / "adapted").exists()
+    adapted = model(x)
+    fuse_adapters(model)
+    save_pretrained(model, tmp_path / "fused", config=config)
+    np.testing.assert_allclose(np.array(from_pretrained(tmp_path / "fused")(x)), np.array(adapted), atol=1e-5)
+
+
 # ------------------------------------------------------------------ bad input
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"target '\*.nothing' expected to match Linear layers, matched no module"):

@@ -58,16 +58,31 @@ def run_models(ns: dict) -> None:
     assert ns["r"].finish_reason in ("stop", "length") and ns["r"].generation_tokens <= 16
 
 
-def make_qwen3_tiny() -> None:
-    """The folder block 5 loads, made in the test's working directory (random weights, a real tokenizer)."""
-    from pathlib import Path
+def fine_tune(ns: dict) -> None:
+    """Block 6: QLoRA halves the validation loss or better, the base stays 4-bit and frozen (only the
+    adapters train), the adapters are on disk, and the greedy answer has the trained form."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
 
+    (start, first), (end, last) = ns["result"]["val_losses"][0], ns["result"]["val_losses"][-1]
+    assert (start, end) == (0, 40) and last < first / 2, ns["result"]["val_losses"]
+    model = ns["model"]
+    assert all(".lora_" in k for k, _ in tree_flatten(model.trainable_parameters()))
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    assert {"adapters.safetensors", "adapter_config.json"} <= {p.name for p in Path("adapters").iterdir()}
+    answer = mlx_zeta.generate(model, ns["tokenizer"], ns["question"], max_tokens=12)
+    assert re.fullmatch(r"\d plus \d is \d+\.", answer.strip()), answer
+
+
+def make_qwen3_tiny() -> None:
+    """The folder blocks 5 and 6 load, made in the test's working directory (random weights, a real tokenizer)."""
     from lm_tiny import make_qwen3
 
-    make_qwen3(Path("qwen3-tiny"))
+    if not Path("qwen3-tiny").exists():
+        make_qwen3(Path("qwen3-tiny"))
 
 
-SETUPS = {'mlx_zeta.load("qwen3-tiny")': make_qwen3_tiny}  # marker -> what the block needs on disk first
+SETUPS = {'load("qwen3-tiny")': make_qwen3_tiny}  # marker -> what the block needs on disk first
 
 EXPECTATIONS = {  # a string only that block's code holds -> what the block must have computed
     "AutoregressiveWrapper(lm)": quick_start,
@@ -75,6 +90,7 @@ EXPECTATIONS = {  # a string only that block's code holds -> what the block must
     "export_coreml(": coreml_export,
     'use_kernels("emulate")': emulated_kernel,
     'mlx_zeta.load("qwen3-tiny")': run_models,
+    "train(model, tokenizer": fine_tune,
 }
 
 

@@ -90,7 +90,7 @@ def _add_lora(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=_positive(int), default=8, help="adapter rank (default: 8)")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--scale", type=float,
-                       help="adapter scale s in y = Wx + s BAx (default: mlx_zeta.lm.tuning.train's)")
+                       help="adapter scale s in y = Wx + s BAx (default: 2.0)")
     scale.add_argument("--alpha", type=float, help="PEFT's lora_alpha: scale = alpha / rank")
     p.add_argument("--dropout", type=float, default=0.0, help="adapter dropout probability (default: 0)")
     p.add_argument("--num-layers", type=_positive(int), metavar="N", help="adapt only the last N blocks (default: all)")
