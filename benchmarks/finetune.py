@@ -50,8 +50,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_zeta.converters import llama
-from mlx_zeta.converters.swaps import quantize
+from mlx_zeta.converters import llama, quantize
 from mlx_zeta.structs import AutoregressiveWrapper
 from mlx_zeta.training import Trainer
 from mlx_zeta.training.adapters import apply_adapters
