@@ -281,7 +281,8 @@ def dense_grads(model: nn.Module, loss_fn):
     bases = [layer.base for layer in layers]
     for layer in layers:
         linear = nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.base)
-        linear.update({"weight": dense_weight(layer.base), **({"bias": layer.base.bias} if "bias" in layer.base else {})})
+        bias = {"bias": layer.base.bias} if "bias" in layer.base else {}
+        linear.update({"weight": dense_weight(layer.base), **bias})
         linear.freeze()
         layer.base = linear
     try:

@@ -188,7 +188,8 @@ def test_dora_with_gradient_checkpointing_equals_dora_without(tiny_lm, tmp_path)
     for checkpointing in (False, True):
         model, tok = load(folder)
         train(model, tok, data, fine_tune_type="dora", rank=4, iters=3, learning_rate=1e-3,
-              grad_checkpoint=checkpointing, adapter_path=tmp_path / str(checkpointing), steps_per_eval=None, save_every=None, **quiet())
+              grad_checkpoint=checkpointing, adapter_path=tmp_path / str(checkpointing), steps_per_eval=None,
+              save_every=None, **quiet())
         assert model.attn_layers.checkpoint is checkpointing
         runs.append(mx.load(str(tmp_path / str(checkpointing) / "adapters.safetensors")))
     assert any(k.endswith("magnitude") for k in runs[0])

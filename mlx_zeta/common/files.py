@@ -14,15 +14,16 @@ removed and the target is as it was. A process killed mid-write leaves only the 
 staging folder, which :func:`remove_stale` clears.
 """
 
+import json
 import os
 import re
 import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Sequence, Union
+from typing import Any, Dict, Iterator, List, Sequence, Union
 
-__all__ = ["atomic_path", "remove_stale", "fsync_tree"]
+__all__ = ["atomic_path", "remove_stale", "fsync_tree", "read_json_object"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -145,3 +146,19 @@ def remove_stale(folder: PathLike) -> List[Path]:
     for p in stale:
         _remove(p)
     return stale
+
+
+def read_json_object(path: PathLike, owner: str) -> Dict[str, Any]:
+    """The JSON object (a dict) in the file ``path``; one-line errors prefixed ``[owner]`` naming it:
+    ``FileNotFoundError`` when it is missing, ``ValueError`` when it is unreadable, not UTF-8 JSON or
+    not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"[{owner}] expected {path}, not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"[{owner}] {path}: expected JSON, got a parse error ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"[{owner}] {path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_zeta.common import atomic_path
+from mlx_zeta.common import atomic_path, read_json_object
 from mlx_zeta.converters.base import LinearPart
 from mlx_zeta.converters.pretrained import PretrainedInfo, get_architecture
 from mlx_zeta.training.adapters import (DoRALinear, LoRALinear, build_layers, dense_weight, load_adapters,
@@ -239,15 +239,9 @@ def _peft_config(hf: Dict[str, _Lora], parts: List[LinearPart], info: Pretrained
 def _read_config(folder: Path) -> Dict[str, Any]:
     """``adapter_config.json`` of a PEFT LoRA adapter, the fields this reader uses checked."""
     path = folder / PEFT_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"[load_peft] expected {path}, not found")
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"[load_peft] {path}: expected JSON, got a parse error ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"[load_peft] {path}: expected peft_type 'LORA', got {found!r}")
+    config = read_json_object(path, "load_peft")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"[load_peft] {path}: expected peft_type 'LORA', got {config.get('peft_type')!r}")
     for key, fine in _UNSUPPORTED.items():
         value = config.get(key, fine)
         if value != fine and not (fine is None and value in ([], {})):

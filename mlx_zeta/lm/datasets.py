@@ -131,7 +131,8 @@ def _example(tokenizer: Tokenizer, record: Any, mask_prompt: bool) -> Example:
         roles = [m.get("role") for m in messages]
         last = max((i for i, r in enumerate(roles) if r == "assistant"), default=None)
         if last is None and mask_prompt:
-            raise _LineError(f"an assistant message to train on with mask_prompt, got roles {', '.join(map(str, roles))}")
+            raise _LineError(f"an assistant message to train on with mask_prompt, got roles "
+                             f"{', '.join(map(str, roles))}")
         return _tokens(tokenizer, *_chat_texts(tokenizer, messages, record.get("tools"), last or 0), special=False)
     if "prompt" in record or "completion" in record:
         p, c = record.get("prompt"), record.get("completion")

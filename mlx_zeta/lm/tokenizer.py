@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from mlx_zeta.common import read_json_object
+
 __all__ = ["Tokenizer", "StreamingDetokenizer", "check_tokenizer", "load_tokenizer", "require"]
 
 REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 sequence
@@ -43,14 +45,9 @@ def _token_text(value: Any) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _read_json(file: Path) -> Dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"[Tokenizer] {file} is not readable JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"[Tokenizer] expected {file} to hold a JSON object, got {type(data).__name__}")
-    return data
+def _json_or_empty(folder: Path, name: str) -> Dict[str, Any]:
+    """The JSON object in ``folder / name``, or ``{}`` when the folder has no such file."""
+    return read_json_object(folder / name, "Tokenizer") if (folder / name).is_file() else {}
 
 
 def _chat_template(folder: Path, config: Mapping[str, Any]) -> Optional[str]:
@@ -61,7 +58,7 @@ def _chat_template(folder: Path, config: Mapping[str, Any]) -> Optional[str]:
         return jinja.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if (folder / "chat_template.json").is_file():
-        template = _read_json(folder / "chat_template.json").get("chat_template", template)
+        template = read_json_object(folder / "chat_template.json", "Tokenizer").get("chat_template", template)
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
         template = named.get("default")
@@ -83,8 +80,7 @@ def _backend(folder: Path):
     if (folder / "vocab.txt").is_file():
         from tokenizers.implementations import BertWordPieceTokenizer
 
-        lower = _read_json(folder / "tokenizer_config.json").get("do_lower_case", True) \
-            if (folder / "tokenizer_config.json").is_file() else True
+        lower = _json_or_empty(folder, "tokenizer_config.json").get("do_lower_case", True)
         return BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=bool(lower))._tokenizer
     if any((folder / name).is_file() for name in ("tokenizer.model", "spiece.model")):
         try:
@@ -322,9 +318,8 @@ def load_tokenizer(folder: Union[str, os.PathLike]) -> Tokenizer:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"[Tokenizer] expected a checkpoint folder, got {folder}")
-    config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-    special_map = _read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() \
-        else {}
+    config = _json_or_empty(folder, "tokenizer_config.json")
+    special_map = _json_or_empty(folder, "special_tokens_map.json")
     special = {name: _token_text(config.get(name, special_map.get(name)))
                for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     return Tokenizer(_backend(folder), special, _chat_template(folder, config),

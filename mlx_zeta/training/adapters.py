@@ -19,14 +19,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mlx_zeta.common import atomic_path, check_int, check_keys
+from mlx_zeta.common import atomic_path, check_int, check_keys, read_json_object
 from mlx_zeta.quant.affine import AffineLinear
 from mlx_zeta.quant.bitlinear import BitLinear
 from mlx_zeta.quant.ternary import TernaryLinear
 from mlx_zeta.training.lora import BASES, DoRALinear, LoRALinear, base_features, dense_bias, dense_weight
 
 __all__ = ["LoRALinear", "DoRALinear", "dense_weight", "apply_adapters", "adapter_parameters", "fuse_adapters",
-           "save_adapters", "load_adapters", "build_layers", "wrap_layers", "ADAPTER_FILE", "CONFIG_FILE", "FORMAT", "HEAD_NAMES"]
+           "save_adapters", "load_adapters", "build_layers", "wrap_layers", "ADAPTER_FILE", "CONFIG_FILE", "FORMAT",
+           "HEAD_NAMES"]
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -286,14 +287,9 @@ def save_adapters(model: nn.Module, folder: Union[str, Path], config: Optional[D
 def _read_config(folder: Path) -> Dict[str, Any]:
     """``adapter_config.json`` of ``folder``, its fields checked (one-line errors naming the file)."""
     path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"[load_adapters] expected {path}, not found")
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"[load_adapters] {path}: expected JSON, got a parse error ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
-        got = {k: config.get(k) for k in ("format", "version")} if isinstance(config, dict) else type(config).__name__
+    config = read_json_object(path, "load_adapters")
+    if config.get("format") != FORMAT or config.get("version") != VERSION:
+        got = {k: config.get(k) for k in ("format", "version")}
         raise ValueError(f"[load_adapters] {path}: expected format {FORMAT!r} version {VERSION}, got {got}")
     if config.get("fine_tune_type") not in ("lora", "dora"):
         raise ValueError(f"[load_adapters] {path}: expected fine_tune_type 'lora' or 'dora', "
