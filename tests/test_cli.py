@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 import mlx_zeta  # noqa: E402
 from mlx_zeta.cli import main  # noqa: E402
+from cli_run import run  # noqa: E402
 from mlx_zeta.converters.cli import parse_size  # noqa: E402
 from mlx_zeta.converters.pretrained import quantize  # noqa: E402
 from test_convert_llama import make, tokens  # noqa: E402
@@ -29,12 +30,6 @@ IDS = mx.array(tokens())
 def src(tmp_path_factory):
     """hidden 64, 2 layers, 4 heads / 2 kv heads, intermediate 96, vocabulary 120, float32."""
     return make("llama-gqa-untied", tmp_path_factory.mktemp("cli") / "hf")[1]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def weight_bytes(folder: Path) -> int:

@@ -11,21 +11,9 @@ import pytest
 
 import mlx_zeta
 from mlx_zeta.cli import main
+from cli_run import one_line, run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *argv):
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- the entry point

@@ -11,22 +11,10 @@ import numpy as np
 import pytest
 
 from mlx_zeta.cli import main
+from cli_run import one_line, run
 
 QA = [("what colour is the sky?", "blue, always blue."), ("what colour is grass?", "green, always green."),
       ("what colour is snow?", "white, always white."), ("what colour is coal?", "black, always black.")]
-
-
-def run(capsys, *argv):
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def write_data(folder):
