@@ -137,16 +137,19 @@ def test_qlora_then_fuse_requantizes_and_reports_the_loss_change(trained, tmp_pa
     assert run(capsys, "convert", folder, q4, "--quantize", 4, "--group-size", 32)[0] == 0
     code, out, err = run(capsys, "lora", "--model", folder, "--data", data, "--quantize", 4, "--group-size", 32,
                          "--iters", 3, "--batch-size", 2, "--learning-rate", 1e-2, "--adapter-path", adapters,
-                         "--steps-per-eval", 3, "--val-batches", 1)
+                         "--steps-per-eval", 3, "--mask-prompt")
     assert code == 0 and "quantized 14 layers to 4 bits" in err, err
+    trained_loss = float(re.search(r"validation loss [\d.]+ -> ([\d.]+)", out).group(1))
     code, out, err = run(capsys, "fuse", "--model", q4, "--adapter-path", adapters, "--save-path", tmp_path / "f4",
                          "--data", data)
     assert code == 0, err
     before, after = _fuse_losses(out)
+    assert before == trained_loss  # the data read as lora read it (--mask-prompt), the same 4-bit base
     assert before != after
     fused, tok = load(tmp_path / "f4")
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in fused.named_modules())
-    assert abs(evaluate(fused, load_datasets(data, tok)["valid"], 4) - after) <= 5e-5  # printed to 4 decimals
+    valid = load_datasets(data, tok, mask_prompt=True)["valid"]
+    assert abs(evaluate(fused, valid, 4) - after) <= 5e-5  # printed to 4 decimals
     code, out, err = run(capsys, "fuse", "--model", q4, "--adapter-path", adapters, "--save-path", tmp_path / "f32",
                          "--data", data, "--de-quantize")
     assert code == 0, err

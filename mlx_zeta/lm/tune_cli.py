@@ -24,8 +24,9 @@ into the weights (:func:`~mlx_zeta.training.adapters.fuse_adapters`: an affine-q
 re-quantized unless ``--de-quantize``) and writes the model to OUT
 (:func:`~mlx_zeta.converters.pretrained.save_pretrained`; ``--to hf``: a Hugging Face checkpoint
 transformers loads). With ``--data`` it prints the validation loss of ``DIR/valid.jsonl`` before
-and after fusing: re-quantizing a fused weight rounds the adapter's update, and this says how much
-that cost.
+and after fusing (read as ``lora`` read it: its ``--mask-prompt`` and ``--max-seq-len`` are kept in
+our adapter_config.json): re-quantizing a fused weight rounds the adapter's update, and this says
+how much that cost.
 
 Handlers raise ``ValueError`` for bad input (exit status 2) and ``OSError`` for what the system
 refused (exit status 1); the options are checked before the model loads.
@@ -228,8 +229,18 @@ def _scorer(args: argparse.Namespace, tokenizer) -> Callable:
     from mlx_zeta.lm.datasets import load_datasets
     from mlx_zeta.lm.tuning import evaluate
 
-    valid = load_datasets(args.data, tokenizer)["valid"]
+    valid = load_datasets(args.data, tokenizer, **_data_settings(args.adapter_path))["valid"]
     return lambda model: evaluate(model, valid, args.batch_size, args.val_batches)
+
+
+def _data_settings(adapter_path: Path) -> dict:
+    """How ``lora`` read its data (``mask_prompt``, ``max_seq_len``, kept in our adapter_config.json), so
+    that fuse's loss is the one training reported; none for adapters from elsewhere (PEFT's)."""
+    from mlx_zeta.common import read_json_object
+    from mlx_zeta.training.adapters import CONFIG_FILE
+
+    config = read_json_object(adapter_path / CONFIG_FILE, "fuse")
+    return {k: config[k] for k in ("mask_prompt", "max_seq_len") if k in config}
 
 
 COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (_add_lora, _add_fuse)
