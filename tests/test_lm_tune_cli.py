@@ -7,6 +7,7 @@ import json
 import re
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 
@@ -114,6 +115,29 @@ def test_generate_applies_a_peft_folder_as_load_does(trained, tmp_path, capsys):
     np.testing.assert_allclose(logits(theirs), logits(ours), atol=1e-5 * np.abs(logits(ours)).max())
     argv = ("generate", "--model", folder, "--prompt", QA[1][0], "--max-tokens", 8)
     assert run(capsys, *argv, "--adapter-path", adapters)[1] == run(capsys, *argv, "--adapter-path", tmp_path)[1]
+
+
+def test_full_fine_tuning_saves_a_model_that_scores_what_it_reported(trained, tmp_path, capsys):
+    """``--fine-tune-type full`` (no adapter options) trains every weight and saves the model; adapter
+    options with it are refused in one line."""
+    from mlx_zeta.converters import from_pretrained
+    from mlx_zeta.lm import load
+    from mlx_zeta.lm.datasets import load_datasets
+    from mlx_zeta.lm.tuning import evaluate
+
+    folder, data, _ = trained
+    code, out, err = run(capsys, "lora", "--model", folder, "--data", data, "--fine-tune-type", "full", "--iters", 2,
+                         "--batch-size", 2, "--learning-rate", 1e-3, "--adapter-path", tmp_path / "full",
+                         "--steps-per-eval", 2)
+    assert code == 0, err
+    reported = float(re.search(r"validation loss [\d.]+ -> ([\d.]+)", out).group(1))
+    tuned, tok = load(tmp_path / "full")
+    assert abs(evaluate(tuned, load_datasets(data, tok)["valid"], 4) - reported) <= 5e-5  # printed to 4 decimals
+    base = dict(tree_flatten(from_pretrained(folder).parameters()))
+    assert all(not mx.array_equal(v, base[k]) for k, v in tree_flatten(tuned.parameters()) if "weight" in k)
+    code, _, err = run(capsys, "lora", "--model", folder, "--data", data, "--fine-tune-type", "full", "--rank", 4,
+                       "--adapter-path", tmp_path / "bad")
+    assert code == 2 and "[train] expected no adapter settings with fine_tune_type='full'" in one_line(err)
 
 
 def _fuse_losses(out: str) -> tuple:

@@ -88,12 +88,12 @@ def _add_lora(sub: argparse._SubParsersAction) -> None:
                    "(valid.jsonl: validation loss; test.jsonl: --test)")
     p.add_argument("--fine-tune-type", choices=["lora", "dora", "full"], default="lora",
                    help="adapters (LoRA, DoRA) or every parameter (default: lora)")
-    p.add_argument("--rank", type=_positive(int), default=8, help="adapter rank (default: 8)")
+    p.add_argument("--rank", type=_positive(int), help="adapter rank (default: 8)")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--scale", type=float,
                        help="adapter scale s in y = Wx + s BAx (default: 2.0)")
     scale.add_argument("--alpha", type=float, help="PEFT's lora_alpha: scale = alpha / rank")
-    p.add_argument("--dropout", type=float, default=0.0, help="adapter dropout probability (default: 0)")
+    p.add_argument("--dropout", type=float, help="adapter dropout probability (default: 0)")
     p.add_argument("--num-layers", type=_positive(int), metavar="N", help="adapt only the last N blocks (default: all)")
     p.add_argument("--targets", nargs="+", metavar="PATTERN",
                    help="module paths to adapt (fnmatch, or 're:' + a regex; default: every Linear but the head)")
@@ -126,26 +126,25 @@ def _add_lora(sub: argparse._SubParsersAction) -> None:
 def _lora(args: argparse.Namespace) -> int:
     from mlx_zeta.converters.pretrained import quantize
     from mlx_zeta.lm import load
-    from mlx_zeta.lm.tuning import train
+    from mlx_zeta.lm.tuning import CHECKPOINTS, train
 
     _check_data("lora", args.data, "train.jsonl", *(["test.jsonl"] if args.test else []))
-    if not 0.0 <= args.dropout < 1.0:
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise ValueError(f"[lora] --dropout: expected a probability in [0, 1), got {args.dropout}")
     if args.group_size is not None and args.quantize is None:
         raise ValueError("[lora] --group-size needs --quantize")
     if args.fine_tune_type == "full" and args.quantize is not None:
         raise ValueError("[lora] --quantize trains adapters on a quantized base; --fine-tune-type full needs a float "
                          "model")
-    if args.resume and not (args.adapter_path / "checkpoints").is_dir():
-        raise ValueError(f"[lora] --resume: expected checkpoints in {args.adapter_path / 'checkpoints'}, found none")
+    if args.resume and not (args.adapter_path / CHECKPOINTS).is_dir():
+        raise ValueError(f"[lora] --resume: expected checkpoints in {args.adapter_path / CHECKPOINTS}, found none")
     model, tokenizer = load(args.model, dtype=args.dtype)
     if args.quantize is not None:
         layers = quantize(model, args.quantize, args.group_size or 64)
         print(f"quantized {layers} layers to {args.quantize} bits", file=sys.stderr)
-    scale = {} if args.scale is None and args.alpha is None else \
-        {"scale": args.scale if args.scale is not None else args.alpha / args.rank}
-    result = train(model, tokenizer, args.data, fine_tune_type=args.fine_tune_type, rank=args.rank, **scale,
-                   dropout=args.dropout, num_layers=args.num_layers, targets=args.targets, iters=args.iters,
+    result = train(model, tokenizer, args.data, fine_tune_type=args.fine_tune_type, rank=args.rank,
+                   scale=args.scale, alpha=args.alpha, dropout=args.dropout, num_layers=args.num_layers,
+                   targets=args.targets, iters=args.iters,
                    batch_size=args.batch_size, learning_rate=args.learning_rate, mask_prompt=args.mask_prompt,
                    max_seq_len=args.max_seq_len, grad_checkpoint=args.grad_checkpoint, grad_accum=args.grad_accum,
                    adapter_path=args.adapter_path, resume=args.resume, steps_per_eval=args.steps_per_eval,
