@@ -59,7 +59,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_zeta.training.lora import LoRALinear
+from mlx_zeta.training.adapters import adapted_layers
 
 from .base import ACTIVATIONS, BaseModelArgs, TransformerArgs, activation
 from .fields import ConfigError, shown
@@ -376,9 +376,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.D
     """
     if format not in FORMATS:
         raise ValueError(f"[save_pretrained] expected format in {FORMATS}, got {format!r}")
-    adapted = [p for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+    adapted = [p for p, _ in adapted_layers(model)]
     if adapted:
-        raise ValueError(f"[save_pretrained] the model has adapters ({adapted[-1]} and {len(adapted) - 1} more): "
+        raise ValueError(f"[save_pretrained] the model has adapters ({adapted[0]} and {len(adapted) - 1} more): "
                          "fold them in first (mlx_zeta.training.fuse_adapters) or save them alone (save_adapters)")
     info = getattr(model, "pretrained", None)
     if config is None:

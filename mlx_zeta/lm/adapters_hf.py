@@ -46,8 +46,8 @@ import mlx.nn as nn
 from mlx_zeta.common import atomic_path, read_json_object
 from mlx_zeta.converters.base import LinearPart
 from mlx_zeta.converters.pretrained import PretrainedInfo, get_architecture
-from mlx_zeta.training.adapters import (DoRALinear, LoRALinear, build_layers, dense_weight, load_adapters,
-                                       wrap_layers)
+from mlx_zeta.training.adapters import (DoRALinear, LoRALinear, adapted_layers, build_layers, check_unadapted,
+                                       dense_weight, load_adapters, wrap_layers)
 
 __all__ = ["save_peft", "load_peft", "load_any_adapters", "PEFT_CONFIG", "PEFT_WEIGHTS"]
 
@@ -137,10 +137,6 @@ def _combine(links: List[Tuple[LinearPart, Tuple[int, int], str, Tuple[int, int]
     return _Lora(a, mx.concatenate(blocks, axis=0), first.scale, magnitude)
 
 
-def _adapters(model: nn.Module) -> Dict[str, LoRALinear]:
-    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
 def _number(x: float) -> Union[int, float]:
     """``16.0`` -> ``16`` (PEFT's configs hold integer alphas), other values as they are."""
     return int(x) if float(x).is_integer() else float(x)
@@ -178,7 +174,7 @@ def save_peft(model: nn.Module, folder: Union[str, Path]) -> Path:
             and DoRA mixed.
     """
     parts, info = _parts(model, "save_peft")
-    ours = _adapters(model)
+    ours = dict(adapted_layers(model))
     if not ours:
         raise ValueError("[save_peft] expected a model with adapters (apply_adapters / load_adapters), found none")
     unknown = sorted(set(ours) - {p.ours for p in parts})
@@ -324,9 +320,7 @@ def load_peft(model: nn.Module, folder: Union[str, Path]) -> List[str]:
     parts, info = _parts(model, "load_peft")
     config = _read_config(folder)
     hf = _read_weights(folder, config, parts, info.model_type)
-    if _adapters(model):
-        raise ValueError(f"[load_peft] expected a model without adapters, got one adapted "
-                         f"({next(iter(_adapters(model)))}); fuse_adapters or reload it first")
+    check_unadapted(model, "load_peft")
     base_rows = _base_rows(model)
     kind = DoRALinear if config["use_dora"] else LoRALinear
     layers = {}

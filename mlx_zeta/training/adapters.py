@@ -26,8 +26,8 @@ from mlx_zeta.quant.ternary import TernaryLinear
 from mlx_zeta.training.lora import BASES, DoRALinear, LoRALinear, base_features, dense_bias, dense_weight
 
 __all__ = ["LoRALinear", "DoRALinear", "dense_weight", "apply_adapters", "adapter_parameters", "fuse_adapters",
-           "save_adapters", "load_adapters", "build_layers", "wrap_layers", "ADAPTER_FILE", "CONFIG_FILE", "FORMAT",
-           "HEAD_NAMES"]
+           "save_adapters", "load_adapters", "build_layers", "wrap_layers", "adapted_layers", "check_unadapted",
+           "ADAPTER_FILE", "CONFIG_FILE", "FORMAT", "HEAD_NAMES"]
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -37,16 +37,17 @@ _PARAMS = ("lora_a", "lora_b", "magnitude")
 
 
 # ------------------------------------------------------------------ choosing layers
-def _block_lists(model: nn.Module) -> List[str]:
-    """Paths of the model's outermost lists of modules (its block stacks): ``attn_layers.layers``
-    for a Transformer, ``encoder.layers`` and ``decoder.layers`` for T5, ``layers`` for a BERT encoder."""
-    parents = {}
+def _block_lists(model: nn.Module) -> Dict[str, List[int]]:
+    """``{path: block indices}`` of the model's outermost lists of modules (its block stacks):
+    ``attn_layers.layers`` for a Transformer, ``encoder.layers`` and ``decoder.layers`` for T5,
+    ``layers`` for a BERT encoder."""
+    parents: Dict[str, set] = {}
     for path in (p for p, _ in model.named_modules()):
         head, _, last = path.rpartition(".")
         if last.isdigit():
             parents.setdefault(head, set()).add(int(last))
-    lists = sorted(parents)
-    return [p for p in lists if not any(p.startswith(q + ".") for q in lists if q != p)]
+    return {p: sorted(items) for p, items in parents.items()
+            if not any(p.startswith(q + ".") for q in parents if q != p)}
 
 
 def _in_last_blocks(model: nn.Module, num_layers: Optional[int]):
@@ -57,11 +58,7 @@ def _in_last_blocks(model: nn.Module, num_layers: Optional[int]):
     if not lists:
         raise ValueError("[apply_adapters] num_layers was given but the model has no list of blocks "
                          "(a module list such as attn_layers.layers)")
-    prefixes = []
-    for stack in lists:
-        items = sorted({int(p[len(stack) + 1:].split(".")[0]) for p, _ in model.named_modules()
-                        if p.startswith(stack + ".") and p[len(stack) + 1:].split(".")[0].isdigit()})
-        prefixes += [f"{stack}.{i}." for i in items[max(len(items) - num_layers, 0):]]
+    prefixes = [f"{stack}.{i}." for stack, items in lists.items() for i in items[max(len(items) - num_layers, 0):]]
     return lambda path: any(path.startswith(p) for p in prefixes)
 
 
@@ -94,9 +91,17 @@ def _select(model: nn.Module, targets: Optional[Sequence[str]], num_layers: Opti
     return sorted(chosen, key=order.index)
 
 
-def _adapted(model: nn.Module) -> List[Tuple[str, LoRALinear]]:
-    """``[(path, layer)]`` of the adapter layers, in model order."""
+def adapted_layers(model: nn.Module) -> List[Tuple[str, LoRALinear]]:
+    """``[(path, layer)]`` of the model's adapter layers (LoRA and DoRA), in model order."""
     return [(p, m) for p, m in reversed(model.named_modules()) if isinstance(m, LoRALinear)]
+
+
+def check_unadapted(model: nn.Module, owner: str) -> None:
+    """A one-line ``ValueError`` prefixed ``[owner]`` when ``model`` already has adapters."""
+    done = adapted_layers(model)
+    if done:
+        raise ValueError(f"[{owner}] expected a model without adapters, got one already adapted "
+                         f"({done[0][0]}); fuse_adapters or reload the model first")
 
 
 def apply_adapters(model: nn.Module, *, rank: int = 8, scale: Optional[float] = None, alpha: Optional[float] = None,
@@ -139,10 +144,7 @@ def apply_adapters(model: nn.Module, *, rank: int = 8, scale: Optional[float] = 
     scale = 2.0 if scale is None and alpha is None else (alpha / rank if alpha is not None else scale)
     if not isinstance(dora, bool):
         raise ValueError(f"[apply_adapters] expected dora to be a bool, got {dora!r}")
-    done = _adapted(model)
-    if done:
-        raise ValueError(f"[apply_adapters] expected a model without adapters, got one already adapted "
-                         f"({done[0][0]}); fuse_adapters or reload the model first")
+    check_unadapted(model, "apply_adapters")
     paths = _select(model, targets, num_layers)
     if not paths:
         raise ValueError("[apply_adapters] expected the model to hold Linear layers to adapt, found none")
@@ -174,7 +176,7 @@ def wrap_layers(model: nn.Module, layers: Dict[str, LoRALinear]) -> None:
 def adapter_parameters(model: nn.Module) -> Dict[str, mx.array]:
     """``{path: array}`` of every adapter parameter (``<module>.lora_a``, ``.lora_b``, ``.magnitude``)."""
     out = {}
-    for path, layer in _adapted(model):
+    for path, layer in adapted_layers(model):
         for name in _PARAMS:
             if name in layer:
                 out[f"{path}.{name}"] = layer[name]
@@ -228,7 +230,7 @@ def fuse_adapters(model: nn.Module, *, de_quantize: bool = False) -> List[str]:
     Returns:
         list of str: the fused module paths.
     """
-    adapted = _adapted(model)
+    adapted = adapted_layers(model)
     if not adapted:
         raise ValueError("[fuse_adapters] expected a model with adapters (apply_adapters / load_adapters), found none")
     swaps = []
@@ -258,7 +260,7 @@ def save_adapters(model: nn.Module, folder: Union[str, Path], config: Optional[D
     Returns:
         Path: ``folder``.
     """
-    adapted = _adapted(model)
+    adapted = adapted_layers(model)
     if not adapted:
         raise ValueError("[save_adapters] expected a model with adapters (apply_adapters / load_adapters), found none")
     if config is not None and not isinstance(config, dict):
@@ -331,9 +333,7 @@ def load_adapters(model: nn.Module, folder: Union[str, Path]) -> List[str]:
     config = _read_config(folder)
     where = folder / CONFIG_FILE
     options = _options(config, where)
-    done = _adapted(model)
-    if done:
-        raise ValueError(f"[load_adapters] expected a model without adapters, got one already adapted ({done[0][0]})")
+    check_unadapted(model, "load_adapters")
     modules = dict(model.named_modules())
     for path in options:
         if not isinstance(modules.get(path), BASES):
