@@ -226,6 +226,25 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def save_peaked_llama(folder: Path, vocab: int, layers: int = 2, seed: int = 0):
+    """A random LlamaForCausalLM (hidden 32, GQA 4/2 heads, ``vocab`` ids), every parameter times 8
+    (peaked distributions, so greedy choices are far from ties), saved to ``folder`` (no tokenizer)
+    and returned."""
+    import torch
+    import transformers
+
+    _seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)
+    model.save_pretrained(str(folder))
+    return model
+
+
 def make_llama(folder: Path, seed: int = 0) -> Path:
     """Tiny LlamaForCausalLM (hidden 64, 2 layers, GQA 4/2 heads) with :func:`llama_tokenizer`."""
     import transformers

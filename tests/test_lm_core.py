@@ -100,18 +100,10 @@ def _word_tokenizer():
 def tiny(tmp_path_factory):
     """A random Llama checkpoint (transformers), a word-level tokenizer over its ids, a
     generation_config with a list of end tokens."""
-    import torch
-    import transformers
+    from lm_tiny import save_peaked_llama
 
     folder = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.mul_(8.0)  # peaked distributions: greedy choices far from ties
-    hf.save_pretrained(str(folder))
+    hf = save_peaked_llama(folder, VOCAB, layers=2, seed=0)
     _word_tokenizer().save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w1"}))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9], "do_sample": False}))

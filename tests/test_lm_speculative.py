@@ -259,10 +259,11 @@ def test_converted_llama_with_a_smaller_draft_equals_transformers_greedy(tmp_pat
 def checkpoints(tmp_path_factory):
     """A 3-layer random Llama target and a 1-layer draft (transformers checkpoints), one word-level
     tokenizer over their 48 ids."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
 
+    from lm_tiny import save_peaked_llama
     from mlx_zeta.lm import load
 
     backend = Backend(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
@@ -271,14 +272,7 @@ def checkpoints(tmp_path_factory):
     out = {}
     for name, layers in (("target", 3), ("draft", 1)):
         folder = tmp_path_factory.mktemp(name)
-        torch.manual_seed(layers)
-        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-        hf = transformers.LlamaForCausalLM(cfg).eval()
-        with torch.no_grad():
-            for p in hf.parameters():
-                p.mul_(8.0)  # peaked distributions: greedy choices far from ties
-        hf.save_pretrained(str(folder))
+        save_peaked_llama(folder, V, layers=layers, seed=layers)
         backend.save(str(folder / "tokenizer.json"))
         out[name] = load(str(folder), dtype="float32")
     return out
