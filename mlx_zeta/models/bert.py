@@ -15,7 +15,7 @@ import mlx.nn as nn
 
 from mlx_zeta.structs import Encoder
 
-__all__ = ["BertEmbeddings", "BertEncoder", "mean_pool"]
+__all__ = ["BertEmbeddings", "BertEncoder", "mean_pool", "l2_normalize"]
 
 
 class BertEmbeddings(nn.Module):
@@ -70,9 +70,16 @@ def mean_pool(hidden: mx.array, attention_mask: Optional[mx.array] = None, norma
     else:
         m = (attention_mask != 0).astype(mx.float32)[..., None]  # (B, L, 1)
         u = (h * m).sum(axis=1) / mx.maximum(m.sum(axis=1), 1e-9)
-    if normalize:
-        u = u / mx.maximum(mx.linalg.norm(u, axis=-1, keepdims=True), 1e-12)
-    return u
+    return l2_normalize(u) if normalize else u
+
+
+def l2_normalize(u: mx.array, eps: float = 1e-12) -> mx.array:
+    r"""Each row divided by its L2 norm, the norm clamped below at ``eps`` (sentence-transformers'
+    ``Normalize``, i.e. ``torch.nn.functional.normalize``): :math:`u / \max(\lVert u \rVert_2, \epsilon)`.
+
+    Shape: :math:`(\dots, D)` -> same; a zero row stays zero.
+    """
+    return u / mx.maximum(mx.linalg.norm(u, axis=-1, keepdims=True), eps)
 
 
 class BertEncoder(nn.Module):
