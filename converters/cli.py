@@ -14,18 +14,27 @@ weights, so not with ``--quantize``). Weights holding NaN/Inf are refused unless
 (then a warning); a source without tokenizer files gets a ``note:`` line on stderr.
 
     mlx-zeta export-coreml SRC OUT.mlpackage [--task lm|encoder|vit|auto] [--capacity N]
-                           [--prefill-len N] [--seq-len N] [--precision float16|float32]
-                           [--target iOS18|macOS15|iOS17|macOS14] [--overwrite] [--verbose]
+                           [--prefill-lens N[,N...]] [--seq-len N] [--pooling none|mean|cls] [--normalize]
+                           [--precision float16|float32] [--target iOS18|macOS15|iOS17|macOS14]
+                           [--compress MODE] [--compress-layer PATTERN=MODE ...] [--copy-tokenizer]
+                           [--author S] [--license S] [--description S] [--overwrite] [--verbose]
 
 ``export-coreml`` loads SRC with ``from_pretrained`` and writes a Core ML package (atomically;
 an existing non-empty OUT is replaced only with ``--overwrite``, and stays as it was when the
 export fails or is interrupted):
-a decoder LM (``Transformer``) as a stateful package with ``prefill``/``decode`` functions and
-the KV cache as state (:func:`~mlx_zeta.converters.coreml.export_decoder`); a BERT encoder as
-``input_ids``/``attention_mask`` (B, seq-len) -> ``last_hidden_state``; a ViT as ``pixel_values``
-(1, H, W, C) -> ``logits`` (or hidden states without a classifier). Which of these applies comes
-from the ``TASK`` the model's converter module declares (``causal-lm``, ``encoder``, ``vision``;
-``seq2seq`` has no export), looked up in ``_EXPORTS``. coremltools stays silent (no progress
+a decoder LM (``Transformer``) as a stateful package with one ``prefill_N`` function per
+``--prefill-lens`` length and ``decode``, the KV cache as state
+(:func:`~mlx_zeta.converters.coreml.export_decoder`); a BERT encoder as ``input_ids``/``attention_mask``
+(B, seq-len) -> ``last_hidden_state``, or with ``--pooling mean|cls`` [``--normalize``] -> ``embeddings``
+(B, hidden) pooled inside the model (:class:`~mlx_zeta.converters.coreml.heads.EncoderPooling`); a ViT as
+``pixel_values`` (1, H, W, C) -> ``logits`` (or hidden states without a classifier). Which of these applies
+comes from the ``TASK`` the model's converter module declares (``causal-lm``, ``encoder``, ``vision``;
+``seq2seq`` has no export), looked up in ``_EXPORTS``. ``--compress`` / ``--compress-layer`` choose the
+weight compression (``compress=`` of the exporters). The package's metadata holds ``--author``,
+``--license``, ``--description`` and user-defined keys naming the source, its special token ids and
+tokenizer files (:mod:`~mlx_zeta.converters.coreml.source`); ``--copy-tokenizer`` copies those files
+byte for byte into ``OUT.tokenizer/`` beside the package (moved into place after the package, so a
+failed export leaves neither). coremltools stays silent (no progress
 bars, version warnings or "Failed to load" lines) unless ``--verbose``, and is imported without
 its probes of torch, scikit-learn and other frameworks it does not need here
 (:func:`~mlx_zeta.converters.coreml.import_coremltools` with ``lean=True``). Each subcommand
@@ -38,6 +47,7 @@ A handler raises ``ValueError`` for bad input and ``OSError`` for a failed read 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -163,8 +173,50 @@ def _convert(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- export-coreml
 
+def parse_lengths(text: str) -> tuple:
+    """``"64,256"`` -> ``(64, 256)``: token counts, each >= 1, sorted, duplicates dropped."""
+    try:
+        lengths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 64,256, got {text!r}") \
+            from None
+    if min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"expected each length >= 1, got {min(lengths)} in {text!r}")
+    return tuple(sorted(set(lengths)))
+
+
+def _parse_layer_mode(text: str) -> tuple:
+    """``"PATTERN=MODE"`` -> ``(PATTERN, MODE)``, MODE one of the compression modes."""
+    pattern, eq, mode = text.rpartition("=")
+    if not eq or not pattern:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=MODE (e.g. 'model.layers.0.*=int8'), got {text!r}")
+    if mode not in _modes():
+        raise argparse.ArgumentTypeError(f"expected MODE one of {', '.join(_modes())} in {text!r}, got {mode!r}")
+    return pattern, mode
+
+
+def _modes() -> tuple:
+    """The weight compression modes of :mod:`.coreml.compress` (PENDING core: empty until it lands)."""
+    try:
+        from .coreml.compress import MODES
+    except ImportError:  # PENDING(issue 18, "coreml compress core:"): import it directly once merged
+        return ()
+    return tuple(MODES)
+
+
+_COMPRESS_HELP = (
+    "weight compression: {modes}; a MODE puts embeddings and the LM head at int8 (unless none) and every "
+    "other float weight matrix at MODE; ternary-dense stores ternary layers as plain weights instead of "
+    "2-bit LUTs (default: float weights in --precision, ternary layers as 2-bit LUTs)")
+_LAYER_HELP = (
+    "compress the weights of the modules whose path matches the fnmatch PATTERN (e.g. 'layers.0.*' or "
+    "'*.attn.*') with MODE instead; repeatable. The layers no PATTERN matches follow --compress (or stay "
+    "uncompressed without it)")
+
+
 def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
     from .coreml.export import TARGETS
+    from .coreml.heads import POOLINGS
 
     about = ("Export an mlx_zeta / Hugging Face model folder to a Core ML ML Program (iOS 18 / macOS 15): decoder "
              "LMs as one stateful package with prefill and decode functions, BERT encoders, ViT image classifiers.")
@@ -174,14 +226,30 @@ def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=[name for name, _, _ in _EXPORTS.values()] + ["auto"], default="auto",
                    help="what to export (default: auto, from the TASK its architecture declares)")
     p.add_argument("--capacity", type=int, metavar="N", help="lm: KV-cache positions (default: 512)")
-    p.add_argument("--prefill-len", type=int, metavar="N", 
-                   help="lm: tokens per prefill call (default: min(64, capacity))")
+    p.add_argument("--prefill-lens", type=parse_lengths, metavar="N[,N...]",
+                   help="lm: tokens per prefill call, one prefill_N function each, e.g. 64,256 (each <= capacity; "
+                        "default: min(64, capacity))")
     p.add_argument("--seq-len", type=int, metavar="N", help="encoder: tokens per call (default: 128)")
+    p.add_argument("--pooling", choices=("none", *POOLINGS),
+                   help="encoder: output 'embeddings' (B, hidden) pooled inside the model: the mean over the "
+                        "attention mask's tokens, or the first token (default: none, 'last_hidden_state')")
+    p.add_argument("--normalize", action="store_true", help="encoder, with --pooling: L2-normalise the embeddings")
     p.add_argument("--precision", choices=["float16", "float32"], default="float16",
                    help="activation precision (default: float16)")
     p.add_argument("--target", choices=TARGETS, default="iOS18",
                    help="minimum deployment target (default: iOS18; lm needs iOS18 or macOS15)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
+    modes = _modes()
+    p.add_argument("--compress", choices=(*modes, "ternary-dense"), metavar="MODE",
+                   help=_COMPRESS_HELP.format(modes=", ".join((*modes, "ternary-dense"))))
+    p.add_argument("--compress-layer", type=_parse_layer_mode, action="append", metavar="PATTERN=MODE",
+                   help=_LAYER_HELP)
+    p.add_argument("--copy-tokenizer", action="store_true",
+                   help="copy SRC's tokenizer, chat-template and generation files byte for byte into "
+                        "<DST without .mlpackage>.tokenizer/ beside the package")
+    p.add_argument("--author", metavar="TEXT", help="package metadata: author")
+    p.add_argument("--license", metavar="TEXT", help="package metadata: license")
+    p.add_argument("--description", metavar="TEXT", help="package metadata: short description")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST (and tokenizer folder)")
     p.add_argument("--verbose", action="store_true",
                    help="show coremltools' own log lines, warnings and progress bars")
     p.set_defaults(handler=_export_coreml)
@@ -199,77 +267,166 @@ def _export_of(model) -> tuple:
     return _EXPORTS[task]
 
 
-def _export_lm(model, dst: Path, args: argparse.Namespace) -> None:
+def _compression(args: argparse.Namespace):
+    """What ``compress=`` the exporters get: None, ``--compress``'s MODE, or with ``--compress-layer`` the
+    dict ``{"*": --compress (or "none"), PATTERN: MODE, ...}`` (later patterns win)."""
+    if not args.compress_layer:
+        return args.compress
+    if args.compress == "ternary-dense":
+        raise ValueError("[export-coreml] --compress-layer with --compress ternary-dense: ternary-dense applies "
+                         "to every ternary layer; pick a weight compression MODE for --compress")
+    return {"*": args.compress or "none", **dict(args.compress_layer)}
+
+
+def _lm_options(args: argparse.Namespace) -> tuple:
+    """``(capacity, prefill lengths)`` of an lm export, the lengths checked against the capacity."""
+    capacity = args.capacity or 512
+    lengths = args.prefill_lens or (min(64, capacity),)
+    if max(lengths) > capacity:
+        raise ValueError(f"[export-coreml] expected each --prefill-lens length <= --capacity {capacity}, "
+                         f"got {max(lengths)}")
+    return capacity, lengths
+
+
+def _export_lm(model, dst: Path, args: argparse.Namespace, metadata: dict, compress) -> None:
     from .coreml import export_decoder
 
-    capacity = args.capacity or 512
-    export_decoder(model, dst, capacity=capacity, prefill_len=args.prefill_len or min(64, capacity),
-                   precision=args.precision, minimum_deployment_target=args.target, verbose=args.verbose)
+    capacity, lengths = _lm_options(args)
+    _pending(export_decoder, model, dst, capacity=capacity, prefill_lens=lengths, precision=args.precision,
+             minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
 
 
-def _export_encoder(model, dst: Path, args: argparse.Namespace) -> None:
+def _export_encoder(model, dst: Path, args: argparse.Namespace, metadata: dict, compress) -> None:
     import mlx.core as mx
 
     from .coreml import export_coreml
+    from .coreml.heads import EncoderPooling
 
     n = args.seq_len or 128
+    pooling = args.pooling or "none"
     ids, mask = mx.zeros((1, n), mx.int32), mx.ones((1, n), mx.int32)
-    export_coreml(lambda i, m: model(i, m), (ids, mask), dst, input_names=["input_ids", "attention_mask"],
-                  output_names=["last_hidden_state"], precision=args.precision,
-                  minimum_deployment_target=args.target, verbose=args.verbose)
+    fn = (lambda i, m: model(i, m)) if pooling == "none" else EncoderPooling(model, pooling, args.normalize)
+    metadata["user"].update({"mlx_zeta.pooling": pooling, "mlx_zeta.normalize": json.dumps(args.normalize),
+                             "mlx_zeta.seq_len": str(n)})
+    _pending(export_coreml, fn, (ids, mask), dst, input_names=["input_ids", "attention_mask"],
+             output_names=["last_hidden_state" if pooling == "none" else "embeddings"], precision=args.precision,
+             minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
 
 
-def _export_vit(model, dst: Path, args: argparse.Namespace) -> None:
+def _export_vit(model, dst: Path, args: argparse.Namespace, metadata: dict, compress) -> None:
     import mlx.core as mx
 
     from .coreml import export_coreml
 
     size, channels = model.embeddings.img_size, model.embeddings.in_chans
-    export_coreml(model, (mx.zeros((1, *size, channels)),), dst, input_names=["pixel_values"],
-                  output_names=["logits" if "classifier" in model else "last_hidden_state"],
-                  precision=args.precision, minimum_deployment_target=args.target, verbose=args.verbose)
+    _pending(export_coreml, model, (mx.zeros((1, *size, channels)),), dst, input_names=["pixel_values"],
+             output_names=["logits" if "classifier" in model else "last_hidden_state"], precision=args.precision,
+             minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
+
+
+def _pending(export, *args, **kwargs):
+    """PENDING(issue 18: "coreml compress core:" / "coreml meta:" on main): call ``export`` directly once both
+    have landed. Until then: keywords the exporter lacks are dropped when unset (``metadata`` always), a set
+    ``compress`` is refused, and ``prefill_lens`` of one length becomes the old ``prefill_len``."""
+    import inspect
+
+    params = inspect.signature(export).parameters
+    if "prefill_lens" in kwargs and "prefill_lens" not in params:
+        lengths = kwargs.pop("prefill_lens")
+        if len(lengths) > 1:
+            raise ValueError("[export-coreml] several --prefill-lens need the multifunction export_decoder")
+        kwargs["prefill_len"] = lengths[0]
+    for key in [k for k in kwargs if k not in params]:
+        value = kwargs.pop(key)
+        if key == "compress" and value not in (None, "ternary-dense"):
+            raise ValueError(f"[export-coreml] --compress {value}: weight compression is not available yet")
+    return export(*args, **kwargs)
 
 
 # An architecture's TASK (declared by its converter module, see pretrained.TASKS) -> (the --task name of
 # its Core ML export, the export, the options it reads). A task not listed (seq2seq) has no export.
-_EXPORTS = {"causal-lm": ("lm", _export_lm, ("capacity", "prefill_len")),
-            "encoder": ("encoder", _export_encoder, ("seq_len",)),
+_EXPORTS = {"causal-lm": ("lm", _export_lm, ("capacity", "prefill_lens")),
+            "encoder": ("encoder", _export_encoder, ("seq_len", "pooling", "normalize")),
             "vision": ("vit", _export_vit, ())}
+_TASK_OPTIONS = ("capacity", "prefill_lens", "seq_len", "pooling", "normalize")
+
+
+def _check_options(args: argparse.Namespace, task: str, reads: tuple) -> None:
+    """The task-specific options given are the task's own; ``--normalize`` comes with a pooling."""
+    unused = [f"--{f.replace('_', '-')}" for f in _TASK_OPTIONS if getattr(args, f) not in (None, False)
+              and f not in reads]
+    if unused:
+        raise ValueError(f"[export-coreml] {', '.join(unused)}: not used by task {task}")
+    if args.normalize and args.pooling in (None, "none"):
+        raise ValueError("[export-coreml] --normalize needs --pooling mean or cls (it normalises the pooled "
+                         "embeddings)")
+
+
+def _metadata(args: argparse.Namespace, model, files: list) -> dict:
+    """The ``metadata=`` of the exporters: author, license, description as given, and the user-defined keys
+    about the source (:func:`.coreml.source.source_metadata`) and its task (the converter's ``TASK``)."""
+    from .coreml.source import source_metadata
+    from .pretrained import task_of
+
+    info = model.pretrained
+    user = source_metadata(args.src, info.model_type, info.source, info.config, files)
+    meta = {k: getattr(args, k) for k in ("author", "license", "description") if getattr(args, k) is not None}
+    return {**meta, "user": {**user, "mlx_zeta.task": task_of(model)}}
+
+
+def _compression_note(compress) -> str:
+    """One phrase about the weights, for the summary line."""
+    try:
+        from .coreml.compress import describe
+    except ImportError:  # PENDING(issue 18, "coreml compress core:"): use describe directly once merged
+        return f"compression {compress or 'none'}"
+    return f"compression {describe(compress)}"
 
 
 def _export_coreml(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from .coreml import import_coremltools, package_summary
+    from .coreml.source import copy_tokenizer, tokenizer_folder, travelling_files
     from .pretrained import from_pretrained
 
     dst: Path = args.dst
     if dst.suffix != ".mlpackage":
         raise ValueError(f"[export-coreml] expected an output path ending in .mlpackage, got {dst}")
     _check_destination("export-coreml", dst, args.overwrite, replaces="it")
-    for flag in ("capacity", "prefill_len", "seq_len"):
+    if args.copy_tokenizer:
+        _check_destination("export-coreml", tokenizer_folder(dst), args.overwrite, replaces="it")
+    for flag in ("capacity", "seq_len"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"[export-coreml] expected --{flag.replace('_', '-')} >= 1, got {value}")
+    compress = _compression(args)
     start = time.perf_counter()
     model = from_pretrained(args.src)
     task, export, reads = _export_of(model)
     if args.task not in ("auto", task):
         raise ValueError(f"[export-coreml] --task {args.task} does not fit a {type(model).__name__} "
                          f"(its task is {task})")
-    unused = [f"--{f.replace('_', '-')}" for f in ("capacity", "prefill_len", "seq_len")
-              if getattr(args, f) is not None and f not in reads]
-    if unused:
-        raise ValueError(f"[export-coreml] {', '.join(unused)}: not used by task {task}")
+    _check_options(args, task, reads)
+    if task == "lm":
+        _lm_options(args)
     try:
         import_coremltools(verbose=args.verbose, lean=True)  # interruptible, and fast: no torch/sklearn probes
     except ImportError as e:
         raise ValueError(f"[export-coreml] needs coremltools (pip install coremltools): {e}") from e
-    export(model, dst, args)
+    folder = model.pretrained.source
+    # the tokenizer folder is staged first and moved into place only after the package: a failed export
+    # leaves neither
+    with copy_tokenizer(folder, dst) if args.copy_tokenizer else nullcontext(travelling_files(folder)) as files:
+        export(model, dst, args, _metadata(args, model, files), compress)
     summary = package_summary(dst)
     funcs = "; ".join(f"{name}({', '.join(f'{k} {v}' for k, v in f['inputs'].items())}) -> {', '.join(f['outputs'])}"
                       for name, f in summary["functions"].items())
     states = f", {len(summary['states'])} state(s)" if summary["states"] else ""
-    print(f"exported {args.src} ({type(model).__name__}, task {task}, {args.precision}) -> {dst}: {funcs}{states}; "
-          f"{_human(summary['bytes'])} in {time.perf_counter() - start:.1f} s")
+    copied = f"; tokenizer ({len(files)} files) -> {tokenizer_folder(dst)}" if args.copy_tokenizer else ""
+    print(f"exported {args.src} ({type(model).__name__}, task {task}, {args.precision}, "
+          f"{_compression_note(compress)}) -> {dst}: {funcs}{states}; {_human(summary['bytes'])} in "
+          f"{time.perf_counter() - start:.1f} s{copied}")
     return 0
 
 

@@ -169,7 +169,7 @@ def test_toy_architecture_exports_to_core_ml(toy_registered, checkpoints, tmp_pa
     _, _, toy_folder = checkpoints
     out = tmp_path / "toy.mlpackage"
     code = main(["export-coreml", str(toy_folder), str(out), "--capacity", str(CAPACITY),
-                 "--prefill-len", str(PREFILL)])
+                 "--prefill-lens", str(PREFILL)])
     assert code == 0 and "task lm" in capsys.readouterr().out  # picked from TASK = "causal-lm"
     check_package(out, depth=CONFIG["n_layers"])
     model = mlx_zeta.from_pretrained(toy_folder)

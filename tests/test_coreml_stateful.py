@@ -128,7 +128,7 @@ def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("coreml_llama")
     folder = make("llama-gqa-untied", root / "hf")[1]
     out = root / "llama.mlpackage"
-    code = main(["export-coreml", str(folder), str(out), "--capacity", str(CAPACITY), "--prefill-len", str(PREFILL)])
+    code = main(["export-coreml", str(folder), str(out), "--capacity", str(CAPACITY), "--prefill-lens", str(PREFILL)])
     assert code == 0
     return folder, out
 
@@ -148,7 +148,7 @@ def test_cli_export_coreml_errors_exit_2_with_one_line(llama, tmp_path, capsys):
 
     folder, _ = llama
     for argv, match in ((["--task", "vit"], "does not fit"), (["--seq-len", "8"], "not used by task lm"),
-                        (["--capacity", "4", "--prefill-len", "8"], "prefill_len <= capacity")):
+                        (["--capacity", "4", "--prefill-lens", "8"], "length <= --capacity 4, got 8")):
         code = main(["export-coreml", str(folder), str(tmp_path / "x.mlpackage"), *argv])
         out, err = capsys.readouterr()
         assert code == 2 and err.count("\n") == 1 and match in err, err
