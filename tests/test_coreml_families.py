@@ -360,7 +360,7 @@ def test_ios17_target_without_fused_attention(tmp_path):
     for got, ref in pairs:
         assert errors(got, ref)["rel"] <= REL_OF_MAX
     lm, _ = ternary_lm("float")
-    with pytest.raises(ValueError, match=r"2-bit LUTs need iOS18/macOS15; got 'iOS17'"):
+    with pytest.raises(ValueError, match=r"compressed weights \(12 ternary\) need iOS18/macOS15 \(2-bit LUTs, shift-scale\); got 'iOS17'"):
         export_coreml(lm, (ids,), tmp_path / "t17.mlpackage", minimum_deployment_target="iOS17")
     assert not (tmp_path / "t17.mlpackage").exists()
 

@@ -347,10 +347,10 @@ def test_every_exported_op_is_covered(tmp_path):
 def test_every_emitter_op_is_covered():
     """Every MIL op the lowering code can emit (``mb.<op>`` in converters/coreml, plus the unary and
     binary tables of ops.py, which call ``getattr(mb, name)``) has a test."""
-    from mlx_zeta.converters.coreml import graph, lower, ops
+    from mlx_zeta.converters.coreml import compress, graph, lower, ops
 
     names = set(ops.BINARY.values()) | set(ops.UNARY.values())
-    for module in (ops, lower, graph):  # graph: the Context's consts, casts and LUTs
+    for module in (ops, lower, graph, compress):  # graph: the Context's consts and casts; compress: constexpr ops
         names |= set(re.findall(r"\bmb\.([a-z_0-9]+)\b", Path(module.__file__).read_text()))
         names |= set(re.findall(r'"(logical_[a-z]+)"', Path(module.__file__).read_text()))
     names -= {"const"}

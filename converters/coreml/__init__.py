@@ -7,21 +7,26 @@ stateful package with ``prefill`` and ``decode`` functions (:mod:`.stateful`).
 Modules, each importing only those before it: :mod:`.graph` (graph types, the emitter table
 ``EMITTERS``/``register_emitter``, the lowering context and precision policy), :mod:`.passes`
 (graph rewrites: attention fusion, pooling, ...), :mod:`.ops` (the emitters), :mod:`.lower`
-(the driver: ``capture``, ``lower_graph``), :mod:`.export`, :mod:`.stateful`; :mod:`.evaluate`
+(the driver: ``capture``, ``lower_graph``), :mod:`.compress` (compressed weights' math and the
+``compress`` policy), :mod:`.weights` (which weights are compressed, layer stand-ins), :mod:`.export`,
+:mod:`.stateful`; :mod:`.evaluate`
 and :mod:`.lint` read saved programs, each opened and checked by :mod:`.package`. coremltools is
 imported inside the functions, through :mod:`.runtime` (quietly, and interruptibly by Ctrl-C).
 """
 
+from .compress import MODES as COMPRESS_MODES
 from .evaluate import Evaluator, evaluate
-from .export import export_coreml, ternary_standins, to_mil
+from .export import export_coreml, to_mil
 from .graph import EMITTERS, MASK_FILL, LoweringError, register_emitter
 from .lint import Finding, lint
 from .lower import capture, lower_graph
 from .package import PackageError, open_package, package_summary
 from .runtime import import_coremltools, quiet_coremltools
 from .stateful import export_decoder
+from .weights import export_standins
 
-__all__ = ["export_coreml", "export_decoder", "package_summary", "to_mil", "ternary_standins", "EMITTERS",
+__all__ = ["export_coreml", "export_decoder", "package_summary", "to_mil", "export_standins", "COMPRESS_MODES",
+           "EMITTERS",
            "MASK_FILL", "LoweringError", "capture", "lower_graph", "register_emitter",
            "Evaluator", "evaluate", "Finding", "lint", "open_package", "PackageError", "import_coremltools",
            "quiet_coremltools"]

@@ -435,6 +435,7 @@ class Evaluator:
                 self.state[n] = _coerce("state", n, _StateView(v), self.state[n])
         self.reset_state(only_missing=True)
         self.nonfinite_ops: list[tuple[str, str]] = []
+        self._decoded: dict[str, Any] = {}  # constexpr_ op name -> its value, decoded once per Evaluator
 
     def reset_state(self, only_missing: bool = False) -> None:
         """Zero every state buffer (or only the ones not set yet)."""
@@ -468,6 +469,9 @@ class Evaluator:
     def _run_op(self, op, env) -> None:
         if op.op_type == "const":
             env[op.outputs[0].name] = op.outputs[0].val
+            return
+        if op.op_type.startswith("constexpr_") and op.name in self._decoded:
+            env[op.outputs[0].name] = self._decoded[op.name]
             return
         if op.blocks:
             raise NotImplementedError(f"op {op.name!r} of type {op.op_type!r}: control flow is not supported")
@@ -510,6 +514,8 @@ class Evaluator:
             if finite_in and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 self.nonfinite_ops.append((op.name, op.op_type))
             env[ov.name] = arr[()] if arr.ndim == 0 else arr
+        if op.op_type.startswith("constexpr_"):
+            self._decoded[op.name] = env[op.outputs[0].name]
 
     def _infer(self, op, vals):
         """Re-create ``op`` on constant inputs: concrete type inference and, where

@@ -4,15 +4,12 @@
 :func:`export_coreml` converts it with ``coremltools.convert`` to an ML Program and writes the
 ``.mlpackage`` into a temporary folder beside ``path``, renamed into place only when complete.
 
-Ternary layers (:class:`~mlx_zeta.quant.TernaryLinear`) are swapped, while tracing, for a
-stand-in computing the same function from a dense float32 matrix ``W = T * s`` (``s`` the
-effective scale: ``1 / weight_scale`` for "divide", ``weight_scale`` for "multiply"), the
-layer's own :meth:`~mlx_zeta.quant.TernaryLinear.dense_weight` / ``dense_forward``; the
-lowering recognises that constant and emits ``constexpr_lut_to_dense`` with uint2 indices
-``T + 1`` and the LUT ``{-s, 0, +s, 0}`` (0.25 bytes per weight).
+Weights: ternary layers and MLX-affine quantized layers are traced through stand-ins and stored in
+their exact compressed forms (ternary 2-bit tables, 4/8-bit shift-scale), float weights by the
+``compress`` policy (int8, int4 per block, palettized): :mod:`.weights` decides which, :mod:`.compress`
+holds the math.
 """
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,69 +17,15 @@ import numpy as np
 
 from mlx_zeta.common import atomic_path
 
+from .compress import policy
 from .lower import capture, lower_graph
 from .runtime import import_coremltools, quiet_coremltools
+from .weights import compressed_constants, export_standins
 
-__all__ = ["export_coreml", "to_mil", "ternary_standins", "save_atomically", "TARGETS"]
+__all__ = ["export_coreml", "to_mil", "save_atomically", "TARGETS"]
 
 TARGETS = ("iOS18", "macOS15", "iOS17", "macOS14")  # minimum_deployment_target values accepted
-_BEFORE_18 = ("iOS17", "macOS14")  # no scaled_dot_product_attention, no iOS 18 constexpr_lut_to_dense
-
-
-def _standin(layer):
-    """(stand-in module, (dense W, codes, s)) for one TernaryLinear: the stand-in calls the layer's
-    :meth:`~mlx_zeta.quant.TernaryLinear.dense_forward` with ``W = s T`` computed here, once."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    t, s, bias = layer.dense_weight()
-    s = np.float32(s)
-    codes = (np.array(t) + 1).astype(np.uint8)
-    dense = np.array(t) * s
-    weight = mx.array(dense)
-
-    class TernaryStandIn(nn.Module):
-        """Traces as ``x_q @ W.T / s_x + b`` (int8 activations) or ``x @ W.T + b`` (float)."""
-
-        def __call__(self, x):
-            return layer.dense_forward(x, weight, bias)
-
-    return TernaryStandIn(), (dense, codes, s)
-
-
-@contextmanager
-def ternary_standins(model):
-    """Swap every TernaryLinear in ``model`` for its traced stand-in; yields the LUT weights
-    ``[(dense, codes, s)]`` for :func:`~.lower.lower_graph`; restores the layers on exit."""
-    import mlx.nn as nn
-    from mlx_zeta.quant import TernaryLinear
-
-    swapped, luts = [], []
-
-    def walk(container, keys):
-        for k in keys:
-            child = container[k]
-            if isinstance(child, TernaryLinear):
-                standin, lut = _standin(child)
-                swapped.append((container, k, child))
-                luts.append(lut)
-                container[k] = standin
-            elif isinstance(child, nn.Module):
-                walk(child, list(child.keys()))
-            elif isinstance(child, list):
-                walk(child, range(len(child)))
-
-    if isinstance(model, TernaryLinear):
-        standin, lut = _standin(model)
-        yield standin, [lut]
-        return
-    if isinstance(model, nn.Module):
-        walk(model, list(model.keys()))
-    try:
-        yield model, luts
-    finally:
-        for container, k, child in reversed(swapped):
-            container[k] = child
+_BEFORE_18 = ("iOS17", "macOS14")  # no scaled_dot_product_attention, no iOS 18 constexpr_ ops (compressed weights)
 
 
 def _as_tuple(example_inputs):
@@ -93,40 +36,47 @@ def _as_tuple(example_inputs):
 
 
 def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] = None,
-           output_names: Optional[Sequence[str]] = None, precision: str = "float16", ternary: str = "lut",
+           output_names: Optional[Sequence[str]] = None, precision: str = "float16", compress=None,
            fuse_attention: bool = True, channels_first: Sequence[int] = (), minimum_deployment_target="iOS18",
-           states=None, return_stats: bool = False):
+           states=None, weights_root=None, return_stats: bool = False):
     """Trace ``model_or_fn(*example_inputs)`` and lower it: a coremltools MIL ``Program`` (not
-    optimized by coremltools' passes; see :func:`export_coreml`). ``ternary="dense"`` keeps
-    ternary weights as plain fp16/fp32 consts instead of ``constexpr_lut_to_dense``.
-    With ``return_stats`` also returns ``{"fused_attention": n, "nodes": n}``."""
+    optimized by coremltools' passes; see :func:`export_coreml`, whose ``compress`` this takes; its
+    patterns name module paths of ``weights_root``, by default ``model_or_fn``).
+    With ``return_stats`` also returns ``{"fused_attention": n, "nodes": n, "compressed": n,
+    "affine": {...}, "modes": {...}}`` (:func:`~.weights.compressed_constants`)."""
     import mlx.core as mx
     import mlx.nn as nn
 
     if precision not in ("float16", "float32"):
         raise ValueError(f"[export_coreml] expected precision 'float16' or 'float32', got {precision!r}")
-    if ternary not in ("lut", "dense"):
-        raise ValueError(f"[export_coreml] expected ternary 'lut' or 'dense', got {ternary!r}")
     if minimum_deployment_target not in TARGETS:
         raise ValueError(f"[export_coreml] expected minimum_deployment_target in {TARGETS} "
-                         f"(iOS17/macOS14 without fused attention or ternary LUTs), "
+                         f"(iOS17/macOS14 without fused attention or compressed weights), "
                          f"got {minimum_deployment_target!r}")
+    ternary_dense = compress == "ternary-dense"
+    policy(None if ternary_dense else compress)  # a bad option fails before the trace
     ct = import_coremltools()
     args = _as_tuple(example_inputs)
     name = type(model_or_fn).__name__ if isinstance(model_or_fn, nn.Module) else \
         getattr(model_or_fn, "__name__", "function")
     if isinstance(model_or_fn, nn.Module):
         mx.eval(model_or_fn.parameters())  # lazy initialisers would otherwise be traced
-    with ternary_standins(model_or_fn) as (fn, luts):
+    with export_standins(model_or_fn) as (fn, standin_weights):
         graph = capture(fn, *args)
+    standin_weights = [w for w in standin_weights if not (ternary_dense and w[2] == "ternary")]
+    root = model_or_fn if weights_root is None else weights_root
+    compressed, stats = compressed_constants(graph, root, standin_weights, None if ternary_dense else compress,
+                                             np.float16 if precision == "float16" else np.float32)
     if minimum_deployment_target in _BEFORE_18:
         fuse_attention = False  # attention stays matmul / softmax / matmul
-        if luts and ternary == "lut":
-            raise ValueError(f"[export_coreml] ternary layers as 2-bit LUTs need iOS18/macOS15; got "
-                             f"{minimum_deployment_target!r} (export_coreml: compress='ternary-dense' for plain fp16 weights)")
-    prog, stats = lower_graph(graph, precision, luts if ternary == "lut" else (), input_names, output_names,
-                              name, fuse_attention, getattr(ct.target, minimum_deployment_target), states,
-                              channels_first)
+        if compressed:
+            which = ", ".join(f"{n} {k}" for k, n in stats["counts"].items() if n)
+            raise ValueError(f"[export_coreml] compressed weights ({which}) need iOS18/macOS15 (2-bit LUTs, "
+                             f"shift-scale); got {minimum_deployment_target!r} (compress='ternary-dense' keeps "
+                             f"ternary weights as plain fp16)")
+    prog, lowered = lower_graph(graph, precision, compressed, input_names, output_names, name, fuse_attention,
+                                getattr(ct.target, minimum_deployment_target), states, channels_first)
+    stats.update(lowered, compressed=len(compressed))
     return (prog, stats) if return_stats else prog
 
 
@@ -148,8 +98,12 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         image_input: for vision models, ``{"index": 0, "scale": float, "bias": [r, g, b],
             "color_layout": "RGB" | "BGR" | "G"}`` (all keys but ``index`` required): the NHWC
             input becomes a Core ML image (NCHW inside); Core ML computes ``scale * pixel + bias``.
-        compress: ``None`` (ternary layers as 2-bit LUTs, other weights in ``precision``) or
-            ``"ternary-dense"`` (ternary weights as plain consts, for comparison).
+        compress: the float weights' compression (:func:`~.compress.policy`): ``None`` (float, in
+            ``precision``), a mode of :data:`~.compress.MODES` (``"int8"``, ``"int4"`` = ``"int4-block32"``,
+            ``"int4-block64"``, ``"palettize2"`` ... ``"palettize8"``; embeddings and head at int8), or
+            ``{module-path pattern or "@embedding"/"@head": mode}``. Ternary layers are 2-bit tables
+            and MLX-quantized layers 4/8-bit shift-scale weights whatever it says;
+            ``"ternary-dense"`` keeps ternary weights as plain consts (for comparison).
         verbose: let coremltools log, warn and draw its progress bars (:mod:`.runtime`);
             by default it is silent.
 
@@ -157,15 +111,13 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         ValueError: an unknown primitive (named with the model), bad options. Nothing is
         left at ``path`` on failure.
     """
-    if compress not in (None, "ternary-dense"):
-        raise ValueError(f"[export_coreml] expected compress None or 'ternary-dense', got {compress!r}")
     if image_input is not None:
         missing = {"scale", "bias", "color_layout"} - set(image_input)
         if missing:
             raise ValueError(f"[export_coreml] image_input needs explicit {sorted(missing)}")
     with quiet_coremltools(verbose) as ct:
         prog = to_mil(model_or_fn, example_inputs, input_names=input_names, output_names=output_names,
-                      precision=precision, ternary="dense" if compress else "lut",
+                      precision=precision, compress=compress,
                       channels_first=(image_input.get("index", 0),) if image_input is not None else (),
                       minimum_deployment_target=minimum_deployment_target)
         inputs = None if image_input is None else _image_inputs(ct, prog, image_input)

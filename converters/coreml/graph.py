@@ -12,7 +12,8 @@ Everything the graph passes (:mod:`.passes`), the emitters (:mod:`.ops`) and the
 Precision policy (``precision="float16"``), what :class:`Context` and the emitters guarantee:
 
 * Float inputs arrive as fp32 and are cast to fp16 once; float outputs leave as fp32.
-* Weights become fp16 consts (``constexpr_lut_to_dense`` for registered ternary weights).
+* Weights become fp16 consts, or the ``constexpr_`` ops of :mod:`.compress` (ternary 2-bit tables,
+  MLX-affine weights, the ``compress`` policy's int8/int4/palettized weights).
 * Compile-time subgraphs (every input a constant: rotary tables, causal masks, ``W.T``) are
   computed in fp32 and turned into fp16 consts where a fp16 op reads them, so e.g.
   ``cos(4095 * f)`` is not evaluated in fp16.
@@ -28,7 +29,7 @@ coremltools is imported inside the methods that build MIL.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -122,27 +123,23 @@ class Context:
     Args:
         graph (Graph): the graph being lowered (its constants are read lazily, once per dtype).
         precision (str): ``"float16"`` or ``"float32"`` (module docstring).
-        lut_weights (Sequence): ``(dense float32 (out, in), codes uint8 (out, in), scale)`` triples;
-            a constant equal to a dense matrix is emitted as ``constexpr_lut_to_dense``.
+        compressed (dict): ``{constant name: Compressed}`` (:mod:`.compress`): those constants are
+            emitted as the ``constexpr_`` op decoding to them, once per dtype.
 
     ``state_vars``/``state_dtypes`` map an MLX input name to its MIL state var and that state's
     dtype (set by the driver for state inputs; an emitter writing a cache reads them).
     """
 
-    def __init__(self, graph: Graph, precision: str, lut_weights: Sequence = ()):
+    def __init__(self, graph: Graph, precision: str, compressed: Optional[dict] = None):
         from coremltools.converters.mil.mil import Builder as mb
         self.mb, self.graph = mb, graph
         self.float = {"float16": "fp16", "float32": "fp32"}[precision]
         self.vars: Dict[str, object] = {}
         self.const_derived: set = set()
         self.cache: Dict[Tuple[str, str], object] = {}
-        self.lut = {}  # constant name -> (codes uint8 (out, in) in {0,1,2}, scale)
+        self.compressed = dict(compressed or {})
         self.state_vars: Dict[str, object] = {}
         self.state_dtypes: Dict[str, str] = {}
-        for name, value in graph.constants.items():
-            for w, codes, s in lut_weights:
-                if w.shape == value.shape and np.array_equal(w, value):
-                    self.lut[name] = (codes, s)
 
     # -------------------------------------------------------------- reading values
     def is_const(self, name: str) -> bool:
@@ -174,7 +171,8 @@ class Context:
             value = self.graph.constants[name]
             want = dtype or (self.float if value.dtype.kind == "f" else mil_dtype(str(value.dtype)))
             if (name, want) not in self.cache:
-                self.cache[(name, want)] = self._lut(name, want) if name in self.lut else self.const(value, want)
+                self.cache[(name, want)] = self.compressed[name].emit(self.mb, want, f"{name}_{want}") \
+                    if name in self.compressed and want in ("fp16", "fp32") else self.const(value, want)
             return self.cache[(name, want)]
         var = self.vars[name]
         if dtype is None or self.mb_dtype(var) == dtype:
@@ -184,13 +182,6 @@ class Context:
             self.cache[(name, dtype)] = self.const(val, dtype) if val is not None else \
                 self.mb.cast(x=var, dtype=dtype)
         return self.cache[(name, dtype)]
-
-    def _lut(self, name: str, dtype: str):
-        from coremltools.converters.mil.mil import types
-        codes, s = self.lut[name]
-        lut = np.array([-s, 0.0, s, 0.0], dtype={"fp16": np.float16, "fp32": np.float32}[dtype])
-        return self.mb.constexpr_lut_to_dense(indices=codes.astype(types.np_uint2_dtype),
-                                              lut=lut.reshape(1, 1, 4, 1), name=f"ternary_{name}")
 
     def floats(self, node: Node, stats: bool = False):
         """Float inputs of ``node`` in one compute dtype (non-float inputs as they are); returns

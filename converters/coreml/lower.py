@@ -22,7 +22,7 @@ The graph types, :data:`~.graph.EMITTERS`, :func:`~.graph.register_emitter` and 
 (``MASK_FILL``, ...) are re-exported here for ``from ...coreml.lower import ...`` users.
 """
 
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -78,13 +78,13 @@ def run_passes(graph: Graph, fuse: bool = True) -> Dict[str, int]:
     return stats
 
 
-def lower_graph(graph: Graph, precision: str = "float16", lut_weights: Sequence = (), input_names=None,
+def lower_graph(graph: Graph, precision: str = "float16", compressed: Optional[dict] = None, input_names=None,
                 output_names=None, model_name: str = "model", fuse: bool = True, opset=None, states=None,
                 channels_first: Sequence[int] = ()):
     """:class:`~.graph.Graph` -> (coremltools ``Program`` with function ``main``, stats dict).
 
-    ``lut_weights``: ``(dense float32 (out, in), codes uint8 (out, in), scale)`` triples; a graph
-    constant equal to a dense matrix becomes ``constexpr_lut_to_dense``. ``channels_first``:
+    ``compressed``: ``{constant name: Compressed}`` (:mod:`.compress`), constants emitted as the
+    ``constexpr_`` op decoding to them. ``channels_first``:
     indices of 4-D NHWC inputs given to Core ML as NCHW (image inputs), transposed inside.
     Raises :class:`~.graph.LoweringError` naming the primitive and ``model_name`` for unknown primitives.
     """
@@ -100,7 +100,7 @@ def lower_graph(graph: Graph, precision: str = "float16", lut_weights: Sequence 
     states = states or {}
     specs = _input_specs(graph, names, states, channels_first)
     with Function(specs, opset_version=opset or ct.target.iOS18) as func:
-        ctx = Context(graph, precision, lut_weights)
+        ctx = Context(graph, precision, compressed)
         _bind_inputs(ctx, func, names, states, channels_first)
         _emit(ctx, model_name)
         oname = list(output_names or [f"output_{k}" for k in range(len(graph.outputs))])
