@@ -187,34 +187,33 @@ def parse_lengths(text: str) -> tuple:
 
 def _parse_layer_mode(text: str) -> tuple:
     """``"PATTERN=MODE"`` -> ``(PATTERN, MODE)``, MODE one of the compression modes."""
+    from .coreml.compress import MODES
+
     pattern, eq, mode = text.rpartition("=")
     if not eq or not pattern:
-        raise argparse.ArgumentTypeError(f"expected PATTERN=MODE (e.g. 'model.layers.0.*=int8'), got {text!r}")
-    if mode not in _modes():
-        raise argparse.ArgumentTypeError(f"expected MODE one of {', '.join(_modes())} in {text!r}, got {mode!r}")
+        raise argparse.ArgumentTypeError(f"expected PATTERN=MODE (e.g. 'layers.0.*=int8'), got {text!r}")
+    if mode not in MODES:
+        raise argparse.ArgumentTypeError(f"expected MODE one of {', '.join(MODES)} in {text!r}, got {mode!r}")
     return pattern, mode
 
 
-def _modes() -> tuple:
-    """The weight compression modes of :mod:`.coreml.compress` (PENDING core: empty until it lands)."""
-    try:
-        from .coreml.compress import MODES
-    except ImportError:  # PENDING(issue 18, "coreml compress core:"): import it directly once merged
-        return ()
-    return tuple(MODES)
-
-
+# What --compress MODE leaves at int8 (unless MODE is none): the input embeddings and the LM head, whose
+# errors every token meets (compress.ROLE_KEYS).
+_ROLES_AT_INT8 = {"@embedding": "int8", "@head": "int8"}
 _COMPRESS_HELP = (
-    "weight compression: {modes}; a MODE puts embeddings and the LM head at int8 (unless none) and every "
-    "other float weight matrix at MODE; ternary-dense stores ternary layers as plain weights instead of "
-    "2-bit LUTs (default: float weights in --precision, ternary layers as 2-bit LUTs)")
+    "weight compression of the float weight matrices: {modes}. MODE puts the input embeddings and the LM head "
+    "at int8 (unless MODE is none) and every other matrix at MODE (int4 = int4-block32: 4-bit codes with a "
+    "scale and offset per 32 weights; palettizeN: a 2^N-entry table per 16 rows). ternary-dense stores "
+    "ternary layers as plain weights instead of 2-bit tables. MLX-quantized layers (convert --quantize) "
+    "export exactly whatever it says (default: float weights in --precision)")
 _LAYER_HELP = (
-    "compress the weights of the modules whose path matches the fnmatch PATTERN (e.g. 'layers.0.*' or "
-    "'*.attn.*') with MODE instead; repeatable. The layers no PATTERN matches follow --compress (or stay "
-    "uncompressed without it)")
+    "the weights of the modules whose path (as in the loaded model's named_modules()) matches the fnmatch "
+    "PATTERN (e.g. 'layers.0.*', '*.ff.*', or @embedding / @head for those roles) get MODE instead; repeatable: "
+    "a module takes its longest matching PATTERN, else --compress's choice for it (float without --compress)")
 
 
 def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
+    from .coreml.compress import MODES
     from .coreml.export import TARGETS
     from .coreml.heads import POOLINGS
 
@@ -238,9 +237,8 @@ def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
                    help="activation precision (default: float16)")
     p.add_argument("--target", choices=TARGETS, default="iOS18",
                    help="minimum deployment target (default: iOS18; lm needs iOS18 or macOS15)")
-    modes = _modes()
-    p.add_argument("--compress", choices=(*modes, "ternary-dense"), metavar="MODE",
-                   help=_COMPRESS_HELP.format(modes=", ".join((*modes, "ternary-dense"))))
+    p.add_argument("--compress", choices=(*MODES, "ternary-dense"), metavar="MODE",
+                   help=_COMPRESS_HELP.format(modes=", ".join((*MODES, "ternary-dense"))))
     p.add_argument("--compress-layer", type=_parse_layer_mode, action="append", metavar="PATTERN=MODE",
                    help=_LAYER_HELP)
     p.add_argument("--copy-tokenizer", action="store_true",
@@ -268,14 +266,19 @@ def _export_of(model) -> tuple:
 
 
 def _compression(args: argparse.Namespace):
-    """What ``compress=`` the exporters get: None, ``--compress``'s MODE, or with ``--compress-layer`` the
-    dict ``{"*": --compress (or "none"), PATTERN: MODE, ...}`` (later patterns win)."""
-    if not args.compress_layer:
-        return args.compress
+    """The ``compress=`` of the exporters (:func:`.coreml.compress.policy`): None, ``"ternary-dense"``, or
+    ``{"*": MODE, "@embedding": "int8", "@head": "int8"}`` for ``--compress MODE`` (just ``{"*": MODE}`` for
+    none and int8), each ``--compress-layer PATTERN=MODE`` added (a later one for the same PATTERN wins)."""
     if args.compress == "ternary-dense":
-        raise ValueError("[export-coreml] --compress-layer with --compress ternary-dense: ternary-dense applies "
-                         "to every ternary layer; pick a weight compression MODE for --compress")
-    return {"*": args.compress or "none", **dict(args.compress_layer)}
+        if args.compress_layer:
+            raise ValueError("[export-coreml] --compress-layer with --compress ternary-dense: ternary-dense is about "
+                             "ternary layers only; pick a weight compression MODE for --compress")
+        return args.compress
+    table = {}
+    if args.compress is not None:
+        table = {"*": args.compress, **(_ROLES_AT_INT8 if args.compress not in ("none", "int8") else {})}
+    table.update(args.compress_layer or ())
+    return table or None
 
 
 def _lm_options(args: argparse.Namespace) -> tuple:
@@ -305,12 +308,22 @@ def _export_encoder(model, dst: Path, args: argparse.Namespace, metadata: dict, 
     n = args.seq_len or 128
     pooling = args.pooling or "none"
     ids, mask = mx.zeros((1, n), mx.int32), mx.ones((1, n), mx.int32)
-    fn = (lambda i, m: model(i, m)) if pooling == "none" else EncoderPooling(model, pooling, args.normalize)
+    fn = model  # traced as model(input_ids, attention_mask); a module, so --compress finds its weights by path
+    if pooling != "none":
+        fn = EncoderPooling(model, pooling, args.normalize)
+        compress = _under("encoder.", compress)  # the model is fn.encoder: patterns stay relative to the model
     metadata["user"].update({"mlx_zeta.pooling": pooling, "mlx_zeta.normalize": json.dumps(args.normalize),
                              "mlx_zeta.seq_len": str(n)})
     _pending(export_coreml, fn, (ids, mask), dst, input_names=["input_ids", "attention_mask"],
              output_names=["last_hidden_state" if pooling == "none" else "embeddings"], precision=args.precision,
              minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
+
+
+def _under(prefix: str, compress):
+    """``compress`` with each module-path pattern prefixed by ``prefix`` ("*" and role keys as they are)."""
+    if not isinstance(compress, dict):
+        return compress
+    return {k if k == "*" or k.startswith("@") else prefix + k: v for k, v in compress.items()}
 
 
 def _export_vit(model, dst: Path, args: argparse.Namespace, metadata: dict, compress) -> None:
@@ -325,9 +338,10 @@ def _export_vit(model, dst: Path, args: argparse.Namespace, metadata: dict, comp
 
 
 def _pending(export, *args, **kwargs):
-    """PENDING(issue 18: "coreml compress core:" / "coreml meta:" on main): call ``export`` directly once both
-    have landed. Until then: keywords the exporter lacks are dropped when unset (``metadata`` always), a set
-    ``compress`` is refused, and ``prefill_lens`` of one length becomes the old ``prefill_len``."""
+    """PENDING(issue 18, "coreml meta:" on main): call ``export`` directly once export_decoder takes
+    ``prefill_lens``/``compress``/``metadata`` and export_coreml ``metadata``. Until then: keywords the exporter
+    lacks are dropped when unset (``metadata`` always), a set ``compress`` is refused, and ``prefill_lens`` of
+    one length becomes the old ``prefill_len``."""
     import inspect
 
     params = inspect.signature(export).parameters
@@ -338,8 +352,8 @@ def _pending(export, *args, **kwargs):
         kwargs["prefill_len"] = lengths[0]
     for key in [k for k in kwargs if k not in params]:
         value = kwargs.pop(key)
-        if key == "compress" and value not in (None, "ternary-dense"):
-            raise ValueError(f"[export-coreml] --compress {value}: weight compression is not available yet")
+        if key == "compress" and value is not None:
+            raise ValueError("[export-coreml] --compress for task lm: export_decoder takes no compress yet")
     return export(*args, **kwargs)
 
 
@@ -374,19 +388,11 @@ def _metadata(args: argparse.Namespace, model, files: list) -> dict:
     return {**meta, "user": {**user, "mlx_zeta.task": task_of(model)}}
 
 
-def _compression_note(compress) -> str:
-    """One phrase about the weights, for the summary line."""
-    try:
-        from .coreml.compress import describe
-    except ImportError:  # PENDING(issue 18, "coreml compress core:"): use describe directly once merged
-        return f"compression {compress or 'none'}"
-    return f"compression {describe(compress)}"
-
-
 def _export_coreml(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
     from .coreml import import_coremltools, package_summary
+    from .coreml.compress import describe
     from .coreml.source import copy_tokenizer, tokenizer_folder, travelling_files
     from .pretrained import from_pretrained
 
@@ -424,9 +430,9 @@ def _export_coreml(args: argparse.Namespace) -> int:
                       for name, f in summary["functions"].items())
     states = f", {len(summary['states'])} state(s)" if summary["states"] else ""
     copied = f"; tokenizer ({len(files)} files) -> {tokenizer_folder(dst)}" if args.copy_tokenizer else ""
-    print(f"exported {args.src} ({type(model).__name__}, task {task}, {args.precision}, "
-          f"{_compression_note(compress)}) -> {dst}: {funcs}{states}; {_human(summary['bytes'])} in "
-          f"{time.perf_counter() - start:.1f} s{copied}")
+    weights = compress if compress == "ternary-dense" else describe(compress)
+    print(f"exported {args.src} ({type(model).__name__}, task {task}, {args.precision}, compression {weights}) -> "
+          f"{dst}: {funcs}{states}; {_human(summary['bytes'])} in {time.perf_counter() - start:.1f} s{copied}")
     return 0
 
 

@@ -202,8 +202,8 @@ def test_metadata_round_trip(tiny_llama):
     assert meta["user"]["mlx_zeta.task"] == "causal-lm"
 
 
-BERT = dict(model_type="bert", vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=24, max_position_embeddings=16)
+BERT = dict(model_type="bert", vocab_size=200, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=16)
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +328,73 @@ def test_special_token_ids_match_transformers(maker, where, tmp_path):
                     "pad_token_id": tok.pad_token_id}
     assert special_token_ids(folder, config) == expected
     assert expected["eos_token_ids"] and expected["pad_token_id"] is not None  # the check is not vacuous
+
+
+# ----------------------------------------------------------------------------- --compress and --compress-layer
+def test_compress_flags_compose_into_one_policy():
+    """--compress MODE keeps embeddings and head at int8; each --compress-layer PATTERN=MODE wins for the modules it
+    matches (the longest pattern first), role keys included; without --compress the rest stays float."""
+    from mlx_zeta.cli import build_parser
+    from mlx_zeta.converters.cli import _compression
+    from mlx_zeta.converters.coreml.compress import policy
+
+    def modes(*flags):
+        mode_of = policy(_compression(build_parser().parse_args(["export-coreml", "src", "o.mlpackage", *flags])))
+        return [mode_of(path, role) for path, role in (("layers.0.attn.wq", None), ("layers.1.attn.wq", None),
+                                                      ("token_emb", "embedding"), ("to_logits", "head"))]
+
+    assert modes() == ["none"] * 4
+    assert modes("--compress", "int4") == ["int4-block32", "int4-block32", "int8", "int8"]
+    assert modes("--compress", "none") == ["none"] * 4
+    assert modes("--compress", "palettize4", "--compress-layer", "layers.0.*=int8", "--compress-layer",
+                 "@head=palettize6") == ["int8", "palettize4", "int8", "palettize6"]
+    assert modes("--compress-layer", "layers.*=int8", "--compress-layer", "layers.1.*=none") == \
+        ["int8", "none", "none", "none"]
+    assert _compression(build_parser().parse_args(["export-coreml", "s", "o.mlpackage", "--compress",
+                                                   "ternary-dense"])) == "ternary-dense"
+
+
+def test_compress_int8_encoder_package_is_smaller_and_close(bert, tmp_path, capsys):
+    """--compress int8 on an encoder: the summary names it, weight.bin shrinks to under 0.6x of fp16's, and the
+    package still evaluates near MLX (int8 per-channel weights)."""
+    from cli_run import run
+    from mlx_zeta.converters.coreml import Evaluator
+    from mlx_zeta.converters.pretrained import from_pretrained
+
+    sizes = {}
+    for flags in ([], ["--compress", "int8"]):
+        out = tmp_path / f"bert{len(flags)}.mlpackage"
+        code, stdout, err = run(capsys, "export-coreml", bert, out, "--seq-len", "8", *flags)
+        assert code == 0 and err == "" and f"compression {'int8' if flags else 'none'})" in stdout, (stdout, err)
+        sizes[len(flags)] = (out / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size
+    assert sizes[2] < 0.6 * sizes[0], sizes
+    ids, mask = np.array([[5, 7, 9, 11, 13, 2, 0, 0]], np.int32), np.array([[1, 1, 1, 1, 1, 1, 0, 0]], np.int32)
+    got = Evaluator(tmp_path / "bert2.mlpackage")({"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
+    ref = np.array(from_pretrained(bert)(mx.array(ids), mx.array(mask)))
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max(), np.abs(got - ref).max()
+
+
+@pytest.mark.parametrize("pooling", [[], ["--pooling", "cls"]], ids=["hidden-states", "pooled"])
+def test_compress_layer_patterns_name_the_models_own_modules(pooling, bert, tmp_path, capsys, monkeypatch):
+    """PATTERNs are module paths of the model as loaded (model.named_modules()), with or without the pooling
+    head around it: 'embeddings.*=none' keeps exactly the embeddings float, every other matrix is int8."""
+    from cli_run import run
+    from mlx_zeta.converters.coreml import export, weights
+    from mlx_zeta.converters.pretrained import from_pretrained
+
+    seen = {}
+    real = weights.compressed_constants
+
+    def spy(graph, model, *args):
+        compressed, stats = real(graph, model, *args)
+        seen.update(stats["modes"])
+        return compressed, stats
+
+    monkeypatch.setattr(export, "compressed_constants", spy)
+    code, _, err = run(capsys, "export-coreml", bert, tmp_path / "b.mlpackage", "--seq-len", "8", *pooling,
+                       "--compress", "int8", "--compress-layer", "embeddings.*=none")
+    assert code == 0, err
+    prefix = "encoder." if pooling else ""
+    matrices = [path for path, m in from_pretrained(bert).named_modules() if type(m).__name__ in ("Linear", "Embedding")]
+    expected = {prefix + path: "int8" for path in matrices if not path.startswith("embeddings.") and path != "pooler"}
+    assert len(expected) == 6 and seen == expected  # q, k, v, out, ff in, ff out (the pooler is not traced)
