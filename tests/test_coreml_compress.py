@@ -292,3 +292,36 @@ def test_compressed_weights_need_ios18_and_bad_options_fail_before_tracing(tmp_p
     with pytest.raises(ValueError, match="expected compress to be one of"):
         export_coreml(model, (tokens,), tmp_path / "x.mlpackage", compress="int3")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_converted_q4_decoder_greedy_equals_mlx(tmp_path, precision):
+    """The headline path: a checkpoint converted and quantized to 4 bits (saved and loaded back, so its
+    layers are the AffineLinear/QuantizedEmbedding that ``convert --quantize 4`` gives) exports as a
+    stateful decoder whose free-running greedy tokens over 32 decode steps equal MLX's quantized model's."""
+    from lm_tiny import save_peaked_llama
+
+    from mlx_zeta.converters import from_pretrained, save_pretrained
+    from mlx_zeta.converters.coreml import export_decoder
+    from mlx_zeta.structs import AutoregressiveWrapper
+
+    save_peaked_llama(tmp_path / "hf", 96, layers=2, seed=1)
+    model = from_pretrained(tmp_path / "hf")
+    quantize(model, bits=4, group_size=32)
+    model = from_pretrained(save_pretrained(model, tmp_path / "q4"))
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    prompt = mx.array(RNG.integers(0, 96, (1, 5)), mx.int32)
+    want = np.array(AutoregressiveWrapper(model).generate(prompt, 32, temperature=0.0))[0].tolist()
+    package = export_decoder(model, tmp_path / "q4.mlpackage", capacity=48, prefill_lens=(8,), precision=precision)
+    state = {}
+    prefill = Evaluator(package, function="prefill_8", state=state)
+    decode = Evaluator(package, function="decode", state=state)
+    ids = np.zeros((1, 8), np.int32)
+    ids[0, :5] = np.array(prompt)[0]  # right-padded to the function's length
+    token = int(prefill({"input_ids": ids, "position": np.array([0], np.int32)})["logits"][0, 4].argmax())
+    got = [token]
+    for step in range(31):
+        out = decode({"input_ids": np.array([[token]], np.int32), "position": np.array([5 + step], np.int32)})
+        token = int(out["logits"][0, 0].argmax())
+        got.append(token)
+    assert got == want

@@ -40,6 +40,7 @@ MODES = ("none", "int8", "int4", "int4-block32", "int4-block64", "palettize2", "
          "palettize6", "palettize8")
 ROLE_KEYS = ("@embedding", "@head")  # policy keys for the input embeddings and the output head
 PALETTE_ROWS = 16  # rows sharing one palette (Core ML's per-grouped-channel palettization)
+SKETCH = 2048  # k-means fits each palette on this many evenly spaced order statistics of its values
 _ALIASES = {"int4": "int4-block32"}
 _LUT_BITS = (1, 2, 3, 4, 6, 8)  # index widths constexpr_lut_to_dense takes
 INTEGER_OFFSET = 1e-4  # -bias/scale this close to whole numbers in every block: integer offsets (MLX's own
@@ -195,14 +196,18 @@ def compress_weight(w: np.ndarray, mode: str) -> Optional[Compressed]:
 def _kmeans_1d(values: np.ndarray, k: int, iterations: int = 16):
     """Lloyd's k-means of each row of ``values`` (G, n) in one dimension: centroids (G, k) sorted, started
     halfway between the row's quantiles and an even grid over its range (lower error than either start:
-    quantiles leave the tails to far centroids), and each value's index (G, n) uint8. All rows at once: row g is
+    quantiles leave the tails to far centroids), and each value's index (G, n) uint8. Rows of more than
+    :data:`SKETCH` values are fitted on that many of their order statistics. All rows at once: row g is
     shifted by ``g * span`` so one ``searchsorted`` over the concatenated midpoints assigns every value."""
     g, n = values.shape
-    v = values.astype(np.float64)
+    v = np.sort(values, axis=1).astype(np.float64)
+    if n > SKETCH:  # fit on evenly spaced order statistics (a quantile sketch); assign every value at the end
+        v = v[:, np.linspace(0, n - 1, SKETCH).round().astype(np.int64)]
+    full, n = values.astype(np.float64), v.shape[1]
     ranks = (np.arange(k) + 0.5) / k
     lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
     c = (np.quantile(v, ranks, axis=1).T + lo + (hi - lo) * ranks) / 2  # (G, k): quantiles pulled to the tails
-    span = 2.0 * (np.abs(v).max() + 1.0)
+    span = 2.0 * (np.abs(full).max() + 1.0)
     shift = (np.arange(g) * span)[:, None]
     flat = (v + shift).ravel()
     rows = np.repeat(np.arange(g), n)
@@ -219,8 +224,8 @@ def _kmeans_1d(values: np.ndarray, k: int, iterations: int = 16):
         c = np.where(counts > 0, sums / np.maximum(counts, 1), c)
         c = np.sort(c, axis=1)
     mids = ((c[:, 1:] + c[:, :-1]) / 2 + shift).ravel()
-    idx = np.searchsorted(mids, flat) - rows * (k - 1)
-    return c.astype(np.float32), idx.reshape(g, n).astype(np.uint8)
+    idx = np.searchsorted(mids, (full + shift).ravel()) - np.repeat(np.arange(g), full.shape[1]) * (k - 1)
+    return c.astype(np.float32), idx.reshape(full.shape).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- MLX-quantized and ternary
@@ -228,6 +233,9 @@ def unpack_mlx(words: np.ndarray, bits: int) -> np.ndarray:
     """MLX's packed codes (rows, cols * bits / 32) uint32 -> (rows, cols) uint8: each 32-bit word holds
     ``32 / bits`` codes, lowest bits first (3-, 5- and 6-bit codes run across words, little-endian)."""
     words = np.ascontiguousarray(words, dtype="<u4")
+    if 32 % bits == 0:  # whole codes per word: shift them out
+        shifts = np.arange(0, 32, bits, dtype=np.uint32)
+        return ((words[..., None] >> shifts) & np.uint32(2 ** bits - 1)).reshape(words.shape[0], -1).astype(np.uint8)
     bitstream = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
     codes = bitstream.reshape(words.shape[0], -1, bits)
     return (codes.astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(axis=-1).astype(np.uint8)
