@@ -21,6 +21,7 @@ import numpy as np
 from mlx_zeta.common import atomic_path
 
 from .lower import capture, lower_graph
+from .metadata import check_metadata, describe_features, exporter_metadata, write_metadata
 from .runtime import import_coremltools, quiet_coremltools
 
 __all__ = ["export_coreml", "to_mil", "ternary_standins", "save_atomically", "TARGETS"]
@@ -133,7 +134,7 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
 def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Sequence[str]] = None,
                   output_names: Optional[Sequence[str]] = None, precision: str = "float16",
                   minimum_deployment_target: str = "iOS18", image_input: Optional[dict] = None,
-                  compress: Optional[str] = None, verbose: bool = False) -> Path:
+                  compress: Optional[str] = None, metadata: Optional[dict] = None, verbose: bool = False) -> Path:
     """Export to a Core ML ML Program ``path`` (``.mlpackage``) and return the path.
 
     Args:
@@ -150,6 +151,10 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
             input becomes a Core ML image (NCHW inside); Core ML computes ``scale * pixel + bias``.
         compress: ``None`` (ternary layers as 2-bit LUTs, other weights in ``precision``) or
             ``"ternary-dense"`` (ternary weights as plain consts, for comparison).
+        metadata: optional ``{"author", "license", "description", "version": str, "user": {str: str}}``
+            written into the package (:mod:`.metadata`); ``user`` is merged over the exporter's own
+            ``mlx_zeta.*`` keys (``task``: ``"function"`` unless given, ``precision``,
+            ``compression``, ``version``). Inputs and outputs are described by dtype and shape.
         verbose: let coremltools log, warn and draw its progress bars (:mod:`.runtime`);
             by default it is silent.
 
@@ -163,6 +168,11 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         missing = {"scale", "bias", "color_layout"} - set(image_input)
         if missing:
             raise ValueError(f"[export_coreml] image_input needs explicit {sorted(missing)}")
+    from mlx_zeta._version import __version__
+
+    metadata = check_metadata("export_coreml", metadata)
+    user = {"mlx_zeta.task": "function", "mlx_zeta.precision": precision,
+            "mlx_zeta.compression": "none" if compress is None else str(compress), "mlx_zeta.version": __version__}
     with quiet_coremltools(verbose) as ct:
         prog = to_mil(model_or_fn, example_inputs, input_names=input_names, output_names=output_names,
                       precision=precision, ternary="dense" if compress else "lut",
@@ -172,7 +182,12 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         model = ct.convert(prog, convert_to="mlprogram", inputs=inputs,
                            minimum_deployment_target=getattr(ct.target, minimum_deployment_target),
                            compute_precision=ct.precision.FLOAT32)  # fp16 already chosen op by op
-        return save_atomically(path, lambda staged: model.save(str(staged)))
+
+        def write(staged: Path) -> None:
+            model.save(str(staged))
+            write_metadata(staged, **exporter_metadata(metadata, user, **describe_features(staged)))
+
+        return save_atomically(path, write)
 
 
 def _image_inputs(ct, prog, image_input: dict) -> list:
