@@ -20,7 +20,7 @@ weights, so not with ``--quantize``). Weights holding NaN/Inf are refused unless
 ``export-coreml`` loads SRC with ``from_pretrained`` and writes a Core ML package (atomically;
 an existing non-empty OUT is replaced only with ``--overwrite``, and stays as it was when the
 export fails or is interrupted):
-a decoder LM (``Transformer``) as a stateful package with ``prefill``/``decode`` functions and
+a decoder LM (``Transformer``) as a stateful package with ``prefill_{N}``/``decode`` functions and
 the KV cache as state (:func:`~mlx_zeta.converters.coreml.export_decoder`); a BERT encoder as
 ``input_ids``/``attention_mask`` (B, seq-len) -> ``last_hidden_state``; a ViT as ``pixel_values``
 (1, H, W, C) -> ``logits`` (or hidden states without a classifier). Which of these applies comes
@@ -203,7 +203,7 @@ def _export_lm(model, dst: Path, args: argparse.Namespace) -> None:
     from .coreml import export_decoder
 
     capacity = args.capacity or 512
-    export_decoder(model, dst, capacity=capacity, prefill_len=args.prefill_len or min(64, capacity),
+    export_decoder(model, dst, capacity=capacity, prefill_lens=(args.prefill_len or min(64, capacity),),
                    precision=args.precision, minimum_deployment_target=args.target, verbose=args.verbose)
 
 
