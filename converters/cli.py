@@ -22,7 +22,7 @@ weights, so not with ``--quantize``). Weights holding NaN/Inf are refused unless
 ``export-coreml`` loads SRC with ``from_pretrained`` and writes a Core ML package (atomically;
 an existing non-empty OUT is replaced only with ``--overwrite``, and stays as it was when the
 export fails or is interrupted):
-a decoder LM (``Transformer``) as a stateful package with one ``prefill_N`` function per
+a decoder LM (``Transformer``) as a stateful package with one ``prefill_{N}`` function per
 ``--prefill-lens`` length and ``decode``, the KV cache as state
 (:func:`~mlx_zeta.converters.coreml.export_decoder`); a BERT encoder as ``input_ids``/``attention_mask``
 (B, seq-len) -> ``last_hidden_state``, or with ``--pooling mean|cls`` [``--normalize``] -> ``embeddings``
@@ -191,7 +191,7 @@ def _parse_layer_mode(text: str) -> tuple:
 
     pattern, eq, mode = text.rpartition("=")
     if not eq or not pattern:
-        raise argparse.ArgumentTypeError(f"expected PATTERN=MODE (e.g. 'layers.0.*=int8'), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected PATTERN=MODE (e.g. '*.layers.0.*=int8'), got {text!r}")
     if mode not in MODES:
         raise argparse.ArgumentTypeError(f"expected MODE one of {', '.join(MODES)} in {text!r}, got {mode!r}")
     return pattern, mode
@@ -208,8 +208,9 @@ _COMPRESS_HELP = (
     "export exactly whatever it says (default: float weights in --precision)")
 _LAYER_HELP = (
     "the weights of the modules whose path (as in the loaded model's named_modules()) matches the fnmatch "
-    "PATTERN (e.g. 'layers.0.*', '*.ff.*', or @embedding / @head for those roles) get MODE instead; repeatable: "
-    "a module takes its longest matching PATTERN, else --compress's choice for it (float without --compress)")
+    "PATTERN (e.g. 'attn_layers.layers.0.*', '*.ff.*', or @embedding / @head for those roles) get MODE instead; "
+    "repeatable: a module takes its longest matching PATTERN, else --compress's choice for it (float without "
+    "--compress)")
 
 
 def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
@@ -295,8 +296,8 @@ def _export_lm(model, dst: Path, args: argparse.Namespace, metadata: dict, compr
     from .coreml import export_decoder
 
     capacity, lengths = _lm_options(args)
-    _pending(export_decoder, model, dst, capacity=capacity, prefill_lens=lengths, precision=args.precision,
-             minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
+    export_decoder(model, dst, capacity=capacity, prefill_lens=lengths, precision=args.precision,
+                   minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
 
 
 def _export_encoder(model, dst: Path, args: argparse.Namespace, metadata: dict, compress) -> None:
@@ -312,11 +313,17 @@ def _export_encoder(model, dst: Path, args: argparse.Namespace, metadata: dict, 
     if pooling != "none":
         fn = EncoderPooling(model, pooling, args.normalize)
         compress = _under("encoder.", compress)  # the model is fn.encoder: patterns stay relative to the model
+    pooled = {"none": "", "mean": "the mean over the tokens of attention_mask", "cls": "the first token's state"}
+    output = ("last_hidden_state", f"(B, {n}, hidden) float32: the last hidden state") if pooling == "none" else \
+        ("embeddings", f"(B, hidden) float32: {pooled[pooling]}{', L2-normalised' if args.normalize else ''}")
     metadata["user"].update({"mlx_zeta.pooling": pooling, "mlx_zeta.normalize": json.dumps(args.normalize),
                              "mlx_zeta.seq_len": str(n)})
-    _pending(export_coreml, fn, (ids, mask), dst, input_names=["input_ids", "attention_mask"],
-             output_names=["last_hidden_state" if pooling == "none" else "embeddings"], precision=args.precision,
-             minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
+    metadata.update(inputs={"input_ids": f"Token ids (B, {n}) int32, right-padded to {n}",
+                            "attention_mask": f"(B, {n}) int32: 1 for a token, 0 for padding"},
+                    outputs=dict([output]))
+    export_coreml(fn, (ids, mask), dst, input_names=["input_ids", "attention_mask"], output_names=[output[0]],
+                  precision=args.precision, minimum_deployment_target=args.target, compress=compress,
+                  metadata=metadata, verbose=args.verbose)
 
 
 def _under(prefix: str, compress):
@@ -332,29 +339,9 @@ def _export_vit(model, dst: Path, args: argparse.Namespace, metadata: dict, comp
     from .coreml import export_coreml
 
     size, channels = model.embeddings.img_size, model.embeddings.in_chans
-    _pending(export_coreml, model, (mx.zeros((1, *size, channels)),), dst, input_names=["pixel_values"],
-             output_names=["logits" if "classifier" in model else "last_hidden_state"], precision=args.precision,
-             minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
-
-
-def _pending(export, *args, **kwargs):
-    """PENDING(issue 18, "coreml meta:" on main): call ``export`` directly once export_decoder takes
-    ``prefill_lens``/``compress``/``metadata`` and export_coreml ``metadata``. Until then: keywords the exporter
-    lacks are dropped when unset (``metadata`` always), a set ``compress`` is refused, and ``prefill_lens`` of
-    one length becomes the old ``prefill_len``."""
-    import inspect
-
-    params = inspect.signature(export).parameters
-    if "prefill_lens" in kwargs and "prefill_lens" not in params:
-        lengths = kwargs.pop("prefill_lens")
-        if len(lengths) > 1:
-            raise ValueError("[export-coreml] several --prefill-lens need the multifunction export_decoder")
-        kwargs["prefill_len"] = lengths[0]
-    for key in [k for k in kwargs if k not in params]:
-        value = kwargs.pop(key)
-        if key == "compress" and value is not None:
-            raise ValueError("[export-coreml] --compress for task lm: export_decoder takes no compress yet")
-    return export(*args, **kwargs)
+    export_coreml(model, (mx.zeros((1, *size, channels)),), dst, input_names=["pixel_values"],
+                  output_names=["logits" if "classifier" in model else "last_hidden_state"], precision=args.precision,
+                  minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
 
 
 # An architecture's TASK (declared by its converter module, see pretrained.TASKS) -> (the --task name of

@@ -27,6 +27,7 @@ import mlx.core as mx  # noqa: E402
 
 from badinput import assert_no_partial  # noqa: E402
 from mlx_zeta.cli import main  # noqa: E402
+from mlx_zeta.converters.coreml.metadata import read_metadata  # noqa: E402
 from mlx_zeta.converters.pretrained import save_pretrained  # noqa: E402
 from test_bad_coreml import CONVERTED, converted  # noqa: E402,F401  (the fixture)
 
@@ -130,17 +131,8 @@ def test_overwrite_and_verbose(vit, tmp_path, capsys):
 # with its Hub repo id as SRC (resolved to the local folder): prefill lengths, the tokenizer copied beside the
 # package, author / license / description and the special token ids in the package's metadata.
 REPO_ID = "mlx-zeta-tests/tiny-llama"
-LLAMA_ARGV = ["--capacity", "16", "--prefill-lens", "8,4,8", "--copy-tokenizer", "--author", "A", "--license", "L",
-              "--description", "D"]
-
-
-def _multifunction() -> bool:
-    """PENDING(issue 18, "coreml meta:" on main): always true once export_decoder takes prefill_lens."""
-    import inspect
-
-    from mlx_zeta.converters.coreml import export_decoder
-
-    return "prefill_lens" in inspect.signature(export_decoder).parameters
+LLAMA_ARGV = ["--capacity", "16", "--prefill-lens", "8,4,8", "--compress", "int8", "--copy-tokenizer", "--author", "A",
+              "--license", "L", "--description", "D"]
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +146,11 @@ def tiny_llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_llama")
     folder = make_llama(root / "hf")
     out = root / "out" / "model.mlpackage"
-    argv = LLAMA_ARGV if _multifunction() else [a.replace("8,4,8", "8") for a in LLAMA_ARGV]
     real_resolve = pretrained.resolve
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, redirect_stdout(stdout), redirect_stderr(stderr):
         mp.setattr(pretrained, "resolve", lambda src, revision=None: folder if src == REPO_ID else real_resolve(src))
-        code = main(["export-coreml", REPO_ID, str(out), *argv])
+        code = main(["export-coreml", REPO_ID, str(out), *LLAMA_ARGV])
     return folder, out, code, stdout.getvalue(), stderr.getvalue()
 
 
@@ -174,7 +165,8 @@ def test_tokenizer_copied_byte_for_byte_beside_the_package(tiny_llama):
     for name in expected:
         assert (copied / name).read_bytes() == (folder / name).read_bytes(), name
     line = stdout.strip()
-    assert stdout.count("\n") == 1 and "compression none" in line and " KB in " in line, line
+    assert stdout.count("\n") == 1 and "compression int8)" in line and " KB in " in line, line
+    assert "prefill_4(input_ids (1, 4), " in line and "prefill_8(" in line and "decode(" in line, line
     assert f"tokenizer (3 files) -> {copied}" in line, line
 
 
@@ -182,12 +174,11 @@ def test_metadata_round_trip(tiny_llama):
     """Everything the CLI put in the package reads back: author, license, description, the source as given,
     and bos/eos/pad ids equal to what transformers reads from the checkpoint (its tokenizer and generation
     config), the tokenizer files' names, the prefill lengths."""
-    metadata = pytest.importorskip("mlx_zeta.converters.coreml.metadata")  # PENDING(issue 18, "coreml meta:")
     import transformers
 
     folder, out, code, _, _ = tiny_llama
     assert code == 0
-    meta = metadata.read_metadata(out)
+    meta = read_metadata(out)
     assert (meta["author"], meta["license"], meta["description"]) == ("A", "L", "D")
     json_keys = ("bos_token_id", "eos_token_ids", "pad_token_id", "tokenizer_files", "prefill_lengths", "capacity")
     user = {k: json.loads(meta["user"][f"mlx_zeta.{k}"]) for k in json_keys}
@@ -199,7 +190,7 @@ def test_metadata_round_trip(tiny_llama):
     assert user["pad_token_id"] == tok.pad_token_id == 0
     assert user["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
     assert user["prefill_lengths"] == [4, 8] and user["capacity"] == 16
-    assert meta["user"]["mlx_zeta.task"] == "causal-lm"
+    assert (meta["user"]["mlx_zeta.task"], meta["user"]["mlx_zeta.compression"]) == ("causal-lm", "int8")
 
 
 BERT = dict(model_type="bert", vocab_size=200, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -297,9 +288,12 @@ def test_encoder_pooling_flags_export_embeddings(bert, tmp_path, capsys):
     model = from_pretrained(bert)
     ref = np.array(mean_pool(model(mx.array(ids), mx.array(mask)), mx.array(mask), normalize=True))
     assert got.shape == (1, BERT["hidden_size"]) and np.abs(got - ref).max() < 2e-3, np.abs(got - ref).max()
-    metadata = pytest.importorskip("mlx_zeta.converters.coreml.metadata")  # PENDING(issue 18, "coreml meta:")
-    user = metadata.read_metadata(out)["user"]
+    meta = read_metadata(out)
+    user = meta["user"]
     assert (user["mlx_zeta.pooling"], user["mlx_zeta.normalize"], user["mlx_zeta.seq_len"]) == ("mean", "true", "8")
+    assert meta["outputs"] == {"embeddings": "(B, hidden) float32: the mean over the tokens of attention_mask, "
+                                             "L2-normalised"}
+    assert set(meta["inputs"]) == {"input_ids", "attention_mask"} and "padding" in meta["inputs"]["attention_mask"]
     assert (user["mlx_zeta.task"], user["mlx_zeta.tokenizer_files"]) == ("encoder", "[]")
 
 
@@ -395,6 +389,7 @@ def test_compress_layer_patterns_name_the_models_own_modules(pooling, bert, tmp_
                        "--compress", "int8", "--compress-layer", "embeddings.*=none")
     assert code == 0, err
     prefix = "encoder." if pooling else ""
-    matrices = [path for path, m in from_pretrained(bert).named_modules() if type(m).__name__ in ("Linear", "Embedding")]
+    matrices = [path for path, m in from_pretrained(bert).named_modules()
+                if type(m).__name__ in ("Linear", "Embedding")]
     expected = {prefix + path: "int8" for path in matrices if not path.startswith("embeddings.") and path != "pooler"}
     assert len(expected) == 6 and seen == expected  # q, k, v, out, ff in, ff out (the pooler is not traced)

@@ -178,6 +178,32 @@ def test_ternary_package_weight_bytes_at_most_a_seventh(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.mlpackage", "lut.mlpackage"]  # no temp left
 
 
+def test_broadcast_constants_are_not_stored_at_activation_size(tmp_path):
+    """A Linear's bias (AddMM), a compared Arange and a Select fill are broadcast by MLX to the
+    activation's (T, 64); in the saved package each stays its own size (coremltools would fold
+    a broadcast into a T x 64 weight, per function of a multifunction package) and the values hold."""
+    import mlx.nn as nn
+
+    from mlx_zeta.converters.coreml.evaluate import load_program
+
+    mx.random.seed(0)
+    lin = nn.Linear(16, 64)
+    mx.eval(lin.parameters())
+
+    def fn(x):  # x (32, 16) -> (32, 64)
+        y = lin(x)
+        return mx.where(y >= mx.arange(64).astype(mx.float32) / 64, y, -5.0)
+
+    x = mx.random.normal((32, 16))
+    path = export_coreml(fn, (x,), tmp_path / "b.mlpackage", precision="float32")
+    ops = load_program(path).functions["main"].operations
+    sizes = {op.outputs[0].name: np.asarray(op.outputs[0].val).size for op in ops
+             if op.op_type == "const" and op.outputs[0].val is not None}
+    assert max(sizes.values()) <= 16 * 64, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]  # the weight
+    np.testing.assert_allclose(evaluate(path, {"input_0": np.array(x)})["output_0"], np.array(fn(x)),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_broken_transpose_emitter_is_caught(monkeypatch):
     """Transposes that keep the shape (heads == tokens) become no-ops: the numbers must notice."""
     model = tiny_decoder(depth=1)

@@ -323,7 +323,7 @@ def family_packages(root):
                                                  ff_glu=True, ff_swish=True)), ("decoder", {})):
         mx.random.seed(0)
         lm = Transformer(num_tokens=64, max_seq_len=64, attn_layers=Decoder(dim=32, depth=1, heads=4, **kw))
-        yield name, export_decoder(lm, root / f"{name}.mlpackage", capacity=16, prefill_len=4)
+        yield name, export_decoder(lm, root / f"{name}.mlpackage", capacity=16, prefill_lens=4)
 
 
 def emitted_op_types(package):

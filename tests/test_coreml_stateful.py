@@ -1,6 +1,10 @@
 """Stateful Core ML decoder export (export_decoder, ``mlx-zeta export-coreml``) checked without a Mac:
-the saved package's ``prefill``/``decode`` functions run under the numpy Evaluator, the KV cache
-kept as state across calls, and must greedy-decode the same tokens as MLX's own KV-cache decode."""
+the saved package's ``prefill_{L}``/``decode`` functions run under the numpy Evaluator, driven as the
+contract in ``coreml/stateful.py`` says (right padding, smallest fitting ``prefill_L``, longer prompts
+in chunks of the largest), the KV cache kept as state across calls, and must greedy-decode the same
+tokens as MLX's own KV-cache decode."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,42 +14,67 @@ import mlx.core as mx
 
 ct = pytest.importorskip("coremltools")
 
-from mlx_zeta.converters.coreml import MASK_FILL, export_decoder, lower, package_summary  # noqa: E402
+from mlx_zeta.converters.coreml import MASK_FILL, export_decoder, lower, open_package, package_summary  # noqa: E402
 from mlx_zeta.converters.coreml.evaluate import Evaluator, load_program  # noqa: E402
 from mlx_zeta.converters.coreml.lint import lint  # noqa: E402
 from mlx_zeta.structs import AutoregressiveWrapper, Decoder, Transformer  # noqa: E402
 
 CAPACITY, PREFILL, STEPS = 32, 8, 16
+LENS = (4, 8)  # the multifunction package's prefill lengths
+PAD = 1  # right padding: any id; a nonzero one writes real keys/values into the padded slots
 FP16_RTOL_OF_MAX = 1e-2  # max |error| / max |reference logit|, per step
 
 
-def greedy_parity(package, model, prompt):
-    """Prefill + STEPS decode steps under the Evaluator (one state dict for both functions), fed
-    MLX's greedy tokens; returns (coreml greedy tokens, MLX greedy tokens, max abs error, max rel error)."""
-    ref_tokens = np.array(AutoregressiveWrapper(model).generate(prompt, STEPS, temperature=0.0))[0].tolist()
-    seq = mx.array([np.array(prompt)[0].tolist() + ref_tokens])
-    ref = np.array(model(seq).astype(mx.float32))[0]  # (PREFILL + STEPS, vocab): every step's logits
-    state = {}
-    prefill = Evaluator(package, function="prefill", state=state)
-    decode = Evaluator(package, function="decode", state=state)
-    logits = [prefill({"input_ids": np.array(prompt, np.int32), "position": np.array([0], np.int32)})["logits"][0]]
-    for t in range(STEPS):
-        feeds = {"input_ids": np.array([[ref_tokens[t]]], np.int32), "position": np.array([PREFILL + t], np.int32)}
-        out = decode(feeds)
-        assert not decode.nonfinite_ops, decode.nonfinite_ops
-        logits.append(out["logits"][0])
-    got = np.concatenate(logits).astype(np.float64)  # (PREFILL + STEPS, vocab)
+def prefill_plan(n, lens):
+    """[(L, real tokens)] for a prompt of n tokens, as the contract reads (written here, not imported):
+    the smallest L >= the tokens left, else the largest L on the next L tokens, again."""
+    calls = []
+    while n > 0:
+        length = min([m for m in lens if m >= n] or [max(lens)])
+        calls.append((length, min(length, n)))
+        n -= calls[-1][1]
+    return calls
+
+
+def greedy_parity(package, model, prompt, lens=(PREFILL,), steps=STEPS):
+    """The prompt through the package's prefill functions (prefill_plan, right-padded with PAD), then
+    ``steps`` decode steps, under the Evaluator (one state dict for every function), fed MLX's greedy
+    tokens; returns (coreml greedy tokens, MLX greedy tokens, max abs error, max rel error) over the
+    logits of every real position."""
+    ids = np.array(prompt)[0].tolist()
+    n = len(ids)
+    ref_tokens = np.array(AutoregressiveWrapper(model).generate(prompt, steps, temperature=0.0))[0].tolist()
+    ref = np.array(model(mx.array([ids + ref_tokens])).astype(mx.float32))[0]  # (n + steps, vocab)
+    prog, state, funcs = load_program(package), {}, {}  # the package read once, for every function
+
+    def call(name, tokens, position):
+        if name not in funcs:
+            funcs[name] = Evaluator(prog, function=name, state=state)
+        f = funcs[name]
+        out = f({"input_ids": np.array([tokens], np.int32), "position": np.array([position], np.int32)})
+        assert not f.nonfinite_ops, f.nonfinite_ops
+        return out["logits"][0]
+
+    logits, pos = [], 0
+    for length, real in prefill_plan(n, lens):
+        logits.append(call(f"prefill_{length}", ids[pos:pos + real] + [PAD] * (length - real), pos)[:real])
+        pos += real
+    for t in range(steps):
+        logits.append(call("decode", [ref_tokens[t]], n + t))
+    got = np.concatenate(logits).astype(np.float64)  # (n + steps, vocab)
     assert got.shape == ref.shape
     err = np.abs(got - ref).max(axis=-1)
     rel = err / np.abs(ref).max(axis=-1)
-    tokens = got[PREFILL - 1:PREFILL - 1 + STEPS].argmax(axis=-1).tolist()  # greedy from each step's last logits
+    tokens = got[n - 1:n - 1 + steps].argmax(axis=-1).tolist()  # greedy from each step's last logits
     return tokens, ref_tokens, float(err.max()), float(rel.max())
 
 
-def check_package(package, depth):
+def check_package(package, depth, lens=(PREFILL,)):
     summary = package_summary(package)
-    assert set(summary["functions"]) == {"prefill", "decode"}
-    assert summary["functions"]["prefill"]["inputs"] == {"input_ids": (1, PREFILL), "position": (1,)}
+    assert list(summary["functions"]) == [f"prefill_{n}" for n in lens] + ["decode"]
+    for n in lens:
+        assert summary["functions"][f"prefill_{n}"]["inputs"] == {"input_ids": (1, n), "position": (1,)}
+        assert summary["functions"][f"prefill_{n}"]["outputs"] == ["logits"]
     assert summary["functions"]["decode"]["inputs"] == {"input_ids": (1, 1), "position": (1,)}
     assert sorted(summary["states"]) == sorted([f"k_cache_{i}" for i in range(depth)] +
                                                [f"v_cache_{i}" for i in range(depth)])
@@ -69,18 +98,65 @@ def check_package(package, depth):
     return summary
 
 
-def test_tiny_rotary_gqa_decoder_greedy_parity(tmp_path):
+def tiny_rotary_gqa():
     mx.random.seed(0)
-    model = Transformer(num_tokens=64, max_seq_len=64, attn_layers=Decoder(
+    return Transformer(num_tokens=64, max_seq_len=64, attn_layers=Decoder(
         dim=32, depth=2, heads=4, attn_kv_heads=2, rotary_pos_emb=True, use_rmsnorm=True, ff_glu=True,
         ff_swish=True))
-    package = export_decoder(model, tmp_path / "lm.mlpackage", capacity=CAPACITY, prefill_len=PREFILL)
-    assert [p.name for p in tmp_path.iterdir()] == ["lm.mlpackage"]  # no temp folder left
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """(model, its package with prefill_lens=PREFILL: functions prefill_8, decode)."""
+    model, root = tiny_rotary_gqa(), tmp_path_factory.mktemp("coreml_single")
+    package = export_decoder(model, root / "lm.mlpackage", capacity=CAPACITY, prefill_lens=PREFILL)
+    assert [p.name for p in root.iterdir()] == ["lm.mlpackage"]  # no temp folder left
+    return model, package
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """(the same model, its package with prefill_lens=(8, 4, 8): functions prefill_4, prefill_8, decode)."""
+    model, root = tiny_rotary_gqa(), tmp_path_factory.mktemp("coreml_multi")
+    return model, export_decoder(model, root / "lm.mlpackage", capacity=CAPACITY, prefill_lens=(8, 4, 8))
+
+
+def test_tiny_rotary_gqa_decoder_greedy_parity(single):
+    model, package = single
     check_package(package, depth=2)
     prompt = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     tokens, ref, err, rel = greedy_parity(package, model, prompt)
     print(f"rotary GQA decoder: fp16 logits max abs {err:.2e}, max rel-of-max {rel:.2e}")
     assert tokens == ref and rel < FP16_RTOL_OF_MAX
+
+
+def test_multifunction_package_has_each_prefill_length_and_decode_by_default(multi):
+    _, package = multi
+    check_package(package, depth=2, lens=LENS)  # deduplicated and sorted: prefill_4, prefill_8, decode
+    assert open_package(package).spec.description.defaultFunctionName == "decode"
+
+
+@pytest.mark.parametrize("n, plan", [(4, [(4, 4)]), (6, [(8, 6)]), (11, [(8, 8), (4, 3)])])
+def test_multifunction_greedy_parity_with_padding_and_chunks(multi, n, plan):
+    """4 tokens fill prefill_4; 6 are right-padded into prefill_8; 11 (more than the largest L) go
+    as 8 through prefill_8, then 3 right-padded into prefill_4; decode continues after each."""
+    model, package = multi
+    assert prefill_plan(n, LENS) == plan
+    prompt = mx.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5][:n]])
+    tokens, ref, err, rel = greedy_parity(package, model, prompt, LENS, steps=4)
+    print(f"{n}-token prompt through {plan}: fp16 logits max abs {err:.2e}, max rel-of-max {rel:.2e}")
+    assert tokens == ref and rel < FP16_RTOL_OF_MAX
+
+
+def test_multifunction_package_stores_the_weights_once(single, multi):
+    """One more prefill function adds its program, not another copy of the weights (save_multifunction
+    deduplicates equal blobs; no constant may depend on the sequence length: unbroadcast_constants)."""
+    def weight_bytes(package):
+        return (Path(package) / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_size
+
+    one, two = weight_bytes(single[1]), weight_bytes(multi[1])
+    print(f"weight.bin: {one} B with prefill_8 + decode, {two} B with prefill_4 + prefill_8 + decode")
+    assert one > 10_000 and two < 1.01 * one
 
 
 def test_mask_fill_is_fp16_safe_before_fusion():
@@ -105,13 +181,21 @@ def test_export_decoder_rejects_bad_options(tmp_path):
 
     mx.random.seed(0)
     model = Transformer(num_tokens=64, max_seq_len=16, attn_layers=Decoder(dim=32, depth=1, heads=4))
-    with pytest.raises(ValueError, match="prefill_len <= capacity"):
-        export_decoder(model, tmp_path / "a.mlpackage", capacity=8, prefill_len=9)
+    for lens in (9, (), 0, (4, 9), "8", (4, 8.0), True, [4, None]):
+        with pytest.raises(ValueError) as e:
+            export_decoder(model, tmp_path / "a.mlpackage", capacity=8, prefill_lens=lens)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("[export_decoder] expected prefill_lens to be an int in [1, capacity=8]")
+        assert msg.endswith(f"got {lens!r}"), msg
     with pytest.raises(ValueError, match="max_seq_len=16"):
-        export_decoder(model, tmp_path / "a.mlpackage", capacity=32, prefill_len=8)
+        export_decoder(model, tmp_path / "a.mlpackage", capacity=32, prefill_lens=8)
     encoder = Transformer(num_tokens=64, max_seq_len=16, attn_layers=Encoder(dim=32, depth=1, heads=4))
     with pytest.raises(ValueError, match="causal"):
-        export_decoder(encoder, tmp_path / "a.mlpackage", capacity=8, prefill_len=4)
+        export_decoder(encoder, tmp_path / "a.mlpackage", capacity=8, prefill_lens=4)
+    with pytest.raises(ValueError, match=r"\[export_decoder\] unknown metadata key 'authors'"):
+        export_decoder(model, tmp_path / "a.mlpackage", capacity=8, prefill_lens=4, metadata={"authors": "me"})
+    with pytest.raises(ValueError, match=r"\[export_decoder\] expected metadata\['user'\] to map str to str.*'n': 3"):
+        export_decoder(model, tmp_path / "a.mlpackage", capacity=8, prefill_lens=4, metadata={"user": {"n": 3}})
     assert list(tmp_path.iterdir()) == []
 
 

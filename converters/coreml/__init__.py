@@ -1,15 +1,16 @@
 """Core ML export (ML Program ``.mlpackage``, iOS 18 / macOS 15) by lowering the captured MLX graph.
 
 ``export_coreml(model, example_inputs, path)`` saves a package; ``to_mil`` returns the MIL
-program; ``export_decoder(model, path, capacity=, prefill_len=)`` saves a decoder LM as one
-stateful package with ``prefill`` and ``decode`` functions (:mod:`.stateful`).
+program; ``export_decoder(model, path, capacity=, prefill_lens=)`` saves a decoder LM as one
+stateful package with ``prefill_{L}`` and ``decode`` functions (:mod:`.stateful`);
+``write_metadata`` / ``read_metadata`` edit and read a saved package's metadata (:mod:`.metadata`).
 
 Modules, each importing only those before it: :mod:`.graph` (graph types, the emitter table
 ``EMITTERS``/``register_emitter``, the lowering context and precision policy), :mod:`.passes`
 (graph rewrites: attention fusion, pooling, ...), :mod:`.ops` (the emitters), :mod:`.lower`
 (the driver: ``capture``, ``lower_graph``), :mod:`.compress` (compressed weights' math and the
 ``compress`` policy), :mod:`.weights` (which weights are compressed, layer stand-ins), :mod:`.export`,
-:mod:`.stateful`; :mod:`.evaluate`
+:mod:`.stateful`; :mod:`.metadata`, :mod:`.evaluate`
 and :mod:`.lint` read saved programs, each opened and checked by :mod:`.package`. coremltools is
 imported inside the functions, through :mod:`.runtime` (quietly, and interruptibly by Ctrl-C).
 """
@@ -20,6 +21,7 @@ from .export import export_coreml, to_mil
 from .graph import EMITTERS, MASK_FILL, LoweringError, register_emitter
 from .lint import Finding, lint
 from .lower import capture, lower_graph
+from .metadata import read_metadata, write_metadata
 from .package import PackageError, open_package, package_summary
 from .runtime import import_coremltools, quiet_coremltools
 from .stateful import export_decoder
@@ -29,4 +31,4 @@ __all__ = ["export_coreml", "export_decoder", "package_summary", "to_mil", "expo
            "EMITTERS",
            "MASK_FILL", "LoweringError", "capture", "lower_graph", "register_emitter",
            "Evaluator", "evaluate", "Finding", "lint", "open_package", "PackageError", "import_coremltools",
-           "quiet_coremltools"]
+           "quiet_coremltools", "read_metadata", "write_metadata"]

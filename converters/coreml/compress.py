@@ -157,6 +157,8 @@ def policy(compress) -> Callable[[str, Optional[str]], str]:
 
 def describe(compress) -> str:
     """One line naming the policy, for package metadata: ``"int4-block32; @embedding int8; @head int8"``."""
+    if compress == "ternary-dense":
+        return compress
     table = _expand(compress)
     if not table:
         return "none"

@@ -17,8 +17,9 @@ import numpy as np
 
 from mlx_zeta.common import atomic_path
 
-from .compress import policy
+from .compress import describe, policy
 from .lower import capture, lower_graph
+from .metadata import check_metadata, describe_features, exporter_metadata, write_metadata
 from .runtime import import_coremltools, quiet_coremltools
 from .weights import compressed_constants, export_standins
 
@@ -38,10 +39,11 @@ def _as_tuple(example_inputs):
 def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] = None,
            output_names: Optional[Sequence[str]] = None, precision: str = "float16", compress=None,
            fuse_attention: bool = True, channels_first: Sequence[int] = (), minimum_deployment_target="iOS18",
-           states=None, weights_root=None, return_stats: bool = False):
+           states=None, weights_root=None, weights_cache: Optional[dict] = None, return_stats: bool = False):
     """Trace ``model_or_fn(*example_inputs)`` and lower it: a coremltools MIL ``Program`` (not
     optimized by coremltools' passes; see :func:`export_coreml`, whose ``compress`` this takes; its
-    patterns name module paths of ``weights_root``, by default ``model_or_fn``).
+    patterns name module paths of ``weights_root``, by default ``model_or_fn``; ``weights_cache``, a dict
+    kept across calls, compresses each weight once for several traces of one model).
     With ``return_stats`` also returns ``{"fused_attention": n, "nodes": n, "compressed": n,
     "affine": {...}, "modes": {...}}`` (:func:`~.weights.compressed_constants`)."""
     import mlx.core as mx
@@ -66,7 +68,7 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
     standin_weights = [w for w in standin_weights if not (ternary_dense and w[2] == "ternary")]
     root = model_or_fn if weights_root is None else weights_root
     compressed, stats = compressed_constants(graph, root, standin_weights, None if ternary_dense else compress,
-                                             np.float16 if precision == "float16" else np.float32)
+                                             np.float16 if precision == "float16" else np.float32, weights_cache)
     if minimum_deployment_target in _BEFORE_18:
         fuse_attention = False  # attention stays matmul / softmax / matmul
         if compressed:
@@ -83,7 +85,7 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
 def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Sequence[str]] = None,
                   output_names: Optional[Sequence[str]] = None, precision: str = "float16",
                   minimum_deployment_target: str = "iOS18", image_input: Optional[dict] = None,
-                  compress: Optional[str] = None, verbose: bool = False) -> Path:
+                  compress: Optional[str] = None, metadata: Optional[dict] = None, verbose: bool = False) -> Path:
     """Export to a Core ML ML Program ``path`` (``.mlpackage``) and return the path.
 
     Args:
@@ -100,10 +102,14 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
             input becomes a Core ML image (NCHW inside); Core ML computes ``scale * pixel + bias``.
         compress: the float weights' compression (:func:`~.compress.policy`): ``None`` (float, in
             ``precision``), a mode of :data:`~.compress.MODES` (``"int8"``, ``"int4"`` = ``"int4-block32"``,
-            ``"int4-block64"``, ``"palettize2"`` ... ``"palettize8"``; embeddings and head at int8), or
+            ``"int4-block64"``, ``"palettize2"`` ... ``"palettize8"``: every float Linear/Embedding weight), or
             ``{module-path pattern or "@embedding"/"@head": mode}``. Ternary layers are 2-bit tables
             and MLX-quantized layers 4/8-bit shift-scale weights whatever it says;
             ``"ternary-dense"`` keeps ternary weights as plain consts (for comparison).
+        metadata: optional ``{"author", "license", "description", "version": str, "user": {str: str}}``
+            written into the package (:mod:`.metadata`); ``user`` is merged over the exporter's own
+            ``mlx_zeta.*`` keys (``task``: ``"function"`` unless given, ``precision``,
+            ``compression``, ``version``). Inputs and outputs are described by dtype and shape.
         verbose: let coremltools log, warn and draw its progress bars (:mod:`.runtime`);
             by default it is silent.
 
@@ -115,6 +121,11 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         missing = {"scale", "bias", "color_layout"} - set(image_input)
         if missing:
             raise ValueError(f"[export_coreml] image_input needs explicit {sorted(missing)}")
+    from mlx_zeta._version import __version__
+
+    metadata = check_metadata("export_coreml", metadata)
+    user = {"mlx_zeta.task": "function", "mlx_zeta.precision": precision,
+            "mlx_zeta.compression": describe(compress), "mlx_zeta.version": __version__}
     with quiet_coremltools(verbose) as ct:
         prog = to_mil(model_or_fn, example_inputs, input_names=input_names, output_names=output_names,
                       precision=precision, compress=compress,
@@ -124,7 +135,12 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         model = ct.convert(prog, convert_to="mlprogram", inputs=inputs,
                            minimum_deployment_target=getattr(ct.target, minimum_deployment_target),
                            compute_precision=ct.precision.FLOAT32)  # fp16 already chosen op by op
-        return save_atomically(path, lambda staged: model.save(str(staged)))
+
+        def write(staged: Path) -> None:
+            model.save(str(staged))
+            write_metadata(staged, **exporter_metadata(metadata, user, **describe_features(staged)))
+
+        return save_atomically(path, write)
 
 
 def _image_inputs(ct, prog, image_input: dict) -> list:

@@ -41,11 +41,13 @@ class PackageError(ValueError):
 
 @dataclass(frozen=True)
 class Package:
-    """A checked package: its ``path``, the parsed ``spec`` protobuf and its ``weights_dir``."""
+    """A checked package: its ``path``, the parsed ``spec`` protobuf, its ``weights_dir`` and the
+    ``spec_file`` the spec was read from."""
 
     path: Path
     spec: Any
     weights_dir: str
+    spec_file: Path
 
 
 def _manifest_root(path: Path, fail) -> Path:
@@ -162,7 +164,7 @@ def open_package(path, owner: str = "open_package") -> Package:
             fail(f"the spec references blobs in {name!r}, outside the package")
         weights = model_dir / name[len(_MODEL_PATH):]
         _check_blobs(weights, os.path.relpath(weights, path), offsets, fail)
-    return Package(path, spec, str(model_dir / "weights"))
+    return Package(path, spec, str(model_dir / "weights"), spec_file)
 
 
 def package_summary(path) -> dict:

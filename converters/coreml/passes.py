@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+import numpy as np
+
 from .graph import MASK_CLAMP, SHAPE_OPS, Graph, Node, scalar_const
 
 __all__ = ["fuse_attention", "absorb_transposes", "prune", "fold_pooling_windows", "squeeze_gathers",
-           "unbroadcast_constants", "ELEMENTWISE"]
+           "unbroadcast_constants", "ELEMENTWISE", "BROADCASTING"]
 
 ELEMENTWISE = ("Add", "Subtract", "Multiply", "Divide", "Maximum", "Minimum")
+BROADCASTING = ELEMENTWISE + ("Power", "Remainder", "Equal", "NotEqual", "Less", "LessEqual", "Greater",
+                              "GreaterEqual", "LogicalAnd", "LogicalOr", "Select")  # numpy-broadcasting ops
 
 
 def fuse_attention(graph: Graph) -> int:
@@ -218,16 +222,20 @@ def _constant_names(graph: Graph) -> set:
 
 
 def unbroadcast_constants(graph: Graph) -> None:
-    """An elementwise op reading a ``Broadcast`` of a constant whose other operand already has
-    the output shape reads the constant itself (MIL broadcasts like numpy); otherwise the
-    broadcast constant would be folded into a weight of the full activation size (a bias
-    becoming batch x seq x width bytes in ``weight.bin``)."""
+    """An op that broadcasts its operands (:data:`BROADCASTING`: arithmetic, comparisons,
+    ``Select``; and the added term of ``AddMM``) reading a ``Broadcast`` of a constant reads the
+    constant itself when the operands still broadcast to the output shape (MIL broadcasts like
+    numpy); otherwise the broadcast constant would be folded into a weight of the full activation
+    size (a bias becoming batch x seq x width bytes in ``weight.bin``, once per function of a
+    multifunction package since each function has its own sequence length)."""
     prod, const = graph.producers(), _constant_names(graph)
     for node in graph.nodes:
-        if node.name not in ELEMENTWISE or len(node.inputs) != 2:
-            continue
-        for i in (0, 1):
+        slots = range(len(node.inputs)) if node.name in BROADCASTING else (2,) if node.name == "AddMM" else ()
+        for i in slots:
             b = prod.get(node.inputs[i])
-            if (b is not None and b.name == "Broadcast" and b.inputs[0] in const
-                    and node.in_shapes[1 - i] == node.out_shapes[0]):
+            if b is None or b.name != "Broadcast" or b.inputs[0] not in const:
+                continue
+            others = [node.out_shapes[0]] if node.name == "AddMM" else \
+                [s for j, s in enumerate(node.in_shapes) if j != i]
+            if tuple(np.broadcast_shapes(*map(tuple, others), tuple(b.in_shapes[0]))) == tuple(node.out_shapes[0]):
                 node.inputs[i], node.in_shapes[i] = b.inputs[0], b.in_shapes[0]

@@ -24,7 +24,7 @@ constant is the very array the model holds.
 import hashlib
 import warnings
 from contextlib import contextmanager
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -151,13 +151,15 @@ def _float_weights(model) -> Dict[Tuple, Tuple[str, str]]:
     return out
 
 
-def compressed_constants(graph, model, standin_weights: List, compress, dtype) -> Tuple[Dict[str, Compressed], dict]:
+def compressed_constants(graph, model, standin_weights: List, compress, dtype,
+                         cache: Optional[dict] = None) -> Tuple[Dict[str, Compressed], dict]:
     """``({constant name: Compressed}, stats)`` for a captured ``graph`` of ``model``: stand-in weights
     (``standin_weights`` from :func:`export_standins`) and, by the ``compress`` policy, float weights.
     ``dtype`` (np.float16/np.float32) is the package's; MLX-affine weights decoded in it are checked
     against MLX's dequantized weights (``stats["affine"]``) and a warning names any beyond
     :data:`AFFINE_ULPS` ulps. ``stats["modes"]``: ``{module path: mode}`` of the policy's weights;
-    ``stats["counts"]``: compressed weights by source (``ternary``, ``affine``, ``policy``)."""
+    ``stats["counts"]``: compressed weights by source (``ternary``, ``affine``, ``policy``). ``cache``
+    (``{(content key, mode): Compressed}``), when given, is read and filled."""
     registered = {_key(dense): entry for entry in standin_weights for dense in entry[:1]}
     mode_of = policy(compress)
     floats = _float_weights(model) if compress is not None else {}
@@ -178,7 +180,10 @@ def compressed_constants(graph, model, standin_weights: List, compress, dtype) -
                          "exact": min(worst["exact"], err["exact"]), "weights": worst["weights"] + 1}
         elif key in floats:
             path, role = floats[key]
-            c = compress_weight(value, mode_of(path, role))
+            mode = mode_of(path, role)
+            c = cache[key, mode] if cache is not None and (key, mode) in cache else compress_weight(value, mode)
+            if cache is not None:
+                cache[key, mode] = c
             if c is not None:
                 out[name], modes[path] = c, mode_of(path, role)
                 counts["policy"] += 1

@@ -1,0 +1,4 @@
+"""The package's version, in a module of its own so that every layer can read it without importing
+:mod:`mlx_zeta` itself (which imports the upper layers): e.g. the Core ML exporters' ``mlx_zeta.version``."""
+
+__version__ = "0.1.0"
