@@ -15,10 +15,8 @@ sample on macOS).
 """
 
 import importlib.util
-import inspect
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +30,8 @@ pytest.importorskip("tokenizers")
 
 from mlx_zeta.converters.coreml import export_decoder  # noqa: E402
 from mlx_zeta.converters.coreml.evaluate import Evaluator  # noqa: E402
+from mlx_zeta.converters.coreml.metadata import read_metadata  # noqa: E402
 from mlx_zeta.converters.coreml.package import open_package  # noqa: E402
-from mlx_zeta.converters.coreml.runtime import quiet_coremltools  # noqa: E402
 
 IOS = Path(__file__).resolve().parents[1] / "examples" / "ios"
 CONTRACT = IOS / "Sources" / "MLXZetaCoreML" / "Contract.swift"
@@ -97,25 +95,8 @@ def _dtype(array_type) -> str:
 
 
 def _export(model, path: Path) -> Path:
-    """``export_decoder`` with prefill lengths PREFILL_LENS in one package.
-
-    TODO(META): remove the fallback once export_decoder takes ``prefill_lens`` (META): until then
-    each length is exported alone (functions ``prefill`` + ``decode``) and the functions are
-    combined, under the spec's names, the way META's stateful.py does."""
-    if "prefill_lens" in inspect.signature(export_decoder).parameters:
-        return export_decoder(model, path, capacity=CAPACITY, prefill_lens=PREFILL_LENS)
-    parts = {n: export_decoder(model, path.parent / f"part{n}.mlpackage", capacity=CAPACITY, prefill_len=n)
-             for n in PREFILL_LENS}
-    desc = ct.utils.MultiFunctionDescriptor()
-    for n, part in parts.items():
-        desc.add_function(str(part), "prefill", f"prefill_{n}")
-    desc.add_function(str(parts[PREFILL_LENS[0]]), "decode", "decode")
-    desc.default_function_name = "decode"
-    with quiet_coremltools():
-        ct.utils.save_multifunction(desc, str(path))
-    for part in parts.values():
-        shutil.rmtree(part)
-    return path
+    """``export_decoder`` with prefill lengths PREFILL_LENS in one package."""
+    return export_decoder(model, path, capacity=CAPACITY, prefill_lens=PREFILL_LENS)
 
 
 def _helper(name: str):
@@ -181,10 +162,6 @@ def test_metadata_keys_the_sample_reads_are_written_by_the_exporters(tiny):
     assert len(keys) >= 10
     unknown = sorted(v for v in keys.values() if v not in EXPORT_DECODER_KEYS | CLI_KEYS)
     assert not unknown, f"Contract.swift reads metadata keys no exporter writes: {unknown}"
-    try:
-        from mlx_zeta.converters.coreml.metadata import read_metadata
-    except ImportError:  # TODO(META): always available once metadata.py lands
-        return
     user = read_metadata(tiny[2])["user"]
     missing = sorted(v for v in keys.values() if v in EXPORT_DECODER_KEYS and v not in user)
     assert not missing, f"export_decoder wrote no {missing} (Contract.swift reads them)"
