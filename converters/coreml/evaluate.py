@@ -45,7 +45,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .package import PackageError, open_package
-from .runtime import import_coremltools
+from .runtime import import_coremltools, quiet_coremltools
 
 __all__ = ["Evaluator", "evaluate", "load_program", "IMPLEMENTED_OPS"]
 
@@ -454,7 +454,7 @@ class Evaluator:
             )
         env: dict[str, Any] = {n: _coerce("input", n, v, inputs[n]) for n, v in self.input_vars.items()}
         self.nonfinite_ops = []
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # recorded in nonfinite_ops
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"), quiet_coremltools():  # recorded in nonfinite_ops
             for op in self.function.operations:
                 self._run_op(op, env)
         return {n: env[n] for n in self.output_names}
