@@ -34,7 +34,8 @@ weight compression (``compress=`` of the exporters). The package's metadata hold
 ``--license``, ``--description`` and user-defined keys naming the source, its special token ids and
 tokenizer files (:mod:`~mlx_zeta.converters.coreml.source`); ``--copy-tokenizer`` copies those files
 byte for byte into ``OUT.tokenizer/`` beside the package (moved into place after the package, so a
-failed export leaves neither). coremltools stays silent (no progress
+failed export leaves neither). The exporters' warnings (e.g. the measured error of MLX-quantized weights) come
+as one ``warning:`` line each. coremltools stays silent (no progress
 bars, version warnings or "Failed to load" lines) unless ``--verbose``, and is imported without
 its probes of torch, scikit-learn and other frameworks it does not need here
 (:func:`~mlx_zeta.converters.coreml.import_coremltools` with ``lean=True``). Each subcommand
@@ -375,6 +376,15 @@ def _metadata(args: argparse.Namespace, model, files: list) -> dict:
     return {**meta, "user": {**user, "mlx_zeta.task": task_of(model)}}
 
 
+def _stored_as_is(model) -> str:
+    """``"; N MLX-quantized layers as stored"`` for a model with MLX-affine layers (they export exactly,
+    whatever --compress says), else ``""``."""
+    import mlx.nn as nn
+
+    n = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    return f"; {n} MLX-quantized layers as stored" if n else ""
+
+
 def _export_coreml(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
@@ -410,14 +420,18 @@ def _export_coreml(args: argparse.Namespace) -> int:
     folder = model.pretrained.source
     # the tokenizer folder is staged first and moved into place only after the package: a failed export
     # leaves neither
-    with copy_tokenizer(folder, dst) if args.copy_tokenizer else nullcontext(travelling_files(folder)) as files:
+    with copy_tokenizer(folder, dst) if args.copy_tokenizer else nullcontext(travelling_files(folder)) as files, \
+            warnings.catch_warnings(record=True) as caught:  # each warning as one line, as convert prints them
+        warnings.simplefilter("always", UserWarning)
         export(model, dst, args, _metadata(args, model, files), compress)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # once, not once per traced function
+        print(f"{PROG} export-coreml: warning: {message}", file=sys.stderr)
     summary = package_summary(dst)
     funcs = "; ".join(f"{name}({', '.join(f'{k} {v}' for k, v in f['inputs'].items())}) -> {', '.join(f['outputs'])}"
                       for name, f in summary["functions"].items())
     states = f", {len(summary['states'])} state(s)" if summary["states"] else ""
     copied = f"; tokenizer ({len(files)} files) -> {tokenizer_folder(dst)}" if args.copy_tokenizer else ""
-    weights = compress if compress == "ternary-dense" else describe(compress)
+    weights = (compress if compress == "ternary-dense" else describe(compress)) + _stored_as_is(model)
     print(f"exported {args.src} ({type(model).__name__}, task {task}, {args.precision}, compression {weights}) -> "
           f"{dst}: {funcs}{states}; {_human(summary['bytes'])} in {time.perf_counter() - start:.1f} s{copied}")
     return 0

@@ -170,6 +170,21 @@ def test_tokenizer_copied_byte_for_byte_beside_the_package(tiny_llama):
     assert f"tokenizer (3 files) -> {copied}" in line, line
 
 
+def test_cli_package_has_every_key_the_swift_sample_reads(tiny_llama):
+    """The Swift sample's Contract.swift against a package the CLI exported: every metadata key it reads is
+    in the package, and the tokenizer folder it looks for is the one --copy-tokenizer wrote."""
+    from test_swift_contract import CONTRACT, swift_constants
+
+    _, out, code, _, _ = tiny_llama
+    assert code == 0
+    c = swift_constants(CONTRACT)
+    keys = sorted(v for k, v in c.items() if k.startswith("MetadataKey."))
+    user = read_metadata(out)["user"]
+    assert len(keys) >= 10 and [k for k in keys if k not in user] == []
+    folder = out.with_name(out.stem + c["Contract.tokenizerFolderSuffix"])
+    assert (folder / c["Contract.tokenizerFile"]).is_file()
+
+
 def test_metadata_round_trip(tiny_llama):
     """Everything the CLI put in the package reads back: author, license, description, the source as given,
     and bos/eos/pad ids equal to what transformers reads from the checkpoint (its tokenizer and generation
@@ -393,3 +408,20 @@ def test_compress_layer_patterns_name_the_models_own_modules(pooling, bert, tmp_
                 if type(m).__name__ in ("Linear", "Embedding")]
     expected = {prefix + path: "int8" for path in matrices if not path.startswith("embeddings.") and path != "pooler"}
     assert len(expected) == 6 and seen == expected  # q, k, v, out, ff in, ff out (the pooler is not traced)
+
+
+def test_mlx_quantized_source_summary_and_one_line_warning(tiny_llama, tmp_path, capsys):
+    """A checkpoint converted with --quantize 4 (bfloat16, so its fp16 decode is a few ulps off MLX's): the
+    summary says its quantized layers are exported as stored, and core's warning about the measured error
+    comes once, as one 'mlx-zeta export-coreml: warning:' line (not once per prefill/decode function)."""
+    from cli_run import run
+
+    q4 = tmp_path / "q4"
+    code, _, err = run(capsys, "convert", tiny_llama[0], q4, "--quantize", "4", "--group-size", "32",
+                       "--dtype", "bfloat16")
+    assert code == 0, err
+    code, out, err = run(capsys, "export-coreml", q4, tmp_path / "q4.mlpackage", "--capacity", "16",
+                         "--prefill-lens", "4,8")
+    assert code == 0 and "compression none; 14 MLX-quantized layers as stored)" in out, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlx-zeta export-coreml: warning: [export_coreml] MLX-affine"), lines

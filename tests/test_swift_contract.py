@@ -32,15 +32,16 @@ from mlx_zeta.converters.coreml import export_decoder  # noqa: E402
 from mlx_zeta.converters.coreml.evaluate import Evaluator  # noqa: E402
 from mlx_zeta.converters.coreml.metadata import read_metadata  # noqa: E402
 from mlx_zeta.converters.coreml.package import open_package  # noqa: E402
+from mlx_zeta.converters.coreml.source import TOKENIZER_SUFFIX  # noqa: E402
 
 IOS = Path(__file__).resolve().parents[1] / "examples" / "ios"
 CONTRACT = IOS / "Sources" / "MLXZetaCoreML" / "Contract.swift"
 PREFILL_LENS, CAPACITY, MAX_TOKENS = (4, 8), 32, 8  # the default prompt (23 tokens) takes three prefill calls
 
 # User-defined metadata keys the exporters write (the shared spec of issue 18): export_decoder's own
-# and those the CLI adds. TODO(META/CLI): once converters/coreml/metadata.py lands, the keys
-# export_decoder writes are read from the package (read_metadata) below; switch the CLI's to a
-# package exported by `mlx-zeta export-coreml --copy-tokenizer` when --prefill-lens lands.
+# and those the CLI adds. The keys export_decoder writes are read from the package (read_metadata) below;
+# tests/test_coreml_cli.py reads every key Contract.swift names from a package exported by
+# `mlx-zeta export-coreml --copy-tokenizer` (test_cli_package_has_every_key_the_swift_sample_reads).
 EXPORT_DECODER_KEYS = {"mlx_zeta.task", "mlx_zeta.capacity", "mlx_zeta.prefill_lengths", "mlx_zeta.functions",
                        "mlx_zeta.vocab_size", "mlx_zeta.batch", "mlx_zeta.padding", "mlx_zeta.precision",
                        "mlx_zeta.compression", "mlx_zeta.version"}
@@ -152,7 +153,7 @@ def test_contract_swift_matches_the_exported_package(tiny):
     assert depth == 2
     # files beside the package: the tokenizer file the sample reads is the one checkpoints carry
     assert (folder / c["Contract.tokenizerFile"]).is_file()
-    assert c["Contract.tokenizerFolderSuffix"] == ".tokenizer"  # TODO(CLI): check against --copy-tokenizer's folder
+    assert c["Contract.tokenizerFolderSuffix"] == TOKENIZER_SUFFIX  # where --copy-tokenizer puts them
     unchecked = sorted(k for k in c if k.startswith("Contract.") and k not in c.read)
     assert not unchecked, f"Contract.swift constants this test does not check yet: {unchecked}"
 

@@ -3,7 +3,9 @@
 ``export_coreml(model, example_inputs, path)`` saves a package; ``to_mil`` returns the MIL
 program; ``export_decoder(model, path, capacity=, prefill_lens=)`` saves a decoder LM as one
 stateful package with ``prefill_{L}`` and ``decode`` functions (:mod:`.stateful`);
-``write_metadata`` / ``read_metadata`` edit and read a saved package's metadata (:mod:`.metadata`).
+``write_metadata`` / ``read_metadata`` edit and read a saved package's metadata (:mod:`.metadata`);
+``EncoderPooling`` pools an encoder's output inside the package (:mod:`.heads`), and :mod:`.source` holds
+what a package records of its source checkpoint (special token ids, tokenizer files).
 
 Modules, each importing only those before it: :mod:`.graph` (graph types, the emitter table
 ``EMITTERS``/``register_emitter``, the lowering context and precision policy), :mod:`.passes`
@@ -19,6 +21,7 @@ from .compress import MODES as COMPRESS_MODES
 from .evaluate import Evaluator, evaluate
 from .export import export_coreml, to_mil
 from .graph import EMITTERS, MASK_FILL, LoweringError, register_emitter
+from .heads import EncoderPooling
 from .lint import Finding, lint
 from .lower import capture, lower_graph
 from .metadata import read_metadata, write_metadata
@@ -31,4 +34,4 @@ __all__ = ["export_coreml", "export_decoder", "package_summary", "to_mil", "expo
            "EMITTERS",
            "MASK_FILL", "LoweringError", "capture", "lower_graph", "register_emitter",
            "Evaluator", "evaluate", "Finding", "lint", "open_package", "PackageError", "import_coremltools",
-           "quiet_coremltools", "read_metadata", "write_metadata"]
+           "quiet_coremltools", "read_metadata", "write_metadata", "EncoderPooling"]
