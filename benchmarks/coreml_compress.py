@@ -15,7 +15,8 @@ tokens, with the KV cache as state. Against MLX's logits for the same tokens (th
 quantized one for the MLX-q4 row): the max abs logit error (and relative to the max |logit|), and
 greedy agreement, the steps whose argmax equals MLX's greedy token. The MLX-q4 row also gives the
 largest distance of a decoded weight from MLX's dequantized weight, in float16 ulps of its row's
-largest weight. Package bytes are the folder on disk.
+largest weight. Package bytes are the folder on disk (its ``weight.bin`` alone too: each function's
+program text, ~56 KB, weighs on tiny models).
 
     nice .venv/bin/python benchmarks/coreml_compress.py [--models llama100m,qwen3] [--modes fp16,int8,...]
 """
@@ -95,7 +96,9 @@ def measure(name: str, mode: str, model, prompt, folder: Path) -> dict:
     got = run_package(package, prompt, tokens[:-1])
     err = np.abs(got - ref)
     greedy = got[PREFILL - 1:].argmax(axis=-1)
-    row = {"model": name, "mode": mode, "bytes": package_summary(package)["bytes"], "export_s": exported,
+    weights = sum(f.stat().st_size for f in package.rglob("weight.bin"))
+    row = {"model": name, "mode": mode, "bytes": package_summary(package)["bytes"], "weights": weights,
+           "export_s": exported,
            "eval_s": time.perf_counter() - start - exported, "max_abs": float(err.max()),
            "rel": float(err.max() / np.abs(ref).max()), "agree": int(np.sum(greedy == np.array(tokens)))}
     if mode == "mlx-q4":
@@ -135,12 +138,12 @@ def main(argv=None) -> int:
 
 
 def print_row(row: dict, rows: list) -> None:
-    fp16 = next((r["bytes"] for r in rows if r["model"] == row["model"] and r["mode"] == "fp16"), None)
-    ratio = f"{row['bytes'] / fp16:.3f}x" if fp16 else "-"
+    fp16 = next((r for r in rows if r["model"] == row["model"] and r["mode"] == "fp16"), None)
+    ratio = f"{row['bytes'] / fp16['bytes']:.3f}x / {row['weights'] / fp16['weights']:.3f}x" if fp16 else "-"
     extra = ""
     if "ulps" in row:
         extra = f" (weights within {row['ulps']:.1f} fp16 ulps of MLX's, >= {row['exact']:.1%} equal)"
-    print(f"| {row['model']} | {row['mode']} | {row['bytes'] / 2**20:.1f} MiB | {ratio} | {row['max_abs']:.3g} | "
+    print(f"| {row['model']} | {row['mode']} | {row['bytes'] / 2**20:.2f} MiB | {ratio} | {row['max_abs']:.3g} | "
           f"{row['rel']:.2e} | {row['agree']}/{STEPS} | {row['export_s']:.0f} s | {row['eval_s']:.0f} s{extra} |",
           flush=True)
 

@@ -198,13 +198,11 @@ def _parse_layer_mode(text: str) -> tuple:
     return pattern, mode
 
 
-# What --compress MODE leaves at int8 (unless MODE is none): the input embeddings and the LM head, whose
-# errors every token meets (compress.ROLE_KEYS).
-_ROLES_AT_INT8 = {"@embedding": "int8", "@head": "int8"}
 _COMPRESS_HELP = (
-    "weight compression of the float weight matrices: {modes}. MODE puts the input embeddings and the LM head "
-    "at int8 (unless MODE is none) and every other matrix at MODE (int4 = int4-block32: 4-bit codes with a "
-    "scale and offset per 32 weights; palettizeN: a 2^N-entry table per 16 rows). ternary-dense stores "
+    "weight compression of the float weight matrices (Linear and Embedding weights): {modes}. int4 = "
+    "int4-block32: 4-bit codes with a scale and offset per 32 weights; palettizeN: a 2^N-entry table per 16 "
+    "rows; keep the embeddings and head at int8 with --compress-layer @embedding=int8 "
+    "--compress-layer @head=int8. ternary-dense stores "
     "ternary layers as plain weights instead of 2-bit tables. MLX-quantized layers (convert --quantize) "
     "export exactly whatever it says (default: float weights in --precision)")
 _LAYER_HELP = (
@@ -269,8 +267,8 @@ def _export_of(model) -> tuple:
 
 def _compression(args: argparse.Namespace):
     """The ``compress=`` of the exporters (:func:`.coreml.compress.policy`): None, ``"ternary-dense"``, or
-    ``{"*": MODE, "@embedding": "int8", "@head": "int8"}`` for ``--compress MODE`` (just ``{"*": MODE}`` for
-    none and int8), each ``--compress-layer PATTERN=MODE`` added (a later one for the same PATTERN wins)."""
+    ``{"*": MODE}`` for ``--compress MODE``, each ``--compress-layer PATTERN=MODE`` added (a later one for
+    the same PATTERN wins)."""
     if args.compress == "ternary-dense":
         if args.compress_layer:
             raise ValueError("[export-coreml] --compress-layer with --compress ternary-dense: ternary-dense is about "
@@ -278,7 +276,7 @@ def _compression(args: argparse.Namespace):
         return args.compress
     table = {}
     if args.compress is not None:
-        table = {"*": args.compress, **(_ROLES_AT_INT8 if args.compress not in ("none", "int8") else {})}
+        table = {"*": args.compress}
     table.update(args.compress_layer or ())
     return table or None
 

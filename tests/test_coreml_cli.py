@@ -341,7 +341,7 @@ def test_special_token_ids_match_transformers(maker, where, tmp_path):
 
 # ----------------------------------------------------------------------------- --compress and --compress-layer
 def test_compress_flags_compose_into_one_policy():
-    """--compress MODE keeps embeddings and head at int8; each --compress-layer PATTERN=MODE wins for the modules it
+    """--compress MODE applies to every weight; each --compress-layer PATTERN=MODE wins for the modules it
     matches (the longest pattern first), role keys included; without --compress the rest stays float."""
     from mlx_zeta.cli import build_parser
     from mlx_zeta.converters.cli import _compression
@@ -353,10 +353,12 @@ def test_compress_flags_compose_into_one_policy():
                                                       ("token_emb", "embedding"), ("to_logits", "head"))]
 
     assert modes() == ["none"] * 4
-    assert modes("--compress", "int4") == ["int4-block32", "int4-block32", "int8", "int8"]
+    assert modes("--compress", "int4") == ["int4-block32"] * 4
+    assert modes("--compress", "int4", "--compress-layer", "@embedding=int8", "--compress-layer", "@head=int8") == \
+        ["int4-block32", "int4-block32", "int8", "int8"]
     assert modes("--compress", "none") == ["none"] * 4
     assert modes("--compress", "palettize4", "--compress-layer", "layers.0.*=int8", "--compress-layer",
-                 "@head=palettize6") == ["int8", "palettize4", "int8", "palettize6"]
+                 "@head=palettize6") == ["int8", "palettize4", "palettize4", "palettize6"]
     assert modes("--compress-layer", "layers.*=int8", "--compress-layer", "layers.1.*=none") == \
         ["int8", "none", "none", "none"]
     assert _compression(build_parser().parse_args(["export-coreml", "s", "o.mlpackage", "--compress",

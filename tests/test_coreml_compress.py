@@ -325,3 +325,13 @@ def test_converted_q4_decoder_greedy_equals_mlx(tmp_path, precision):
         token = int(out["logits"][0, 0].argmax())
         got.append(token)
     assert got == want
+
+
+def test_compress_of_a_function_needs_its_module(tmp_path):
+    """A function has no module paths: compress warns that it compressed nothing, and weights_root fixes it."""
+    model, tokens = tiny_lm(), mx.zeros((1, 4), mx.int32)
+    with pytest.warns(UserWarning, match=r"compressed no weight: .* pass weights_root="):
+        _, stats = to_mil(lambda t: model(t), (tokens,), compress="int8", return_stats=True)
+    assert stats["counts"]["policy"] == 0
+    _, stats = to_mil(lambda t: model(t), (tokens,), compress="int8", weights_root=model, return_stats=True)
+    assert stats["counts"]["policy"] == 2 * 6 + 2

@@ -10,6 +10,7 @@ their exact compressed forms (ternary 2-bit tables, 4/8-bit shift-scale), float 
 holds the math.
 """
 
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -79,13 +80,16 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
     prog, lowered = lower_graph(graph, precision, compressed, input_names, output_names, name, fuse_attention,
                                 getattr(ct.target, minimum_deployment_target), states, channels_first)
     stats.update(lowered, compressed=len(compressed))
+    if compress not in (None, "ternary-dense") and not isinstance(root, nn.Module):
+        warnings.warn(f"[export_coreml] compress={compress!r} compressed no weight: its patterns name module paths, "
+                      f"and {name} is a function; pass weights_root=<the nn.Module it calls>", stacklevel=2)
     return (prog, stats) if return_stats else prog
 
 
 def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Sequence[str]] = None,
                   output_names: Optional[Sequence[str]] = None, precision: str = "float16",
                   minimum_deployment_target: str = "iOS18", image_input: Optional[dict] = None,
-                  compress: Optional[str] = None, metadata: Optional[dict] = None, verbose: bool = False) -> Path:
+                  compress=None, weights_root=None, metadata: Optional[dict] = None, verbose: bool = False) -> Path:
     """Export to a Core ML ML Program ``path`` (``.mlpackage``) and return the path.
 
     Args:
@@ -106,6 +110,8 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
             ``{module-path pattern or "@embedding"/"@head": mode}``. Ternary layers are 2-bit tables
             and MLX-quantized layers 4/8-bit shift-scale weights whatever it says;
             ``"ternary-dense"`` keeps ternary weights as plain consts (for comparison).
+        weights_root: the ``nn.Module`` whose module paths ``compress`` names, when ``model_or_fn``
+            is a function calling it (default: ``model_or_fn``).
         metadata: optional ``{"author", "license", "description", "version": str, "user": {str: str}}``
             written into the package (:mod:`.metadata`); ``user`` is merged over the exporter's own
             ``mlx_zeta.*`` keys (``task``: ``"function"`` unless given, ``precision``,
@@ -128,7 +134,7 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
             "mlx_zeta.compression": describe(compress), "mlx_zeta.version": __version__}
     with quiet_coremltools(verbose) as ct:
         prog = to_mil(model_or_fn, example_inputs, input_names=input_names, output_names=output_names,
-                      precision=precision, compress=compress,
+                      precision=precision, compress=compress, weights_root=weights_root,
                       channels_first=(image_input.get("index", 0),) if image_input is not None else (),
                       minimum_deployment_target=minimum_deployment_target)
         inputs = None if image_input is None else _image_inputs(ct, prog, image_input)
