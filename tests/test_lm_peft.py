@@ -154,7 +154,8 @@ def test_save_peft_gives_peft_the_same_model(pair, dora, tmp_path):
     assert np.abs(expected - ours_logits(base, ids)).max() > 0.1  # the adapters matter
     again = from_pretrained(folder, dtype="float32")  # and our reader reads our writer back
     load_peft(again, tmp_path)
-    np.testing.assert_allclose(ours_logits(again, ids), expected, atol=1e-5, rtol=0)
+    # float32 rounding: freshly loaded arrays may take other MKL kernels (1.05e-5 seen on an AVX2-only CPU)
+    np.testing.assert_allclose(ours_logits(again, ids), expected, atol=5e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- PEFT -> ours

@@ -15,8 +15,9 @@ from mlx_zeta.lm.speculative import SpeculativeStats, speculative_steps
 
 V = 48
 # A (k + 1)-position forward and a 1-position one sum in different orders (with MKL routed, as in
-# make test): logprobs measured up to 1.4e-5 apart on these models; the same bound as test_lm_cache_file.
-LOGP_ATOL = 1e-4
+# make test): logprobs measured up to 1.4e-5 apart on these models with AVX-512, 2.8e-4 (of a logprob of
+# -3.2, 9e-5 relative) on an AVX2-only CPU, whose MKL kernels sum in other orders.
+LOGP_ATOL = 5e-4
 PROMPT = mx.array([[3, 17, 5, 40, 9, 22]])
 
 
