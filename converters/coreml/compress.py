@@ -29,7 +29,7 @@ coremltools' own op definitions); :meth:`Compressed.emit` builds the MIL op.
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -281,5 +281,3 @@ def affine_error(c: Compressed, reference: np.ndarray, dtype=np.float16) -> Dict
     ulp = np.spacing(np.abs(ref).max(axis=-1, keepdims=True)).astype(np.float64)
     return {"max_abs": float(diff.max()), "max_ulps": float((diff / ulp).max()), "exact": float(np.mean(got == ref))}
 
-
-Spec = Union[None, str, Dict[str, str]]
