@@ -53,7 +53,9 @@ class Compressed:
 
     ``kind="shift_scale"``: ``data`` integer codes (rows, cols) of ``dtype`` ("int8", "uint8", "uint4"),
     ``scale`` float32 (rows, cols // block) and ``offset`` (or None) of the same shape, float32 or, when
-    whole numbers, uint8 codes stored in ``dtype``. ``kind="lut"``: ``data`` indices
+    whole numbers, uint8 codes stored in ``dtype``; ``bias`` (or None), float32 of the same shape, is added
+    after scaling, ``w = s (q - z) + bias`` (Core AI's two-offset form; Core ML's op has no bias, so
+    only :func:`from_mlx_affine` with ``with_bias`` makes one). ``kind="lut"``: ``data`` indices
     (rows, cols) of ``dtype`` ("uint1".."uint8"), ``lut`` float32 (P0, P1, 2**bits, 1) (one table per
     ``rows // P0`` rows and ``cols // P1`` columns).
     """
@@ -63,6 +65,7 @@ class Compressed:
     scale: Optional[np.ndarray] = None
     offset: Optional[np.ndarray] = None
     lut: Optional[np.ndarray] = None
+    bias: Optional[np.ndarray] = None
 
     def decode(self, dtype=np.float32) -> np.ndarray:
         """The dense weight, computed in float32 from the tables as stored in ``dtype``
@@ -78,7 +81,10 @@ class Compressed:
         if self.offset is not None:
             offset = self.offset if self.offset.dtype.kind in "iu" else self.offset.astype(dtype)
             q = q - np.repeat(offset.astype(np.float32), block, axis=1)
-        return (np.repeat(self.scale.astype(dtype).astype(np.float32), block, axis=1) * q).astype(dtype)
+        w = np.repeat(self.scale.astype(dtype).astype(np.float32), block, axis=1) * q
+        if self.bias is not None:
+            w = w + np.repeat(self.bias.astype(dtype).astype(np.float32), block, axis=1)
+        return w.astype(dtype)
 
     @property
     def nbytes(self) -> int:
@@ -92,6 +98,8 @@ class Compressed:
         """The MIL ``constexpr_`` op decoding to this weight in ``dtype`` ("fp16" or "fp32")."""
         from coremltools.converters.mil.mil import types
 
+        if self.bias is not None:
+            raise ValueError("[export_coreml] a shift-scale weight with a bias has no Core ML op (iOS 18 has one offset)")
         npd = {"fp16": np.float16, "fp32": np.float32}[dtype]
         codes = self.data.astype(_np_code_dtype(self.dtype, types))
         if self.kind == "lut":
@@ -167,10 +175,10 @@ def describe(compress) -> str:
 
 
 # ----------------------------------------------------------------------------- float weights
-def compress_weight(w: np.ndarray, mode: str) -> Optional[Compressed]:
+def compress_weight(w: np.ndarray, mode: str, with_bias: bool = False) -> Optional[Compressed]:
     """``w`` (rows, cols) float as ``mode`` (:data:`MODES`, aliases resolved), or None when the mode is
     ``"none"`` or the shape does not fit it (a row not a whole number of blocks, fewer rows than a palette
-    group): that weight stays float."""
+    group): that weight stays float. ``with_bias``: int4 blocks keep MLX's bias (:func:`from_mlx_affine`)."""
     mode = _ALIASES.get(mode, mode)
     w = np.asarray(w, np.float32)
     if mode == "none" or w.ndim != 2:
@@ -187,7 +195,7 @@ def compress_weight(w: np.ndarray, mode: str) -> Optional[Compressed]:
         import mlx.core as mx
 
         wq, scales, biases = mx.quantize(mx.array(w), group_size=block, bits=4)
-        return from_mlx_affine(np.array(wq), np.array(scales), np.array(biases), block, 4)
+        return from_mlx_affine(np.array(wq), np.array(scales), np.array(biases), block, 4, with_bias=with_bias)
     bits = int(mode[len("palettize"):])
     rows = PALETTE_ROWS if w.shape[0] % PALETTE_ROWS == 0 else 1
     groups = w.reshape(w.shape[0] // rows, -1)  # each palette's values (rows x cols)
@@ -244,12 +252,15 @@ def unpack_mlx(words: np.ndarray, bits: int) -> np.ndarray:
 
 
 def from_mlx_affine(words: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int,
-                    bits: int) -> Compressed:
+                    bits: int, with_bias: bool = False) -> Compressed:
     """MLX's affine quantization (``mx.quantize``: ``w = scales * q + biases`` per ``group_size`` inputs)
     as Core ML weights: 4/8 bits as shift-scale with ``offset = -biases / scales`` (module docstring),
-    other widths as one exact table per block."""
+    or, ``with_bias`` (Core AI), MLX's own ``scales * q + biases`` exactly; other widths as one exact
+    table per block."""
     q = unpack_mlx(words, bits)
     s, b = np.asarray(scales, np.float32), np.asarray(biases, np.float32)
+    if bits in (4, 8) and with_bias:
+        return Compressed("shift_scale", q, f"uint{bits}", scale=s, bias=b)
     if bits in (4, 8):
         zero = s == 0  # a group of equal weights b: codes 0, scale 1, offset -b
         q = np.where(np.repeat(zero, group_size, axis=1), 0, q).astype(np.uint8)

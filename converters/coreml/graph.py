@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["Node", "Graph", "Context", "EMITTERS", "register_emitter", "LoweringError", "mil_dtype",
+__all__ = ["Node", "Graph", "Context", "EMITTERS", "register_emitter", "registrar", "LoweringError", "mil_dtype",
            "scalar_const", "MASK_FILL", "MASK_CLAMP", "FP16_MAX", "SHAPE_OPS", "REDUCE", "FLOAT_DTYPES"]
 
 MASK_FILL = -1.0e4  # what mask fills (-inf, float32 lowest) become in fp16 programs
@@ -104,16 +104,21 @@ def scalar_const(graph: Graph, name: str, prod: Dict[str, Node]) -> Optional[flo
 
 
 # ----------------------------------------------------------------------------- emitter table
+def registrar(table: Dict[str, Callable]) -> Callable:
+    """The ``register_emitter(*names)`` decorator of an emitter ``table`` (one per backend: Core ML
+    here, Core AI in :mod:`mlx_zeta.converters.coreai.graph`): it stores ``fn`` under each name."""
+    def register_emitter(*names: str):
+        def deco(fn):
+            for n in names:
+                table[n] = fn
+            return fn
+        return deco
+    return register_emitter
+
+
 EMITTERS: Dict[str, Callable] = {}
-
-
-def register_emitter(*names: str):
-    """Decorator: ``fn(ctx, node) -> Var | list[Var]`` lowers the MLX primitives ``names``."""
-    def deco(fn):
-        for n in names:
-            EMITTERS[n] = fn
-        return fn
-    return deco
+register_emitter = registrar(EMITTERS)
+register_emitter.__doc__ = "Decorator: ``fn(ctx, node) -> Var | list[Var]`` lowers the MLX primitives ``names``."
 
 
 # ----------------------------------------------------------------------------- lowering context

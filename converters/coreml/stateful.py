@@ -50,7 +50,8 @@ from .export import save_atomically, to_mil
 from .metadata import check_metadata, exporter_metadata, write_metadata
 from .runtime import quiet_coremltools
 
-__all__ = ["export_decoder", "DecoderStep", "DECODE", "PREFILL_PREFIX", "function_names", "prefill_lengths"]
+__all__ = ["export_decoder", "DecoderStep", "DECODE", "PREFILL_PREFIX", "function_names", "prefill_lengths",
+           "check_decoder", "cache_shapes", "DESCRIPTIONS"]
 
 DECODE = "decode"  # the one-token function, and the package's default function
 PREFILL_PREFIX = "prefill_"  # + L: the L-token functions
@@ -98,19 +99,21 @@ def function_names(prefill_lens: Sequence[int]) -> List[str]:
     return [f"{PREFILL_PREFIX}{n}" for n in sorted(set(prefill_lens))] + [DECODE]
 
 
-def _check(model, capacity: int, batch: int) -> None:
+def check_decoder(model, capacity: int, batch: int, owner: str = "export_decoder") -> None:
+    """``ValueError("[owner] ...")`` unless ``model`` is a causal Transformer a static cache of
+    ``capacity`` positions and ``batch`` rows can serve (shared with the Core AI exporter)."""
     from mlx_zeta.structs import Transformer
 
     if not isinstance(model, Transformer):
-        raise ValueError(f"[export_decoder] expected a mlx_zeta.structs.Transformer decoder, "
+        raise ValueError(f"[{owner}] expected a mlx_zeta.structs.Transformer decoder, "
                          f"got {type(model).__name__}")
     for name, v in (("capacity", capacity), ("batch", batch)):
-        check_int("export_decoder", name, v, 1)
+        check_int(owner, name, v, 1)
     if "pos_emb" in model and capacity > model.max_seq_len:
-        raise ValueError(f"[export_decoder] capacity {capacity} exceeds the absolute position embedding's "
+        raise ValueError(f"[{owner}] capacity {capacity} exceeds the absolute position embedding's "
                          f"max_seq_len={model.max_seq_len}")
     if getattr(model.attn_layers, "cross_attend", False):
-        raise ValueError("[export_decoder] cross-attending decoders (encoder-decoder) are not supported")
+        raise ValueError(f"[{owner}] cross-attending decoders (encoder-decoder) are not supported")
 
 
 def cache_shapes(model, capacity: int, batch: int) -> Tuple[List[tuple], List[tuple]]:
@@ -150,7 +153,7 @@ def export_decoder(model, path, *, capacity: int, prefill_lens: Union[int, Seque
         ValueError: a model or option the export does not support. Nothing is left at
         ``path`` on failure.
     """
-    _check(model, capacity, batch)
+    check_decoder(model, capacity, batch)
     lens = prefill_lengths(prefill_lens, capacity)
     policy(None if compress == "ternary-dense" else compress)  # a bad option fails before any trace
     metadata = check_metadata("export_decoder", metadata)

@@ -58,7 +58,7 @@ def _ternary_standin(layer):
     return TernaryStandIn(), (dense, from_ternary((np.array(t) + 1).astype(np.uint8), float(np.float32(s))), "ternary")
 
 
-def _affine_standin(layer):
+def _affine_standin(layer, with_bias: bool = False):
     """(stand-in, MLX's dequantized weight as float32, Compressed) for a QuantizedLinear/QuantizedEmbedding."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -70,7 +70,8 @@ def _affine_standin(layer):
     weight = mx.dequantize(layer["weight"], scales, biases, layer.group_size, layer.bits)  # in the scales' dtype
     dense = np.array(weight.astype(mx.float32))
     packed = from_mlx_affine(np.array(layer["weight"]), np.array(scales.astype(mx.float32)),
-                             np.array(biases.astype(mx.float32)), layer.group_size, layer.bits)
+                             np.array(biases.astype(mx.float32)), layer.group_size, layer.bits,
+                             with_bias=with_bias)
     bias = layer.get("bias")
 
     class AffineStandIn(nn.Module):
@@ -89,11 +90,12 @@ def _affine_standin(layer):
 
 
 @contextmanager
-def export_standins(model):
+def export_standins(model, affine_bias: bool = False):
     """Swap every TernaryLinear, QuantizedLinear and QuantizedEmbedding of ``model`` (or ``model`` itself)
     for its stand-in (module docstring); yields ``(model or its stand-in, [(dense float32, Compressed, kind)])``
     (kind ``"ternary"`` or ``"affine"``)
-    and restores the layers on exit."""
+    and restores the layers on exit. ``affine_bias``: MLX-affine 4/8-bit weights keep MLX's bias
+    (Core AI's exact form, :func:`~.compress.from_mlx_affine`)."""
     import mlx.nn as nn
     from mlx_zeta.quant import TernaryLinear
 
@@ -101,7 +103,7 @@ def export_standins(model):
         if isinstance(layer, TernaryLinear):
             return _ternary_standin(layer)
         if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            return _affine_standin(layer)
+            return _affine_standin(layer, affine_bias)
         return None
 
     own = standin(model) if isinstance(model, nn.Module) else None
@@ -152,14 +154,15 @@ def _float_weights(model) -> Dict[Tuple, Tuple[str, str]]:
 
 
 def compressed_constants(graph, model, standin_weights: List, compress, dtype,
-                         cache: Optional[dict] = None) -> Tuple[Dict[str, Compressed], dict]:
+                         cache: Optional[dict] = None, with_bias: bool = False) -> Tuple[Dict[str, Compressed], dict]:
     """``({constant name: Compressed}, stats)`` for a captured ``graph`` of ``model``: stand-in weights
     (``standin_weights`` from :func:`export_standins`) and, by the ``compress`` policy, float weights.
     ``dtype`` (np.float16/np.float32) is the package's; MLX-affine weights decoded in it are checked
     against MLX's dequantized weights (``stats["affine"]``) and a warning names any beyond
     :data:`AFFINE_ULPS` ulps. ``stats["modes"]``: ``{module path: mode}`` of the policy's weights;
     ``stats["counts"]``: compressed weights by source (``ternary``, ``affine``, ``policy``). ``cache``
-    (``{(content key, mode): Compressed}``), when given, is read and filled."""
+    (``{(content key, mode): Compressed}``), when given, is read and filled. ``with_bias``: int4 blocks
+    in Core AI's exact two-offset form (:func:`~.compress.compress_weight`)."""
     registered = {_key(dense): entry for entry in standin_weights for dense in entry[:1]}
     mode_of = policy(compress)
     floats = _float_weights(model) if compress is not None else {}
@@ -181,7 +184,7 @@ def compressed_constants(graph, model, standin_weights: List, compress, dtype,
         elif key in floats:
             path, role = floats[key]
             mode = mode_of(path, role)
-            c = cache[key, mode] if cache is not None and (key, mode) in cache else compress_weight(value, mode)
+            c = cache[key, mode] if cache is not None and (key, mode) in cache else compress_weight(value, mode, with_bias)
             if cache is not None:
                 cache[key, mode] = c
             if c is not None:
