@@ -154,7 +154,12 @@ def _identity(ctx, node):
 
 @register_emitter("AsType")
 def _astype(ctx, node):
+    """A cast; float -> integer truncates explicitly first (``x - fmod(x, 1)``): coreai-core 1.0.0b3's
+    rewrites fold ``cast(cast(x, si32), f32)`` into ``x``, dropping the truncation."""
     want = element_type(node.out_dtypes[0])
+    if want == INT and ctx.etype(node.inputs[0]) == FLOAT:
+        x = ctx.get(node.inputs[0])
+        return ctx.cast(ctx.ca.broadcasting_sub(x, ctx.ca.broadcasting_modulo(x, ctx.scalar(1.0, FLOAT))), INT)
     return ctx.get_as(node.inputs[0], want)
 
 
