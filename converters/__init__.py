@@ -1,7 +1,7 @@
 """Weight converters shipped with mlx_zeta, installed as ``mlx_zeta.converters``.
 
-Converters for PyTorch and Hugging Face checkpoints and Core ML export live here;
-each imports its heavy optional dependency (torch, transformers, coremltools)
+Converters for PyTorch and Hugging Face checkpoints, Core ML export and Core AI export live here;
+each imports its heavy optional dependency (torch, transformers, coremltools, coreai)
 lazily, inside the function that needs it.
 """
 

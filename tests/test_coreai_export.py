@@ -14,7 +14,7 @@ import pytest
 from mlx_zeta.converters.coreai import available
 
 OK, WHY = available()
-pytestmark = pytest.mark.skipif(not OK, reason=f"Core AI runtime unavailable: {WHY}")
+needs_runtime = pytest.mark.skipif(not OK, reason=f"Core AI runtime unavailable: {WHY}")
 
 import mlx_zeta  # noqa: E402,F401  (routes BLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
@@ -34,6 +34,21 @@ def rel_error(got, ref) -> float:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
+def test_without_coreai_the_exporter_says_how_to_install_in_one_line(monkeypatch, tmp_path):
+    """Runs everywhere: ``coreai`` made unimportable, the package still imports and fails in one line."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "coreai" or m.startswith("coreai.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "coreai", None)
+    ok, why = available()
+    assert not ok and "pip install 'mlx-zeta[coreai]'" in why and "\n" not in why
+    with pytest.raises(ImportError, match=r"^\[export_coreai\] needs coreai-core==1.0.0b3"):
+        export_coreai(nn.Linear(2, 2), (mx.zeros((1, 2)),), tmp_path / "a.aimodel")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_runtime
 def test_mlp_runs_in_apples_runtime_at_float32_rounding(tmp_path):
     mx.random.seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 8))
@@ -96,6 +111,7 @@ def greedy_check(model, path, prompt=(3, 5, 7, 9, 11, 2, 4, 6, 8, 10, 12), steps
     return agree, rel_error(got, ref)
 
 
+@needs_runtime
 def test_stateful_decoder_greedy_32_of_32(tmp_path):
     model = tiny_decoder()
     path = export_decoder_coreai(model, tmp_path / "lm.aimodel", capacity=CAPACITY, prefill_lens=(8, 4, 8),
@@ -110,6 +126,7 @@ def test_stateful_decoder_greedy_32_of_32(tmp_path):
     assert agree == STEPS and rel <= REL_OF_MAX
 
 
+@needs_runtime
 def test_functions_share_one_copy_of_the_weights(tmp_path):
     model = tiny_decoder()
     one = export_decoder_coreai(model, tmp_path / "one.aimodel", capacity=CAPACITY, prefill_lens=8, weights="float32")
@@ -121,6 +138,7 @@ def test_functions_share_one_copy_of_the_weights(tmp_path):
     assert size(three) - size(one) < 0.25 * weight_bytes, (size(one), size(three), weight_bytes)
 
 
+@needs_runtime
 def test_bad_options_fail_in_one_line_and_leave_nothing(tmp_path):
     model = tiny_decoder()
     with pytest.raises(ValueError, match=r"\[export_decoder_coreai\] expected weights in"):
