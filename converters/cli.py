@@ -41,6 +41,12 @@ its probes of torch, scikit-learn and other frameworks it does not need here
 (:func:`~mlx_zeta.converters.coreml.import_coremltools` with ``lean=True``). Each subcommand
 is one ``_add_*`` function that registers its parser and its handler.
 
+What an export command shares with ``export-coreai`` (:mod:`mlx_zeta.converters.coreai_cli`) is here,
+once: its arguments (:func:`add_export_arguments`), the checks before anything is written
+(:func:`prepare_export`), the task's *job* (what to trace: ``("decoder" | "single", keywords)``, the
+same for both backends), the run with the tokenizer copy and the warnings (:func:`run_export`), and
+the summary line (:func:`export_summary`); each error names the command (``args.command``).
+
 A handler raises ``ValueError`` for bad input and ``OSError`` for a failed read or write;
 :func:`mlx_zeta.cli.main` turns them into one line on stderr and exit status 2 or 1.
 """
@@ -198,13 +204,12 @@ def _parse_layer_mode(text: str) -> tuple:
     return pattern, mode
 
 
-_COMPRESS_HELP = (
+COMPRESS_HELP = (
     "weight compression of the float weight matrices (Linear and Embedding weights): {modes}. int4 = "
     "int4-block32: 4-bit codes with a scale and offset per 32 weights; palettizeN: a 2^N-entry table per 16 "
     "rows; keep the embeddings and head at int8 with --compress-layer @embedding=int8 "
-    "--compress-layer @head=int8. ternary-dense stores "
-    "ternary layers as plain weights instead of 2-bit tables. MLX-quantized layers (convert --quantize) "
-    "export exactly whatever it says (default: float weights in --precision)")
+    "--compress-layer @head=int8. {extra}MLX-quantized layers (convert --quantize) "
+    "export exactly whatever it says (default: float weights in {default})")
 _LAYER_HELP = (
     "the weights of the modules whose path (as in the loaded model's named_modules()) matches the fnmatch "
     "PATTERN (e.g. 'attn_layers.layers.0.*', '*.ff.*', or @embedding / @head for those roles) get MODE instead; "
@@ -212,16 +217,14 @@ _LAYER_HELP = (
     "--compress)")
 
 
-def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
-    from .coreml.compress import MODES
-    from .coreml.export import TARGETS
+def add_export_arguments(p: argparse.ArgumentParser, suffix: str, compress_modes: Sequence[str],
+                         compress_help: str) -> None:
+    """The arguments every export command takes (``export-coreml``, ``export-coreai``): SRC, DST ending in
+    ``suffix``, the task and its options, the compression, the tokenizer copy, metadata, ``--overwrite``."""
     from .coreml.heads import POOLINGS
 
-    about = ("Export an mlx_zeta / Hugging Face model folder to a Core ML ML Program (iOS 18 / macOS 15): decoder "
-             "LMs as one stateful package with prefill and decode functions, BERT encoders, ViT image classifiers.")
-    p = sub.add_parser("export-coreml", help="export a model folder to a Core ML .mlpackage", description=about)
     p.add_argument("src", help="model folder (or Hub repo id) that mlx_zeta.from_pretrained loads")
-    p.add_argument("dst", type=Path, help="output .mlpackage (written atomically)")
+    p.add_argument("dst", type=Path, help=f"output {suffix} (written atomically)")
     p.add_argument("--task", choices=[name for name, _, _ in _EXPORTS.values()] + ["auto"], default="auto",
                    help="what to export (default: auto, from the TASK its architecture declares)")
     p.add_argument("--capacity", type=int, metavar="N", help="lm: KV-cache positions (default: 512)")
@@ -233,34 +236,46 @@ def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
                    help="encoder: output 'embeddings' (B, hidden) pooled inside the model: the mean over the "
                         "attention mask's tokens, or the first token (default: none, 'last_hidden_state')")
     p.add_argument("--normalize", action="store_true", help="encoder, with --pooling: L2-normalise the embeddings")
-    p.add_argument("--precision", choices=["float16", "float32"], default="float16",
-                   help="activation precision (default: float16)")
-    p.add_argument("--target", choices=TARGETS, default="iOS18",
-                   help="minimum deployment target (default: iOS18; lm needs iOS18 or macOS15)")
-    p.add_argument("--compress", choices=(*MODES, "ternary-dense"), metavar="MODE",
-                   help=_COMPRESS_HELP.format(modes=", ".join((*MODES, "ternary-dense"))))
+    p.add_argument("--compress", choices=compress_modes, metavar="MODE", help=compress_help)
     p.add_argument("--compress-layer", type=_parse_layer_mode, action="append", metavar="PATTERN=MODE",
                    help=_LAYER_HELP)
     p.add_argument("--copy-tokenizer", action="store_true",
                    help="copy SRC's tokenizer, chat-template and generation files byte for byte into "
-                        "<DST without .mlpackage>.tokenizer/ beside the package")
-    p.add_argument("--author", metavar="TEXT", help="package metadata: author")
-    p.add_argument("--license", metavar="TEXT", help="package metadata: license")
-    p.add_argument("--description", metavar="TEXT", help="package metadata: short description")
+                        f"<DST without {suffix}>.tokenizer/ beside it")
+    p.add_argument("--author", metavar="TEXT", help="metadata: author")
+    p.add_argument("--license", metavar="TEXT", help="metadata: license")
+    p.add_argument("--description", metavar="TEXT", help="metadata: short description")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST (and tokenizer folder)")
+
+
+def _add_export_coreml(sub: argparse._SubParsersAction) -> None:
+    from .coreml.compress import MODES
+    from .coreml.export import TARGETS
+
+    about = ("Export an mlx_zeta / Hugging Face model folder to a Core ML ML Program (iOS 18 / macOS 15): decoder "
+             "LMs as one stateful package with prefill and decode functions, BERT encoders, ViT image classifiers.")
+    p = sub.add_parser("export-coreml", help="export a model folder to a Core ML .mlpackage", description=about)
+    modes = (*MODES, "ternary-dense")
+    add_export_arguments(p, ".mlpackage", modes, COMPRESS_HELP.format(
+        modes=", ".join(modes), default="--precision",
+        extra="ternary-dense stores ternary layers as plain weights instead of 2-bit tables. "))
+    p.add_argument("--precision", choices=["float16", "float32"], default="float16",
+                   help="activation precision (default: float16)")
+    p.add_argument("--target", choices=TARGETS, default="iOS18",
+                   help="minimum deployment target (default: iOS18; lm needs iOS18 or macOS15)")
     p.add_argument("--verbose", action="store_true",
                    help="show coremltools' own log lines, warnings and progress bars")
     p.set_defaults(handler=_export_coreml)
 
 
-def _export_of(model) -> tuple:
-    """``(--task name, export, options it reads)`` for the ``TASK`` that the model's converter declares."""
+def _export_of(model, command: str, backend: str) -> tuple:
+    """``(--task name, job, options it reads)`` for the ``TASK`` that the model's converter declares."""
     from .pretrained import task_of
 
     task = task_of(model)
     if task not in _EXPORTS:
         declared = f"its architecture's task is {task}" if task else "its architecture declares no task"
-        raise ValueError(f"[export-coreml] no Core ML export for a {type(model).__name__} ({declared}); expected "
+        raise ValueError(f"[{command}] no {backend} export for a {type(model).__name__} ({declared}); expected "
                          f"a decoder Transformer, a BertEncoder or a PretrainedViT (tasks {', '.join(_EXPORTS)})")
     return _EXPORTS[task]
 
@@ -271,8 +286,8 @@ def _compression(args: argparse.Namespace):
     the same PATTERN wins)."""
     if args.compress == "ternary-dense":
         if args.compress_layer:
-            raise ValueError("[export-coreml] --compress-layer with --compress ternary-dense: ternary-dense is about "
-                             "ternary layers only; pick a weight compression MODE for --compress")
+            raise ValueError(f"[{args.command}] --compress-layer with --compress ternary-dense: ternary-dense is "
+                             "about ternary layers only; pick a weight compression MODE for --compress")
         return args.compress
     table = {}
     if args.compress is not None:
@@ -286,23 +301,21 @@ def _lm_options(args: argparse.Namespace) -> tuple:
     capacity = args.capacity or 512
     lengths = args.prefill_lens or (min(64, capacity),)
     if max(lengths) > capacity:
-        raise ValueError(f"[export-coreml] expected each --prefill-lens length <= --capacity {capacity}, "
+        raise ValueError(f"[{args.command}] expected each --prefill-lens length <= --capacity {capacity}, "
                          f"got {max(lengths)}")
     return capacity, lengths
 
 
-def _export_lm(model, dst: Path, args: argparse.Namespace, metadata: dict, compress) -> None:
-    from .coreml import export_decoder
-
+# A job says what to export, for every backend: ("decoder", keywords of export_decoder / export_decoder_coreai)
+# or ("single", keywords of export_coreml / export_coreai), without the path and the backend's own options.
+def _lm_job(model, args: argparse.Namespace, metadata: dict, compress) -> tuple:
     capacity, lengths = _lm_options(args)
-    export_decoder(model, dst, capacity=capacity, prefill_lens=lengths, precision=args.precision,
-                   minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
+    return "decoder", dict(model=model, capacity=capacity, prefill_lens=lengths, compress=compress, metadata=metadata)
 
 
-def _export_encoder(model, dst: Path, args: argparse.Namespace, metadata: dict, compress) -> None:
+def _encoder_job(model, args: argparse.Namespace, metadata: dict, compress) -> tuple:
     import mlx.core as mx
 
-    from .coreml import export_coreml
     from .coreml.heads import EncoderPooling
 
     n = args.seq_len or 128
@@ -320,9 +333,8 @@ def _export_encoder(model, dst: Path, args: argparse.Namespace, metadata: dict, 
     metadata.update(inputs={"input_ids": f"Token ids (B, {n}) int32, right-padded to {n}",
                             "attention_mask": f"(B, {n}) int32: 1 for a token, 0 for padding"},
                     outputs=dict([output]))
-    export_coreml(fn, (ids, mask), dst, input_names=["input_ids", "attention_mask"], output_names=[output[0]],
-                  precision=args.precision, minimum_deployment_target=args.target, compress=compress,
-                  metadata=metadata, verbose=args.verbose)
+    return "single", dict(model_or_fn=fn, example_inputs=(ids, mask), input_names=["input_ids", "attention_mask"],
+                          output_names=[output[0]], compress=compress, metadata=metadata)
 
 
 def _under(prefix: str, compress):
@@ -332,22 +344,21 @@ def _under(prefix: str, compress):
     return {k if k == "*" or k.startswith("@") else prefix + k: v for k, v in compress.items()}
 
 
-def _export_vit(model, dst: Path, args: argparse.Namespace, metadata: dict, compress) -> None:
+def _vit_job(model, args: argparse.Namespace, metadata: dict, compress) -> tuple:
     import mlx.core as mx
 
-    from .coreml import export_coreml
-
     size, channels = model.embeddings.img_size, model.embeddings.in_chans
-    export_coreml(model, (mx.zeros((1, *size, channels)),), dst, input_names=["pixel_values"],
-                  output_names=["logits" if "classifier" in model else "last_hidden_state"], precision=args.precision,
-                  minimum_deployment_target=args.target, compress=compress, metadata=metadata, verbose=args.verbose)
+    return "single", dict(model_or_fn=model, example_inputs=(mx.zeros((1, *size, channels)),),
+                          input_names=["pixel_values"],
+                          output_names=["logits" if "classifier" in model else "last_hidden_state"],
+                          compress=compress, metadata=metadata)
 
 
 # An architecture's TASK (declared by its converter module, see pretrained.TASKS) -> (the --task name of
-# its Core ML export, the export, the options it reads). A task not listed (seq2seq) has no export.
-_EXPORTS = {"causal-lm": ("lm", _export_lm, ("capacity", "prefill_lens")),
-            "encoder": ("encoder", _export_encoder, ("seq_len", "pooling", "normalize")),
-            "vision": ("vit", _export_vit, ())}
+# its export, its job, the options it reads). A task not listed (seq2seq) has no export.
+_EXPORTS = {"causal-lm": ("lm", _lm_job, ("capacity", "prefill_lens")),
+            "encoder": ("encoder", _encoder_job, ("seq_len", "pooling", "normalize")),
+            "vision": ("vit", _vit_job, ())}
 _TASK_OPTIONS = ("capacity", "prefill_lens", "seq_len", "pooling", "normalize")
 
 
@@ -356,9 +367,9 @@ def _check_options(args: argparse.Namespace, task: str, reads: tuple) -> None:
     unused = [f"--{f.replace('_', '-')}" for f in _TASK_OPTIONS if getattr(args, f) not in (None, False)
               and f not in reads]
     if unused:
-        raise ValueError(f"[export-coreml] {', '.join(unused)}: not used by task {task}")
+        raise ValueError(f"[{args.command}] {', '.join(unused)}: not used by task {task}")
     if args.normalize and args.pooling in (None, "none"):
-        raise ValueError("[export-coreml] --normalize needs --pooling mean or cls (it normalises the pooled "
+        raise ValueError(f"[{args.command}] --normalize needs --pooling mean or cls (it normalises the pooled "
                          "embeddings)")
 
 
@@ -369,7 +380,7 @@ def _metadata(args: argparse.Namespace, model, files: list) -> dict:
     from .pretrained import task_of
 
     info = model.pretrained
-    user = source_metadata(args.src, info.model_type, info.source, info.config, files)
+    user = source_metadata(args.src, info.model_type, info.source, info.config, files, owner=args.command)
     meta = {k: getattr(args, k) for k in ("author", "license", "description") if getattr(args, k) is not None}
     return {**meta, "user": {**user, "mlx_zeta.task": task_of(model)}}
 
@@ -383,55 +394,87 @@ def _stored_as_is(model) -> str:
     return f"; {n} MLX-quantized layers as stored" if n else ""
 
 
-def _export_coreml(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
-
-    from .coreml import import_coremltools, package_summary
-    from .coreml.compress import describe
-    from .coreml.source import copy_tokenizer, tokenizer_folder, travelling_files
+def prepare_export(args: argparse.Namespace, suffix: str, backend: str) -> tuple:
+    """``(model, task name, job, compress)`` of an export command (``args.command``), every option checked
+    before anything is written: DST ends in ``suffix`` and may be written, the options fit the model's task;
+    ``backend`` names the format in messages."""
+    from .coreml.source import tokenizer_folder
     from .pretrained import from_pretrained
 
-    dst: Path = args.dst
-    if dst.suffix != ".mlpackage":
-        raise ValueError(f"[export-coreml] expected an output path ending in .mlpackage, got {dst}")
-    _check_destination("export-coreml", dst, args.overwrite, replaces="it")
+    dst, command = args.dst, args.command
+    if dst.suffix != suffix:
+        raise ValueError(f"[{command}] expected an output path ending in {suffix}, got {dst}")
+    _check_destination(command, dst, args.overwrite, replaces="it")
     if args.copy_tokenizer:
-        _check_destination("export-coreml", tokenizer_folder(dst), args.overwrite, replaces="it")
+        _check_destination(command, tokenizer_folder(dst), args.overwrite, replaces="it")
     for flag in ("capacity", "seq_len"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"[export-coreml] expected --{flag.replace('_', '-')} >= 1, got {value}")
+            raise ValueError(f"[{command}] expected --{flag.replace('_', '-')} >= 1, got {value}")
     compress = _compression(args)
-    start = time.perf_counter()
     model = from_pretrained(args.src)
-    task, export, reads = _export_of(model)
+    task, job, reads = _export_of(model, command, backend)
     if args.task not in ("auto", task):
-        raise ValueError(f"[export-coreml] --task {args.task} does not fit a {type(model).__name__} "
-                         f"(its task is {task})")
+        raise ValueError(f"[{command}] --task {args.task} does not fit a {type(model).__name__} (its task is {task})")
     _check_options(args, task, reads)
     if task == "lm":
         _lm_options(args)
+    return model, task, job, compress
+
+
+def run_export(args: argparse.Namespace, model, job: Callable, compress, exporters: dict) -> list:
+    """Run ``job``'s export with ``exporters[kind]`` (``path=DST`` and the job's keywords); returns the
+    tokenizer files named in the metadata. With ``--copy-tokenizer`` the tokenizer folder is staged first and
+    moved into place only after the export: a failed export leaves neither. Each warning is one line."""
+    from contextlib import nullcontext
+
+    from .coreml.source import copy_tokenizer, travelling_files
+
+    folder = model.pretrained.source
+    staged = copy_tokenizer(folder, args.dst, owner=args.command) if args.copy_tokenizer else \
+        nullcontext(travelling_files(folder))
+    with staged as files, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        kind, keywords = job(model, args, _metadata(args, model, files), compress)
+        exporters[kind](path=args.dst, **keywords)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # once, not once per traced function
+        print(f"{PROG} {args.command}: warning: {message}", file=sys.stderr)
+    return files
+
+
+def export_summary(args: argparse.Namespace, model, task: str, storage: str, weights: str, contents: str,
+                   nbytes: int, start: float, files: list) -> str:
+    """The one line an export command prints: source, model, task, storage, compression, what DST holds
+    (``contents``), its size and the time taken, the tokenizer copy."""
+    from .coreml.source import tokenizer_folder
+
+    copied = f"; tokenizer ({len(files)} files) -> {tokenizer_folder(args.dst)}" if args.copy_tokenizer else ""
+    return (f"exported {args.src} ({type(model).__name__}, task {task}, {storage}, compression {weights}"
+            f"{_stored_as_is(model)}) -> {args.dst}: {contents}; {_human(nbytes)} in "
+            f"{time.perf_counter() - start:.1f} s{copied}")
+
+
+def _export_coreml(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from .coreml import export_coreml, export_decoder, import_coremltools, package_summary
+    from .coreml.compress import describe
+
+    start = time.perf_counter()
+    model, task, job, compress = prepare_export(args, ".mlpackage", "Core ML")
     try:
         import_coremltools(verbose=args.verbose, lean=True)  # interruptible, and fast: no torch/sklearn probes
     except ImportError as e:
         raise ValueError(f"[export-coreml] needs coremltools (pip install coremltools): {e}") from e
-    folder = model.pretrained.source
-    # the tokenizer folder is staged first and moved into place only after the package: a failed export
-    # leaves neither
-    with copy_tokenizer(folder, dst) if args.copy_tokenizer else nullcontext(travelling_files(folder)) as files, \
-            warnings.catch_warnings(record=True) as caught:  # each warning as one line, as convert prints them
-        warnings.simplefilter("always", UserWarning)
-        export(model, dst, args, _metadata(args, model, files), compress)
-    for message in dict.fromkeys(str(w.message) for w in caught):  # once, not once per traced function
-        print(f"{PROG} export-coreml: warning: {message}", file=sys.stderr)
-    summary = package_summary(dst)
+    options = dict(precision=args.precision, minimum_deployment_target=args.target, verbose=args.verbose)
+    files = run_export(args, model, job, compress, {"decoder": partial(export_decoder, **options),
+                                                    "single": partial(export_coreml, **options)})
+    summary = package_summary(args.dst)
     funcs = "; ".join(f"{name}({', '.join(f'{k} {v}' for k, v in f['inputs'].items())}) -> {', '.join(f['outputs'])}"
                       for name, f in summary["functions"].items())
     states = f", {len(summary['states'])} state(s)" if summary["states"] else ""
-    copied = f"; tokenizer ({len(files)} files) -> {tokenizer_folder(dst)}" if args.copy_tokenizer else ""
-    weights = (compress if compress == "ternary-dense" else describe(compress)) + _stored_as_is(model)
-    print(f"exported {args.src} ({type(model).__name__}, task {task}, {args.precision}, compression {weights}) -> "
-          f"{dst}: {funcs}{states}; {_human(summary['bytes'])} in {time.perf_counter() - start:.1f} s{copied}")
+    weights = compress if compress == "ternary-dense" else describe(compress)
+    print(export_summary(args, model, task, args.precision, weights, funcs + states, summary["bytes"], start, files))
     return 0
 
 

@@ -8,6 +8,7 @@ function listed in that module's ``COMMANDS``:
 - :mod:`mlx_zeta.converters.cli`: ``convert`` (a Hugging Face checkpoint to an mlx_zeta
   folder, optionally cast and quantized) and ``export-coreml`` (a model folder to a Core ML
   package);
+- :mod:`mlx_zeta.converters.coreai_cli`: ``export-coreai`` (a model folder to a Core AI bundle);
 - :mod:`mlx_zeta.lm.cli`: ``generate`` (stream text from a prompt), ``chat`` (a terminal
   REPL that keeps the history and its KV cache), ``serve`` (an OpenAI-compatible HTTP
   server), and from :mod:`mlx_zeta.lm.tune_cli` ``lora`` (fine-tune with LoRA / DoRA
@@ -30,6 +31,7 @@ import sys
 from typing import Optional, Sequence
 
 from mlx_zeta.converters import cli as _converters_cli
+from mlx_zeta.converters import coreai_cli as _coreai_cli
 from mlx_zeta.lm import cli as _lm_cli
 
 PROG = _converters_cli.PROG
@@ -38,7 +40,7 @@ __all__ = ["main", "build_parser", "PROG"]
 
 def _commands() -> tuple:
     """Every ``_add_<command>`` function, in the order ``--help`` lists them."""
-    return (*_converters_cli.COMMANDS, *_lm_cli.COMMANDS)
+    return (*_converters_cli.COMMANDS, *_coreai_cli.COMMANDS, *_lm_cli.COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,7 @@ def test_console_script_runs_the_one_main(tmp_path):
 def test_help_lists_every_command_and_usage_errors_are_one_line(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
-    for command in ("convert", "export-coreml", "generate", "chat", "serve"):
+    for command in ("convert", "export-coreml", "export-coreai", "generate", "chat", "serve"):
         assert command in out
     code, _, err = run(capsys)
     assert code == 2 and one_line(err).startswith("mlx-zeta: error: the following arguments are required: COMMAND")

@@ -1,9 +1,11 @@
-"""What a Core ML package records of its source checkpoint, and the tokenizer files that travel beside it.
+"""What a Core ML package (or Core AI bundle) records of its source checkpoint, and the tokenizer files
+that travel beside it.
 
 A package holds the network only; an app also needs the checkpoint's tokenizer and its special
-token ids. ``mlx-zeta export-coreml`` writes them as user-defined metadata (:func:`source_metadata`)
-and, with ``--copy-tokenizer``, copies the tokenizer files byte for byte into a folder beside the
-package (:func:`tokenizer_folder`: ``model.mlpackage`` -> ``model.tokenizer/``; :func:`copy_tokenizer`).
+token ids. ``mlx-zeta export-coreml`` (and ``export-coreai``) writes them as user-defined metadata
+(:func:`source_metadata`) and, with ``--copy-tokenizer``, copies the tokenizer files byte for byte into a
+folder beside the package (:func:`tokenizer_folder`: ``model.mlpackage`` -> ``model.tokenizer/``;
+:func:`copy_tokenizer`). ``owner`` (default ``export-coreml``) is the command their errors name.
 
 Special token ids (:func:`special_token_ids`) come from, in this order, ``generation_config.json``,
 ``config.json`` and the tokenizer's own special tokens (``tokenizer_config.json``, else
@@ -33,10 +35,10 @@ TOKENIZER_SUFFIX = ".tokenizer"  # model.mlpackage -> model.tokenizer/
 _OWNER = "export-coreml"
 
 
-def _json(folder: Path, name: str) -> Dict[str, Any]:
-    """The JSON object in ``folder/name``, ``{}`` when the file is absent."""
+def _json(folder: Path, name: str, owner: str = _OWNER) -> Dict[str, Any]:
+    """The JSON object in ``folder/name``, ``{}`` when the file is absent (``owner`` names the command in errors)."""
     path = folder / name
-    return read_json_object(path, _OWNER) if path.is_file() else {}
+    return read_json_object(path, owner) if path.is_file() else {}
 
 
 def _ids(value: Any) -> List[int]:
@@ -52,9 +54,10 @@ def _token_text(value: Any) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _tokenizer_ids(folder: Path) -> Dict[str, List[int]]:
+def _tokenizer_ids(folder: Path, owner: str) -> Dict[str, List[int]]:
     """``{"bos": [...], "eos": [...], "pad": [...]}``: the ids of the tokenizer's own special tokens."""
-    config, special_map = _json(folder, "tokenizer_config.json"), _json(folder, "special_tokens_map.json")
+    config = _json(folder, "tokenizer_config.json", owner)
+    special_map = _json(folder, "special_tokens_map.json", owner)
     texts = {k: _token_text(config.get(f"{k}_token", special_map.get(f"{k}_token"))) for k in ("bos", "eos", "pad")}
     if not any(texts.values()):
         return {k: [] for k in texts}
@@ -62,7 +65,7 @@ def _tokenizer_ids(folder: Path) -> Dict[str, List[int]]:
     for key, entry in (config.get("added_tokens_decoder") or {}).items():
         if isinstance(entry, dict) and isinstance(entry.get("content"), str) and str(key).isdigit():
             table.setdefault(entry["content"], int(key))
-    backend = _json(folder, "tokenizer.json")
+    backend = _json(folder, "tokenizer.json", owner)
     for entry in backend.get("added_tokens") or []:
         if isinstance(entry, dict) and isinstance(entry.get("content"), str) and _ids(entry.get("id")):
             table.setdefault(entry["content"], entry["id"])
@@ -73,11 +76,12 @@ def _tokenizer_ids(folder: Path) -> Dict[str, List[int]]:
     return {k: _ids(table.get(text)) if text is not None else [] for k, text in texts.items()}
 
 
-def special_token_ids(folder: Path, config: Mapping[str, Any]) -> Dict[str, Any]:
+def special_token_ids(folder: Path, config: Mapping[str, Any], owner: str = _OWNER) -> Dict[str, Any]:
     """``{"bos_token_id": int | None, "eos_token_ids": [int, ...], "pad_token_id": int | None}`` of the
-    checkpoint ``folder`` whose ``config.json`` is ``config`` (module docstring: where each comes from)."""
-    sources = [_json(Path(folder), "generation_config.json"), dict(config)]
-    tok = _tokenizer_ids(Path(folder))
+    checkpoint ``folder`` whose ``config.json`` is ``config`` (module docstring: where each comes from);
+    ``owner``: the command named in the error about a malformed file."""
+    sources = [_json(Path(folder), "generation_config.json", owner), dict(config)]
+    tok = _tokenizer_ids(Path(folder), owner)
 
     def found(key: str) -> List[int]:
         return [i for s in sources for i in _ids(s.get(f"{key}_token_id"))] + tok[key]
@@ -97,13 +101,14 @@ def travelling_files(folder: Path) -> List[str]:
 
 
 def tokenizer_folder(package: Path) -> Path:
-    """Where ``--copy-tokenizer`` puts the tokenizer of ``package``: ``model.mlpackage`` -> ``model.tokenizer``."""
+    """Where ``--copy-tokenizer`` puts the tokenizer of ``package``: ``model.mlpackage`` (or ``model.aimodel``)
+    -> ``model.tokenizer``."""
     package = Path(package)
     return package.with_name(package.stem + TOKENIZER_SUFFIX)
 
 
 @contextmanager
-def copy_tokenizer(folder: Path, package: Path) -> Iterator[List[str]]:
+def copy_tokenizer(folder: Path, package: Path, owner: str = _OWNER) -> Iterator[List[str]]:
     """Copy :func:`travelling_files` of checkpoint ``folder`` byte for byte into a staged
     :func:`tokenizer_folder` of ``package``; yields their names; the folder is moved into place (replacing
     an existing one) when the block returns, and nothing is left of it when the block raises (so an
@@ -111,11 +116,11 @@ def copy_tokenizer(folder: Path, package: Path) -> Iterator[List[str]]:
 
     Raises:
         ValueError: ``folder`` holds no tokenizer file (none of
-            :data:`~mlx_zeta.converters.pretrained.TOKENIZER_FILES`).
+            :data:`~mlx_zeta.converters.pretrained.TOKENIZER_FILES`), named as ``owner``'s error.
     """
     folder = Path(folder)
     if not tokenizer_files(folder):
-        raise ValueError(f"[{_OWNER}] --copy-tokenizer: {folder} has no tokenizer files (expected one of "
+        raise ValueError(f"[{owner}] --copy-tokenizer: {folder} has no tokenizer files (expected one of "
                          f"{', '.join(TOKENIZER_FILES)})")
     names = travelling_files(folder)
     with atomic_path(tokenizer_folder(package), folder=True) as staged:
@@ -128,12 +133,13 @@ def copy_tokenizer(folder: Path, package: Path) -> Iterator[List[str]]:
 
 
 def source_metadata(src: str, model_type: str, folder: Path, config: Mapping[str, Any],
-                    files: List[str]) -> Dict[str, str]:
+                    files: List[str], owner: str = _OWNER) -> Dict[str, str]:
     """The user-defined metadata keys the CLI writes about the source (JSON-encoded strings):
     ``mlx_zeta.source`` (``src`` as given), ``mlx_zeta.model_type``, ``mlx_zeta.bos_token_id``,
     ``mlx_zeta.eos_token_ids`` (a list), ``mlx_zeta.pad_token_id`` (an int or null) and
-    ``mlx_zeta.tokenizer_files`` (``files``: the names copied beside the package, or present in the source)."""
-    ids = special_token_ids(folder, config)
+    ``mlx_zeta.tokenizer_files`` (``files``: the names copied beside the package, or present in the source);
+    ``owner``: the command named in errors."""
+    ids = special_token_ids(folder, config, owner)
     return {"mlx_zeta.source": str(src), "mlx_zeta.model_type": str(model_type),
             "mlx_zeta.bos_token_id": json.dumps(ids["bos_token_id"]),
             "mlx_zeta.eos_token_ids": json.dumps(ids["eos_token_ids"]),
