@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from ..coreml.graph import Graph, LoweringError, registrar
-from .weights import emit_compressed
+from .weights import emit_compressed, emit_float16
 
 __all__ = ["EMITTERS", "register_emitter", "Context", "LoweringError", "element_type", "FLOAT", "INT", "BOOL"]
 
@@ -95,8 +95,7 @@ class Context:
             return emit_compressed(self.ca, self.compressed[name], self.weights), FLOAT
         etype = element_type(str(value.dtype))
         if etype == FLOAT and value.ndim >= 2 and self.weights == "float16":
-            from coreai.authoring.constant import constant
-            return self.ca.cast(constant(np.ascontiguousarray(value.astype(np.float16))), self.ca.float32), FLOAT
+            return emit_float16(self.ca, value), FLOAT
         return self.const(value, etype), etype
 
     def cast(self, value, etype: str):

@@ -19,7 +19,7 @@ them). Tables and scales are stored in the context's ``weights`` dtype (float16 
 
 import numpy as np
 
-__all__ = ["emit_compressed", "packed_codes", "pack_bits", "index_width"]
+__all__ = ["emit_compressed", "emit_float16", "packed_codes", "pack_bits", "index_width"]
 
 _WIDTHS = (1, 2, 4, 8)  # code widths stored natively (sub-byte ones packed)
 
@@ -89,3 +89,15 @@ def emit_compressed(ca, c, weights: str = "float32") -> object:
     dense = ca.blockwise_shift_scale(packed_codes(c.data, c.dtype), _table(scale, weights),
                                      packed_codes(zero, c.dtype), _table(bias, weights))
     return to_float32(dense)
+
+
+def emit_float16(ca, value: np.ndarray) -> object:
+    """A float matrix stored in float16 and read as float32: ``blockwise_shift_scale`` with one block,
+    scale 1 and zero offsets (exact). A plain ``cast`` of a float16 constant would be folded by
+    ``coreai.authoring`` into a float32 constant, storing the weight at twice the bytes."""
+    from coreai.authoring.constant import constant
+
+    one = (1,) * value.ndim
+    return ca.blockwise_shift_scale(constant(np.ascontiguousarray(np.asarray(value).astype(np.float16))),
+                                    constant(np.ones(one, np.float32)), constant(np.zeros(one, np.float16)),
+                                    constant(np.zeros(one, np.float32)))
