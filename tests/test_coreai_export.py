@@ -73,19 +73,21 @@ def tiny_decoder():
         ff_swish=True))
 
 
-def run_decoder(path, prompt, ref_tokens, lens=LENS):
+def run_decoder(path, prompt, ref_tokens, lens=LENS, calls=None):
     """The prompt through the bundle's prefill functions (right-padded), then one decode step per
-    MLX greedy token, one state for every function; the logits of every real position."""
+    MLX greedy token, one state for every function; the logits of every real position. ``calls``:
+    ``[(function, length, real tokens)]`` for the prompt (default: the contract's plan over ``lens``)."""
     meta = read_bundle_metadata(path)
     shapes = json.loads(meta["user"]["mlx_zeta.state_shapes"])
     ids, logits, pos = list(prompt), [], 0
     with Bundle(path) as bundle:
         states = bundle.signature("decode")[2]
         state = bundle.new_state({name: np.zeros(s, np.float32) for name, s in zip(states, sorted_shapes(states, shapes))})
-        for length, real in prefill_plan(len(ids), lens):
+        plan = calls or [(f"prefill_{length}", length, real) for length, real in prefill_plan(len(ids), lens)]
+        for fname, length, real in plan:
             feeds = {"input_ids": np.array([ids[pos:pos + real] + [PAD] * (length - real)], np.int32),
                      "position": np.array([pos], np.int32)}
-            logits.append(bundle(f"prefill_{length}", feeds, state)["logits"][0][:real])
+            logits.append(bundle(fname, feeds, state)["logits"][0][:real])
             pos += real
         for t, token in enumerate(ref_tokens):
             feeds = {"input_ids": np.array([[token]], np.int32), "position": np.array([len(ids) + t], np.int32)}
@@ -100,12 +102,12 @@ def sorted_shapes(names, shapes):
     return [shapes[order.index(n)] for n in names]
 
 
-def greedy_check(model, path, prompt=(3, 5, 7, 9, 11, 2, 4, 6, 8, 10, 12), steps=STEPS, lens=LENS):
+def greedy_check(model, path, prompt=(3, 5, 7, 9, 11, 2, 4, 6, 8, 10, 12), steps=STEPS, lens=LENS, calls=None):
     """(greedy agreement out of steps, max rel error over every real position's logits)."""
     ref_tokens = np.array(AutoregressiveWrapper(model).generate(mx.array([list(prompt)]), steps,
                                                                 temperature=0.0))[0].tolist()
     ref = np.array(model(mx.array([list(prompt) + ref_tokens])).astype(mx.float32))[0]
-    got = run_decoder(path, prompt, ref_tokens, lens)
+    got = run_decoder(path, prompt, ref_tokens, lens, calls)
     n = len(prompt)
     agree = int(np.sum(got[n - 1:n - 1 + steps].argmax(-1) == np.array(ref_tokens)))
     return agree, rel_error(got, ref)

@@ -8,7 +8,8 @@ Apple's own runtime on Linux.
 
 Modules, each importing only those before it: :mod:`.runtime` (the lazy import of ``coreai`` and
 every use of its unstable parts), :mod:`.weights` (compressed weights as Core AI ops), :mod:`.graph`
-(the emitter table, the lowering context, the precision policy), :mod:`.ops` (the emitters),
+(the emitter table, the lowering context, the precision policy), :mod:`.dynamic` (a graph over a
+dynamic token count, from traces at fixed lengths), :mod:`.ops` (the emitters),
 :mod:`.lower` (the driver), :mod:`.export`, :mod:`.stateful`. The captured graph, the graph passes, the compression policy and
 math, the layer stand-ins and the metadata keys are the Core ML backend's
 (:mod:`mlx_zeta.converters.coreml`), shared rather than copied. ``coreai`` is imported inside the

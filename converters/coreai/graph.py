@@ -56,6 +56,7 @@ class Context:
         self.types: Dict[str, str] = {}
         self.state_writes: Dict[str, object] = {}
         self.graph_inputs = {name for name, _, _ in graph.inputs}
+        self.dims = None  # a dynamic.Dims when the graph has symbolic dims (set by the driver)
 
     def const(self, value, etype: Optional[str] = None):
         """A ``coreai.constant`` of ``value`` in ``etype`` (default: from its numpy dtype)."""
@@ -66,11 +67,24 @@ class Context:
         npd = {FLOAT: np.float32, INT: np.int32, BOOL: np.bool_}[etype]
         return constant(np.array(value, npd, order="C"))  # not np.ascontiguousarray: it makes a scalar (1,)
 
-    @staticmethod
-    def ints(values) -> np.ndarray:
+    def ints(self, values):
         """A 1-D int32 operand (shapes, axes, starts), passed as an array so that ops whose result
-        shape depends on it (reshape, broadcast_to, slice) get a static result type."""
+        shape depends on it (reshape, broadcast_to, slice) get a static result type; built at run
+        time when it holds a symbolic dim (:mod:`.dynamic`)."""
+        if self.dims is not None:
+            return self.dims.ints(values)
         return np.asarray(values, np.int32).reshape(-1)
+
+    def reshape(self, x, shape):
+        """``x`` reshaped to ``shape`` (typed with ``?`` at symbolic dims, :mod:`.dynamic`)."""
+        return self._typed(self.ca.reshape(x, self.ints(shape)), shape)
+
+    def broadcast_to(self, x, shape):
+        """``x`` broadcast to ``shape`` (typed with ``?`` at symbolic dims, :mod:`.dynamic`)."""
+        return self._typed(self.ca.broadcast_to(x, self.ints(shape)), shape)
+
+    def _typed(self, value, shape):
+        return value if self.dims is None else self.dims.refine(value, shape, "an intermediate value")
 
     @staticmethod
     def scalar(value, etype: str = INT) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import Dict, Optional, Sequence
 from ..coreml.graph import Graph
 from ..coreml.lower import run_passes
 from . import ops  # noqa: F401  (importing it registers the emitters)
+from .dynamic import Dims, mlir_dims
 from .graph import BOOL, EMITTERS, FLOAT, INT, Context, LoweringError, element_type
 from .runtime import STATE_ATTR
 
@@ -33,30 +34,34 @@ __all__ = ["lower_function"]
 
 def lower_function(graph: Graph, fn_name: str, *, input_names: Sequence[str], output_names: Sequence[str],
                    states: Optional[Dict[str, str]] = None, weights: str = "float32",
-                   compressed: Optional[dict] = None, model_name: str = "model") -> dict:
+                   compressed: Optional[dict] = None, model_name: str = "model", symbolic: bool = False) -> dict:
     """Emit ``graph`` as the ``coreai.graph`` ``fn_name`` into the active ``coreai.authoring.Module``.
 
     ``input_names``/``output_names``: the bundle's names for the graph's inputs/outputs.
     ``states``: ``{input name: state name}`` of inputs that are mutable buffers (the state name must
     equal the input name; the function then also returns the buffer's new value under it).
-    Returns ``{"nodes": n, "states": n}``.
+    ``symbolic``: ``graph`` comes from :func:`~.dynamic.symbolic_graph` (passes already run; its
+    :class:`~.dynamic.Sym` dims become dynamic, ``?``). Returns ``{"nodes": n, "states": n}``.
     """
     from coreai._compiler.ir import ArrayAttr, DictAttr, RankedTensorType, StringAttr
     from coreai.authoring import Value
     from coreai.authoring.graph_builder import GraphOp
 
-    run_passes(graph, fuse=False)
+    if not symbolic:
+        run_passes(graph, fuse=False)
     unknown = sorted({n.name for n in graph.nodes if n.name not in EMITTERS})
     if unknown:
         raise LoweringError(f"[export_coreai] no Core AI lowering for MLX primitive(s) {', '.join(unknown)} in "
                             f"{model_name}; add one with mlx_zeta.converters.coreai.register_emitter")
     states = dict(states or {})
     ctx = Context(graph, weights, compressed)
-    types = [RankedTensorType.get(list(shape), _mlir_element(element_type(dtype))) for _, shape, dtype in graph.inputs]
+    types = [RankedTensorType.get(mlir_dims(shape), _mlir_element(element_type(dtype)))
+             for _, shape, dtype in graph.inputs]
     g = GraphOp(fn_name, types, [], input_names=list(input_names))
     with g.block:
         for (name, _, dtype), arg in zip(graph.inputs, g.arguments):
             ctx.vars[name], ctx.types[name] = Value._from_mlir(arg), element_type(dtype)
+        ctx.dims = Dims(ctx) if symbolic else None
         _emit(ctx, model_name)
         outputs = {out: _output(ctx, name) for (name, _, _), out in zip(graph.outputs, output_names)}
         by_input = dict(zip(input_names, (n for n, _, _ in graph.inputs)))
@@ -85,11 +90,15 @@ def _mlir_element(etype: str):
 def _emit(ctx: Context, model_name: str) -> None:
     """Every node through its emitter; an output of the wrong shape is a :class:`LoweringError`."""
     for node in ctx.graph.nodes:
+        if ctx.dims is not None:
+            ctx.dims.check(node, model_name)
         outs = EMITTERS[node.name](ctx, node)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for name, value, shape, dtype in zip(node.outputs, outs, node.out_shapes, node.out_dtypes):
             got = getattr(value.type, "shape", None)
-            if got is not None and tuple(got) != tuple(shape):
+            if ctx.dims is not None:
+                value = ctx.dims.refine(value, shape, f"{node.name} in {model_name}")
+            elif got is not None and tuple(got) != tuple(shape):
                 raise LoweringError(f"[export_coreai] {node.name} in {model_name} lowered to shape {tuple(got)}, "
                                     f"MLX has {tuple(shape)}")
             ctx.vars[name], ctx.types[name] = value, element_type(dtype)

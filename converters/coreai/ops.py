@@ -9,6 +9,7 @@ MLX and NCHW in Core AI's convolution and pooling: emitters transpose around the
 
 import numpy as np
 
+from .dynamic import broadcast_shapes, has_sym
 from .graph import FLOAT, INT, LoweringError, element_type, register_emitter
 
 __all__ = ["BINARY", "UNARY"]
@@ -134,12 +135,12 @@ def _addmm(ctx, node):
 
 @register_emitter("Broadcast", "Full")
 def _broadcast(ctx, node):
-    return ctx.ca.broadcast_to(ctx.get(node.inputs[0]), ctx.ints(node.out_shapes[0]))
+    return ctx.broadcast_to(ctx.get(node.inputs[0]), node.out_shapes[0])
 
 
 @register_emitter("Reshape", "Flatten", "Unflatten", "ExpandDims", "Squeeze")
 def _reshape(ctx, node):
-    return ctx.ca.reshape(ctx.get(node.inputs[0]), ctx.ints(node.out_shapes[0]))
+    return ctx.reshape(ctx.get(node.inputs[0]), node.out_shapes[0])
 
 
 @register_emitter("Transpose")
@@ -185,6 +186,8 @@ def _concat(ctx, node):
 
 @register_emitter("Arange")
 def _arange(ctx, node):
+    if ctx.dims is not None and has_sym(node.out_shapes):
+        return ctx.dims.arange(node)
     start, stop, step = node.args
     value = np.arange(start, stop, step)[: node.out_shapes[0][0]]
     return ctx.const(value, element_type(node.out_dtypes[0]))
@@ -202,13 +205,13 @@ def _gather(ctx, node):
     rest = [i for i in range(len(shape)) if i not in axes]
     if axes + rest != list(range(len(shape))):
         x = ca.transpose(x, np.asarray(axes + rest, np.uint32))
-    index_shape = list(np.broadcast_shapes(*map(tuple, node.in_shapes[1:])))
+    index_shape = list(broadcast_shapes(*node.in_shapes[1:]))
     parts = []
     for name in node.inputs[1:]:
-        idx = ca.broadcast_to(ctx.get_as(name, INT), ctx.ints(index_shape)) if index_shape else ctx.get_as(name, INT)
-        parts.append(ca.reshape(idx, ctx.ints(index_shape + [1])))
+        idx = ctx.broadcast_to(ctx.get_as(name, INT), index_shape) if index_shape else ctx.get_as(name, INT)
+        parts.append(ctx.reshape(idx, index_shape + [1]))
     index = ca.concat(ctx.scalar(-1), parts) if len(parts) > 1 else parts[0]
-    return ca.reshape(ca.gather_nd(x, index), ctx.ints(node.out_shapes[0]))
+    return ctx.reshape(ca.gather_nd(x, index), node.out_shapes[0])
 
 
 @register_emitter("Pad")

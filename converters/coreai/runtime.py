@@ -14,6 +14,9 @@ What is used beyond ``coreai.authoring``'s versioned surface, all of it named he
   ``coreai-torch`` declares a mutated buffer, an argument whose attributes carry
   ``MutableBuffers.buffer_mutation = <output name>``; the pre-compilation rewrite turns it into a
   ``!coreai.handle`` with ``read_handle``/``write_handle``;
+* ``ShapedType.get_dynamic_size`` and ``Value.set_type`` of ``coreai._compiler.ir``: a dynamic dim
+  (``?``) of a function's input, and a value typed with its MLX shape where type inference made
+  every dim of a run-time shape dynamic (:mod:`.dynamic`);
 * ``DenseResourceElementsAttr`` + ``ConstantOp``: sub-byte constants (uint1/2/4 codes) packed two
   or four per byte, low bits first; ``constant(..., dtype=uint4)`` would store one byte per element,
   which the runtime misreads.
