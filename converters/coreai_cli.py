@@ -4,7 +4,8 @@ and sets the exit status): a model folder to a Core AI bundle for iOS/macOS 27.
     mlx-zeta export-coreai SRC OUT.aimodel [--task lm|encoder|vit|auto] [--capacity N]
                            [--prefill-lens N[,N...]] [--seq-len N] [--pooling none|mean|cls] [--normalize]
                            [--weights float16|float32] [--compress MODE] [--compress-layer PATTERN=MODE ...]
-                           [--copy-tokenizer] [--author S] [--license S] [--description S] [--overwrite]
+                           [--dynamic-prefill MIN,MAX] [--copy-tokenizer] [--author S] [--license S]
+                           [--description S] [--overwrite]
 
 ``export-coreml``'s twin: the same loading (``from_pretrained``), tasks, options, checks, metadata keys,
 tokenizer copy and summary line, all of it :mod:`mlx_zeta.converters.cli`'s (``add_export_arguments``,
@@ -47,7 +48,18 @@ def _add_export_coreai(sub: argparse._SubParsersAction) -> None:
                                                                  extra="Ternary layers are 2-bit tables. "))
     p.add_argument("--weights", choices=WEIGHTS, default="float16",
                    help="storage of the float weight matrices; compute is float32 either way (default: float16)")
+    p.add_argument("--dynamic-prefill", type=_parse_range, metavar="MIN,MAX",
+                   help="decoder LMs: also a function 'prefill' taking any number of tokens in [MIN, MAX]")
     p.set_defaults(handler=_export_coreai)
+
+
+def _parse_range(text: str) -> tuple:
+    """``"1,256"`` -> ``(1, 256)``: the token counts a dynamic prefill function takes (checked against
+    ``--capacity`` by :func:`~mlx_zeta.converters.coreai.export_decoder_coreai`)."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX token counts such as 1,256, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _contents(path: Path) -> tuple:
@@ -71,11 +83,14 @@ def _export_coreai(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     model, task, job, compress = prepare_export(args, SUFFIX, "Core AI")
+    if args.dynamic_prefill is not None and task != "lm":
+        raise ValueError(f"[{args.command}] --dynamic-prefill is for decoder LMs; {args.src} is a {task} model")
     try:
         import_coreai(args.command)
     except ImportError as e:  # one line: what is missing and how to install it
         raise ValueError(str(e)) from None
-    files = run_export(args, model, job, compress, {"decoder": partial(export_decoder_coreai, weights=args.weights),
+    files = run_export(args, model, job, compress, {"decoder": partial(export_decoder_coreai, weights=args.weights,
+                                                                       dynamic_prefill=args.dynamic_prefill),
                                                     "single": partial(export_coreai, weights=args.weights)})
     contents, nbytes = _contents(args.dst)
     print(export_summary(args, model, task, f"{args.weights} weights", describe(compress), contents, nbytes, start,

@@ -32,7 +32,7 @@ from test_coreai_export import REL_OF_MAX, greedy_check, rel_error, run_decoder 
 
 LM_ARGV = ["--capacity", "64", "--prefill-lens", "8,4"]
 EXPORTS = {  # name -> the CLI options of that export of the tiny Llama
-    "float32": [*LM_ARGV, "--weights", "float32"],
+    "float32": [*LM_ARGV, "--weights", "float32", "--dynamic-prefill", "1,16"],
     "float16": LM_ARGV,
     "int4": [*LM_ARGV, "--weights", "float32", "--compress", "int4", "--compress-layer", "@head=int8",
              "--copy-tokenizer", "--author", "A", "--license", "L", "--description", "D"],
@@ -71,11 +71,14 @@ def test_cli_llama_float32_greedy_32_of_32(llama):
     code, stdout, stderr, path = runs["float32"]
     assert code == 0 and stderr == "", stderr
     assert stdout.count("\n") == 1 and "task lm, float32 weights, compression none" in stdout, stdout
-    assert "function(s) prefill_4, prefill_8, decode: (input_ids, position) -> logits, 4 state(s)" in stdout, stdout
+    assert "function(s) prefill_4, prefill_8, prefill, decode: (input_ids, position) -> logits, 4 state(s)" \
+        in stdout, stdout
     model = mlx_zeta.from_pretrained(folder)
     agree, rel = greedy_check(model, path)
     print(f"\nCLI tiny Llama, core ai float32 weights: greedy {agree}/32, max rel logit error {rel:.2e}")
     assert agree == 32 and rel <= REL_OF_MAX
+    agree, rel = greedy_check(model, path, calls=[("prefill", 11, 11)])  # the 11-token prompt in one dynamic call
+    assert agree == 32 and rel <= REL_OF_MAX, (agree, rel)
 
 
 def test_cli_llama_compressed_runs_and_is_smaller(llama):
@@ -195,6 +198,9 @@ ERRORS = {  # id -> (argv after the command with placeholders, names in the line
     "not-an-aimodel": (["{vit}", "{tmp}/vit.mlpackage"], (".aimodel", "vit.mlpackage"), "expected an output path"),
     "missing-src": (["{tmp}/no-such-model", "{out}"], ("no-such-model",), "neither an existing folder"),
     "option-of-another-task": (["{vit}", "{out}", "--capacity", "8"], ("--capacity", "vit"), "not used by task"),
+    "dynamic-prefill-of-a-vit": (["{vit}", "{out}", "--dynamic-prefill", "1,8"], ("--dynamic-prefill", "vit"),
+                                 "for decoder LMs"),
+    "bad-dynamic-prefill": (["{vit}", "{out}", "--dynamic-prefill", "8"], ("MIN,MAX", "'8'"), "expected MIN,MAX"),
 }
 
 
