@@ -46,18 +46,22 @@ from mlx_zeta.structs import AutoregressiveWrapper
 
 PREFILL, STEPS, CAPACITY = 8, 32, 64
 MODES = ("fp16", "int8", "int4", "palettize4", "mlx-q4")
+LLAMAS = {  # Llama shapes (untied) by name: ~100M parameters, and a tiny one (benchmarks/coreai_export.py)
+    "llama100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                      num_attention_heads=12, num_key_value_heads=4),
+    "llama-tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2),
+}
 
 
 def checkpoint(name: str, folder: Path) -> Path:
-    """A random transformers checkpoint saved to ``folder``."""
+    """A random transformers checkpoint saved to ``folder``: a Llama of :data:`LLAMAS`, else the tiny Qwen3."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    if name == "llama100m":
-        config = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
-                                          num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4,
-                                          max_position_embeddings=CAPACITY, tie_word_embeddings=False)
+    if name in LLAMAS:
+        config = transformers.LlamaConfig(**LLAMAS[name], max_position_embeddings=CAPACITY, tie_word_embeddings=False)
         model = transformers.LlamaForCausalLM(config)
     else:
         config = transformers.Qwen3Config(vocab_size=2048, hidden_size=128, intermediate_size=384,
