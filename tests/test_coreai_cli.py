@@ -114,7 +114,7 @@ def decoded_model(folder, mode_of):
     model = mlx_zeta.from_pretrained(folder)
     for path, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight = mx.array(compress_weight(np.array(module.weight), mode_of(path), with_bias=True).decode())
+            module.weight = mx.array(compress_weight(np.array(module.weight), mode_of(path)).decode())
     return model
 
 

@@ -60,7 +60,7 @@ def trace(model_or_fn, args, *, compress=None, weights: str = "float16", weights
         graph = capture(fn, *args)
     root = model_or_fn if weights_root is None else weights_root
     compressed, stats = compressed_constants(graph, root, standin_weights, compress,
-                                             np.float16 if weights == "float16" else np.float32, cache, with_bias=True)
+                                             np.float16 if weights == "float16" else np.float32, cache)
     return graph, compressed, stats
 
 

@@ -6,9 +6,10 @@ Which weights are compressed, and the numpy math of each form, are decided once 
 spells the two forms in Core AI:
 
 * ``"shift_scale"`` -> ``coreai.blockwise_shift_scale(q, s, z, b)``, :math:`w = s\,(q - z) + b` per block:
-  int8 per channel (:math:`z = b = 0`), MLX-affine 4/8-bit and ``int4`` blocks exactly as MLX stores
-  them (:math:`z = 0`, :math:`b` = MLX's bias, no re-quantization), and float offsets (Core ML's
-  :math:`-b/s` form) folded into :math:`b = -s z`;
+  int8 per channel (:math:`z = b = 0`); MLX-affine 4/8-bit layers exactly as MLX stores them
+  (:math:`z = 0`, :math:`b` = MLX's bias, no re-quantization); the ``int4`` policy's blocks in Core ML's
+  form, uint4 zero points :math:`z = -b/s` (4.625 bits per weight with float16 scales, where a float
+  bias would take 5), a float offset (not a whole number) folded into :math:`b = -s z`;
 * ``"lut"`` -> ``coreai.lut_to_dense(indices, table)``: ternary (2-bit, ``{-s, 0, s}``), palettized
   weights and MLX's 2/3/5/6-bit weights. Index widths Core AI has no packing for (3, 5, 6 bits) are
   widened to 4 or 8 bits with the table padded by zeros (exact; 1 or 2 more bits per weight).

@@ -175,10 +175,10 @@ def describe(compress) -> str:
 
 
 # ----------------------------------------------------------------------------- float weights
-def compress_weight(w: np.ndarray, mode: str, with_bias: bool = False) -> Optional[Compressed]:
+def compress_weight(w: np.ndarray, mode: str) -> Optional[Compressed]:
     """``w`` (rows, cols) float as ``mode`` (:data:`MODES`, aliases resolved), or None when the mode is
     ``"none"`` or the shape does not fit it (a row not a whole number of blocks, fewer rows than a palette
-    group): that weight stays float. ``with_bias``: int4 blocks keep MLX's bias (:func:`from_mlx_affine`)."""
+    group): that weight stays float."""
     mode = _ALIASES.get(mode, mode)
     w = np.asarray(w, np.float32)
     if mode == "none" or w.ndim != 2:
@@ -195,7 +195,7 @@ def compress_weight(w: np.ndarray, mode: str, with_bias: bool = False) -> Option
         import mlx.core as mx
 
         wq, scales, biases = mx.quantize(mx.array(w), group_size=block, bits=4)
-        return from_mlx_affine(np.array(wq), np.array(scales), np.array(biases), block, 4, with_bias=with_bias)
+        return from_mlx_affine(np.array(wq), np.array(scales), np.array(biases), block, 4)
     bits = int(mode[len("palettize"):])
     rows = PALETTE_ROWS if w.shape[0] % PALETTE_ROWS == 0 else 1
     groups = w.reshape(w.shape[0] // rows, -1)  # each palette's values (rows x cols)

@@ -154,15 +154,14 @@ def _float_weights(model) -> Dict[Tuple, Tuple[str, str]]:
 
 
 def compressed_constants(graph, model, standin_weights: List, compress, dtype,
-                         cache: Optional[dict] = None, with_bias: bool = False) -> Tuple[Dict[str, Compressed], dict]:
+                         cache: Optional[dict] = None) -> Tuple[Dict[str, Compressed], dict]:
     """``({constant name: Compressed}, stats)`` for a captured ``graph`` of ``model``: stand-in weights
     (``standin_weights`` from :func:`export_standins`) and, by the ``compress`` policy, float weights.
     ``dtype`` (np.float16/np.float32) is the package's; MLX-affine weights decoded in it are checked
     against MLX's dequantized weights (``stats["affine"]``) and a warning names any beyond
     :data:`AFFINE_ULPS` ulps. ``stats["modes"]``: ``{module path: mode}`` of the policy's weights;
     ``stats["counts"]``: compressed weights by source (``ternary``, ``affine``, ``policy``). ``cache``
-    (``{(content key, mode): Compressed}``), when given, is read and filled. ``with_bias``: int4 blocks
-    in Core AI's exact two-offset form (:func:`~.compress.compress_weight`)."""
+    (``{(content key, mode): Compressed}``), when given, is read and filled."""
     registered = {_key(dense): entry for entry in standin_weights for dense in entry[:1]}
     mode_of = policy(compress)
     floats = _float_weights(model) if compress is not None else {}
@@ -184,7 +183,7 @@ def compressed_constants(graph, model, standin_weights: List, compress, dtype,
         elif key in floats:
             path, role = floats[key]
             mode = mode_of(path, role)
-            c = cache[key, mode] if cache is not None and (key, mode) in cache else compress_weight(value, mode, with_bias)
+            c = cache[key, mode] if cache is not None and (key, mode) in cache else compress_weight(value, mode)
             if cache is not None:
                 cache[key, mode] = c
             if c is not None:
