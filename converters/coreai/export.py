@@ -21,6 +21,7 @@ import numpy as np
 from mlx_zeta.common import atomic_path
 
 from ..coreml.compress import describe, policy
+from ..coreml.export import example_arrays, model_name
 from ..coreml.lower import capture
 from ..coreml.metadata import FEATURES, check_metadata, exporter_metadata
 from ..coreml.weights import compressed_constants, export_standins
@@ -31,13 +32,6 @@ __all__ = ["export_coreai", "trace", "save_bundle", "write_bundle_metadata", "re
 
 WEIGHTS = ("float16", "float32")  # storage of float matrices (compute is float32, see .lower)
 _CUSTOM_FEATURES = "mlx_zeta.features"  # custom key holding {"inputs"|"outputs"|"states": {name: text}}
-
-
-def _as_tuple(example_inputs):
-    import mlx.core as mx
-    if isinstance(example_inputs, mx.array):
-        return (example_inputs,)
-    return tuple(mx.array(np.asarray(a)) if not isinstance(a, mx.array) else a for a in example_inputs)
 
 
 def check_options(owner: str, weights: str, compress) -> None:
@@ -62,12 +56,6 @@ def trace(model_or_fn, args, *, compress=None, weights: str = "float16", weights
     compressed, stats = compressed_constants(graph, root, standin_weights, compress,
                                              np.float16 if weights == "float16" else np.float32, cache)
     return graph, compressed, stats
-
-
-def model_name(model_or_fn) -> str:
-    import mlx.nn as nn
-    return type(model_or_fn).__name__ if isinstance(model_or_fn, nn.Module) else \
-        getattr(model_or_fn, "__name__", "function")
 
 
 def save_bundle(path, build: Callable[[], None], metadata: dict) -> Path:
@@ -143,7 +131,7 @@ def export_coreai(model_or_fn, example_inputs, path, *, input_names: Optional[Se
     check_options("export_coreai", weights, compress)
     metadata = check_metadata("export_coreai", metadata)
     import_coreai()
-    args = _as_tuple(example_inputs)
+    args = example_arrays(example_inputs)
     graph, compressed, _ = trace(model_or_fn, args, compress=compress, weights=weights, weights_root=weights_root)
     names_in = list(input_names or [f"input_{i}" for i in range(len(graph.inputs))])
     names_out = list(output_names or [f"output_{k}" for k in range(len(graph.outputs))])

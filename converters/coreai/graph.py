@@ -25,6 +25,7 @@ from .weights import emit_compressed, emit_float16
 __all__ = ["EMITTERS", "register_emitter", "Context", "LoweringError", "element_type", "FLOAT", "INT", "BOOL"]
 
 FLOAT, INT, BOOL = "f32", "si32", "i1"  # the three element types values are computed in
+NUMPY = {FLOAT: np.float32, INT: np.int32, BOOL: np.bool_}  # their numpy dtypes (constants, scalar operands)
 EMITTERS: Dict[str, Callable] = {}
 register_emitter = registrar(EMITTERS)
 register_emitter.__doc__ = "Decorator: ``fn(ctx, node) -> Value | list[Value]`` lowers the MLX primitives ``names``."
@@ -64,8 +65,7 @@ class Context:
 
         value = np.asarray(value)
         etype = etype or element_type(str(value.dtype))
-        npd = {FLOAT: np.float32, INT: np.int32, BOOL: np.bool_}[etype]
-        return constant(np.array(value, npd, order="C"))  # not np.ascontiguousarray: it makes a scalar (1,)
+        return constant(np.array(value, NUMPY[etype], order="C"))  # not np.ascontiguousarray: it makes a scalar (1,)
 
     def ints(self, values):
         """A 1-D int32 operand (shapes, axes, starts), passed as an array so that ops whose result
@@ -88,7 +88,7 @@ class Context:
 
     @staticmethod
     def scalar(value, etype: str = INT) -> np.ndarray:
-        return np.asarray(value, {FLOAT: np.float32, INT: np.int32, BOOL: np.bool_}[etype]).reshape(())
+        return np.asarray(value, NUMPY[etype]).reshape(())
 
     def is_const(self, name: str) -> bool:
         return name in self.graph.constants and name not in self.vars

@@ -120,10 +120,6 @@ class Bundle:
 
         return {k: NDArray(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
-    @staticmethod
-    def read_state(state: dict) -> Dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in state.items()}
-
     def __call__(self, name: str, inputs: Dict[str, np.ndarray], state: Optional[dict] = None) -> Dict[str, np.ndarray]:
         from coreai.runtime import NDArray
 

@@ -24,17 +24,26 @@ from .metadata import check_metadata, describe_features, exporter_metadata, writ
 from .runtime import import_coremltools, quiet_coremltools
 from .weights import compressed_constants, export_standins
 
-__all__ = ["export_coreml", "to_mil", "save_atomically", "TARGETS"]
+__all__ = ["export_coreml", "to_mil", "save_atomically", "example_arrays", "model_name", "TARGETS"]
 
 TARGETS = ("iOS18", "macOS15", "iOS17", "macOS14")  # minimum_deployment_target values accepted
 _BEFORE_18 = ("iOS17", "macOS14")  # no scaled_dot_product_attention, no iOS 18 constexpr_ ops (compressed weights)
 
 
-def _as_tuple(example_inputs):
+def example_arrays(example_inputs) -> tuple:
+    """An exporter's ``example_inputs`` (one array or a sequence of arrays / array-likes) as a tuple of
+    ``mx.array`` (shared with the Core AI exporter)."""
     import mlx.core as mx
     if isinstance(example_inputs, mx.array):
         return (example_inputs,)
     return tuple(mx.array(np.asarray(a)) if not isinstance(a, mx.array) else a for a in example_inputs)
+
+
+def model_name(model_or_fn) -> str:
+    """What errors call an exported model: its class name, or a function's ``__name__``."""
+    import mlx.nn as nn
+    return type(model_or_fn).__name__ if isinstance(model_or_fn, nn.Module) else \
+        getattr(model_or_fn, "__name__", "function")
 
 
 def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] = None,
@@ -59,9 +68,8 @@ def to_mil(model_or_fn, example_inputs, *, input_names: Optional[Sequence[str]] 
     ternary_dense = compress == "ternary-dense"
     policy(None if ternary_dense else compress)  # a bad option fails before the trace
     ct = import_coremltools()
-    args = _as_tuple(example_inputs)
-    name = type(model_or_fn).__name__ if isinstance(model_or_fn, nn.Module) else \
-        getattr(model_or_fn, "__name__", "function")
+    args = example_arrays(example_inputs)
+    name = model_name(model_or_fn)
     if isinstance(model_or_fn, nn.Module):
         mx.eval(model_or_fn.parameters())  # lazy initialisers would otherwise be traced
     with export_standins(model_or_fn) as (fn, standin_weights):
