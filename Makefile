@@ -10,11 +10,14 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-demo: pyproject.toml | $(PY)
+# The native CPU kernels (csrc/) are compiled by the install: rebuilt when a source changes.
+NATIVE := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.txt csrc/kernels/*)
+
+$(VENV)/.installed-demo: pyproject.toml $(NATIVE) | $(PY)
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(PY)
+$(VENV)/.installed-test: pyproject.toml $(NATIVE) | $(PY)
 	$(PIP) install -q -e '.[test]'
 	touch $@
 

@@ -1,0 +1,190 @@
+// x86-64 AVX2 + FMA kernels (this file is compiled with -mavx2 -mfma and only called after the
+// CPU was checked, isa.cpp). The AVX-512 file reuses the x-permutation and decode helpers in
+// x86_common.h.
+#include "kernels.h"
+
+#if defined(__x86_64__) && defined(__AVX2__)
+#include <algorithm>
+#include <vector>
+
+#include "x86_common.h"
+
+namespace zeta {
+namespace {
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// W1.58A8 on MB rows of x (m0 .. m0 + MB) and the 4 weight rows of packed row p. Products of a
+// code (0..2) and an int8 (-128..127) pair-summed by maddubs lie in [-512, 508], so 64 of them
+// fit an int16 accumulator exactly before it is widened to int32.
+template <int MB>
+void ternary_i8_tile(const TernaryProblem& t, const int32_t* xsum, int64_t m0, int64_t p) {
+  const auto* x = static_cast<const int8_t*>(t.x) + m0 * t.K;
+  const uint8_t* w = t.packed + p * t.K;
+  const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  __m256i acc[MB][4];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm256_setzero_si256();
+  const int64_t K32 = t.K & ~int64_t(31);
+  for (int64_t k = 0; k < K32;) {
+    const int64_t stop = std::min(K32, k + 64 * 32);
+    __m256i acc16[MB][4];
+    for (auto& row : acc16)
+      for (auto& a : row) a = _mm256_setzero_si256();
+    for (; k < stop; k += 32) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      const __m256i c[4] = {_mm256_and_si256(b, three), _mm256_and_si256(_mm256_srli_epi16(b, 2), three),
+                            _mm256_and_si256(_mm256_srli_epi16(b, 4), three),
+                            _mm256_and_si256(_mm256_srli_epi16(b, 6), three)};
+      for (int r = 0; r < MB; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * t.K + k));
+        for (int j = 0; j < 4; ++j) acc16[r][j] = _mm256_add_epi16(acc16[r][j], _mm256_maddubs_epi16(c[j], xv));
+      }
+    }
+    for (int r = 0; r < MB; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(acc16[r][j], ones));
+  }
+  auto* y = static_cast<int32_t*>(t.y);
+  for (int r = 0; r < MB; ++r) {
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = p + j * t.P;
+      if (n >= t.N) break;
+      int32_t s = hsum_epi32(acc[r][j]);
+      for (int64_t k = K32; k < t.K; ++k) s += ((w[k] >> (2 * j)) & 3) * x[r * t.K + k];
+      y[(m0 + r) * t.N + n] = s - xsum[m0 + r];
+    }
+  }
+}
+
+void ternary_i8(const TernaryProblem& t, int64_t p0, int64_t p1) {
+  std::vector<int32_t> xsum(t.M);
+  int8_row_sums(static_cast<const int8_t*>(t.x), t.M, t.K, xsum.data());
+  int64_t m = 0;
+  for (; m + 2 <= t.M; m += 2)  // x rows stay in L1 while the weights stream past them
+    for (int64_t p = p0; p < p1; ++p) ternary_i8_tile<2>(t, xsum.data(), m, p);
+  for (; m < t.M; ++m)
+    for (int64_t p = p0; p < p1; ++p) ternary_i8_tile<1>(t, xsum.data(), m, p);
+}
+
+// W1.58 x float32 on MB rows of x: weights decoded to exact floats w = c - 1, then FMA.
+template <int MB>
+void ternary_f32_tile(const TernaryProblem& t, int64_t m0, int64_t p) {
+  const float* x = static_cast<const float*>(t.x) + m0 * t.K;
+  const uint8_t* w = t.packed + p * t.K;
+  const __m256i three = _mm256_set1_epi32(3);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 acc[MB][4];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm256_setzero_ps();
+  const int64_t K8 = t.K & ~int64_t(7);
+  for (int64_t k = 0; k < K8; k += 8) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k)));
+    __m256 wj[4];
+    for (int j = 0; j < 4; ++j)
+      wj[j] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 2 * j), three)), one);
+    for (int r = 0; r < MB; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * t.K + k);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(wj[j], xv, acc[r][j]);
+    }
+  }
+  auto* y = static_cast<float*>(t.y);
+  for (int r = 0; r < MB; ++r) {
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = p + j * t.P;
+      if (n >= t.N) break;
+      float s = hsum_ps(acc[r][j]);
+      for (int64_t k = K8; k < t.K; ++k) s += float(((w[k] >> (2 * j)) & 3) - 1) * x[r * t.K + k];
+      y[(m0 + r) * t.N + n] = s;
+    }
+  }
+}
+
+void ternary_f32(const TernaryProblem& t, int64_t p0, int64_t p1) {
+  int64_t m = 0;
+  for (; m + 2 <= t.M; m += 2)
+    for (int64_t p = p0; p < p1; ++p) ternary_f32_tile<2>(t, m, p);
+  for (; m < t.M; ++m)
+    for (int64_t p = p0; p < p1; ++p) ternary_f32_tile<1>(t, m, p);
+}
+
+// Affine row n against MB rows of the permuted x: per group g, dot_g = q_g . x_g accumulates in
+// 4 vectors (one per decoded quarter of a unit), then y += scale_g * dot_g + bias_g * sum(x_g).
+template <int BITS, int MB>
+void affine_row(const AffineProblem& a, const float* xp, const float* xsum, int64_t m0, int64_t n) {
+  constexpr int kWordsPerUnit = BITS;  // 32 elements of BITS bits = BITS uint32 words
+  const int64_t groups = a.K / a.group, units = a.group / 32;
+  const uint32_t* w = a.w + n * (a.K * BITS / 32);
+  __m256 acc[MB];
+  float bias_acc[MB] = {};
+  for (auto& v : acc) v = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 dot[MB][4];
+    for (auto& row : dot)
+      for (auto& v : row) v = _mm256_setzero_ps();
+    for (int64_t u = 0; u < units; ++u, w += kWordsPerUnit) {
+      __m256i q[4];
+      if constexpr (BITS == 4) x86_decode4(w, q); else x86_decode8(w, q);
+      const float* xu = xp + (g * units + u) * 32;
+      for (int i = 0; i < 4; ++i) {
+        const __m256 qf = _mm256_cvtepi32_ps(q[i]);
+        for (int r = 0; r < MB; ++r) dot[r][i] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xu + r * a.K + 8 * i), dot[r][i]);
+      }
+    }
+    const float scale = scale_at(a.scales, a.scale_type, n * groups + g);
+    const float bias = scale_at(a.biases, a.scale_type, n * groups + g);
+    for (int r = 0; r < MB; ++r) {
+      const __m256 d = _mm256_add_ps(_mm256_add_ps(dot[r][0], dot[r][1]), _mm256_add_ps(dot[r][2], dot[r][3]));
+      acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(scale), acc[r]);
+      bias_acc[r] += bias * xsum[(m0 + r) * groups + g];
+    }
+  }
+  for (int r = 0; r < MB; ++r) a.y[(m0 + r) * a.N + n] = hsum_ps(acc[r]) + bias_acc[r];
+}
+
+template <int BITS>
+void affine_rows(const AffineProblem& a, int64_t n0, int64_t n1) {
+  std::vector<float> xp(a.M * a.K), xsum(a.M * (a.K / a.group));
+  x86_permute_x(a.x, a.M * a.K, BITS, xp.data());
+  for (size_t i = 0; i < xsum.size(); ++i) {
+    float s = 0.0f;
+    for (int k = 0; k < a.group; ++k) s += a.x[i * a.group + k];
+    xsum[i] = s;
+  }
+  int64_t m = 0;
+  for (; m + 2 <= a.M; m += 2)
+    for (int64_t n = n0; n < n1; ++n) affine_row<BITS, 2>(a, xp.data() + m * a.K, xsum.data(), m, n);
+  for (; m < a.M; ++m)
+    for (int64_t n = n0; n < n1; ++n) affine_row<BITS, 1>(a, xp.data() + m * a.K, xsum.data(), m, n);
+}
+
+void affine_f32(const AffineProblem& a, int64_t n0, int64_t n1) {
+  if (a.bits == 4) affine_rows<4>(a, n0, n1); else affine_rows<8>(a, n0, n1);
+}
+
+const IsaKernels kAvx2 = {"avx2", ternary_i8, ternary_f32, affine_f32};
+
+}  // namespace
+
+const IsaKernels* avx2_kernels() { return &kAvx2; }
+
+}  // namespace zeta
+
+#else
+
+namespace zeta {
+const IsaKernels* avx2_kernels() { return nullptr; }
+}  // namespace zeta
+
+#endif
