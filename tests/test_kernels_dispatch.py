@@ -23,7 +23,7 @@ def test_cpu_machine_resolves_to_the_reference(monkeypatch):
     assert kernel_mode() == "auto"
     assert resolve() == resolve(None) == resolve(False) == "reference"
     assert not kernels_active()
-    with pytest.raises(ValueError, match=r"use_kernel=True needs Metal or CUDA"):
+    with pytest.raises(ValueError, match=r"use_kernel=True needs Metal, CUDA or a native CPU kernel"):
         resolve(True)
 
 
@@ -37,7 +37,7 @@ def test_modes_per_call_and_by_context(monkeypatch):
         assert resolve(False) == "reference"
         with use_kernels("off"):  # contexts nest
             assert resolve() == "reference" and not kernels_active()
-            with pytest.raises(ValueError, match=r"use_kernel=True needs Metal or CUDA \(mode 'off'"):
+            with pytest.raises(ValueError, match=r"use_kernel=True needs Metal, CUDA or a native CPU kernel \(mode 'off'"):
                 resolve(True)
         assert resolve() == "emulate"
     assert kernel_mode() == "auto"

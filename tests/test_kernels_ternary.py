@@ -13,6 +13,7 @@ import mlx.core as mx
 
 import mlx_zeta.quant.ternary as ternary_layer
 from mlx_zeta.kernels import KernelSource, load_source, use_kernels
+from mlx_zeta.kernels import cpu as cpu_kernels
 from mlx_zeta.kernels.emulate import KernelFault, compiler, concurrent_groups, emulate
 from mlx_zeta.kernels.ternary import kernel_launch, ternary_matmul, ternary_matmul_reference
 from mlx_zeta.quant import BitLinear
@@ -215,14 +216,15 @@ def test_ternary_linear_fused_equals_unpack(emulated, activation):
             np.testing.assert_allclose(fused, unpacked, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_picks_fused_only_with_a_gpu(monkeypatch):
+def test_auto_picks_fused_only_with_a_kernel_path(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)  # as without the native extension
     calls = []
     real = ternary_layer.ternary_matmul
     monkeypatch.setattr(ternary_layer, "ternary_matmul", lambda *a, **k: calls.append(k) or real(*a, **k))  # a spy
     layer = ternary_layer.TernaryLinear.from_packed(pack_2bit(np.eye(8, 16, dtype=np.int8)), 1.0, kernel="auto")
     x = mx.ones((2, 16))
     cpu = np.array(layer(x))
-    assert calls == []  # CPU only: today's affine/unpack choice
+    assert calls == []  # CPU without native kernels: the affine/unpack choice
     with use_kernels("emulate"):  # a kernel path live, as on a GPU
         assert np.array_equal(np.array(layer(x)), cpu) and calls == [{}]
         base3 = ternary_layer.TernaryLinear(16, 8, packing="base3", kernel="auto")
@@ -234,6 +236,10 @@ def test_auto_picks_fused_only_with_a_gpu(monkeypatch):
     with use_kernels("off"):
         mx.eval(layer(x))
     assert len(calls) == 1
+    monkeypatch.undo()
+    if cpu_kernels.available():  # the native CPU kernel is a kernel path too
+        monkeypatch.setattr(ternary_layer, "ternary_matmul", lambda *a, **k: calls.append(k) or real(*a, **k))
+        assert np.array_equal(np.array(layer(x)), cpu) and len(calls) == 2
 
 
 def test_errors():

@@ -41,8 +41,8 @@ def test_swap_keeps_parameters_names_and_freezing():
     nn.quantize(model, group_size=32, bits=4)
     weight = model.layers[0].weight
     names = sorted(k for k, _ in tree_flatten(model.parameters()))
-    assert use_affine_linear(model) == 2
-    assert [type(m).__name__ for m in model.layers] == ["AffineLinear", "ReLU", "AffineLinear", "QuantizedEmbedding"]
+    assert use_affine_linear(model) == 3
+    assert [type(m).__name__ for m in model.layers] == ["AffineLinear", "ReLU", "AffineLinear", "AffineEmbedding"]
     assert sorted(k for k, _ in tree_flatten(model.parameters())) == names
     assert not tree_flatten(model.trainable_parameters())  # frozen, as MLX's quantized layers
     assert model.layers[0].weight is weight  # shared, not copied

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_zeta.quant import AffineLinear, BitLinear, freeze_model, quantize_model
+from mlx_zeta.quant import AffineEmbedding, AffineLinear, BitLinear, freeze_model, quantize_model
 from mlx_zeta.structs import Decoder, Transformer
 
 DIM, DEPTH, TOKENS, SEQ = 64, 2, 32, 16
@@ -205,7 +205,7 @@ def test_freeze_model_head_bits(tied):
     freeze_model(twin)  # float head
     freeze_model(model, head_bits=4)
     head = model.token_emb if tied else model.to_logits
-    assert type(head) is (nn.QuantizedEmbedding if tied else AffineLinear)  # AffineLinear: MLX's QuantizedLinear + CPU path
+    assert type(head) is (AffineEmbedding if tied else AffineLinear)  # MLX's quantized layers + CPU paths
     assert head.bits == 4 and head.group_size == 64
     # the 32 x 64 float32 head (8192 bytes) becomes 4-bit codes (1024 bytes) + a float32 scale and
     # bias per group of 64 (256 bytes); nothing else changes

@@ -18,8 +18,12 @@ mode; ``False`` is the reference; ``True`` requires a kernel (the device's, or t
 under an ``emulate*`` mode) and raises where there is none; a mode string (``"emulate"``, ...)
 overrides the mode for that call.
 
-:func:`resolve` turns the two into a **path**: ``"metal" | "cuda" | "emulate" |
-"emulate-cuda" | "reference"``. :func:`kernels_active` tells blocks whether a kernel path is
+:func:`resolve` turns the two into a **path**: ``"metal" | "cuda" | "cpu" | "emulate" |
+"emulate-cuda" | "reference"``. ``"cpu"`` is the native CPU kernel of the extension built from
+``csrc/`` (:mod:`mlx_zeta.kernels.cpu`): in mode ``"auto"``, on a machine without Metal or CUDA
+and with MLX's default device the CPU, the kernels named in :data:`CPU_KERNELS` take it when the
+extension is built (``resolve(kernel=...)`` asks per kernel; others keep the reference). :func:`info`
+says which path each kernel takes here. :func:`kernels_active` tells blocks whether a kernel path is
 live (they route work to the fused kernels only then). :func:`with_reference_vjp` builds the
 custom function every kernel is: its forward on the chosen path, its gradient through the
 reference.
@@ -54,14 +58,17 @@ from typing import Callable, Iterator, NoReturn, Optional, Sequence, Set, Tuple,
 
 import mlx.core as mx
 
-__all__ = ["MODES", "ENV_VAR", "STRICT_ENV_VAR", "gpu_backend", "kernel_mode", "kernel_strict", "use_kernels",
+from mlx_zeta.kernels import cpu
+
+__all__ = ["MODES", "ENV_VAR", "CPU_KERNELS", "info", "STRICT_ENV_VAR", "gpu_backend", "kernel_mode", "kernel_strict", "use_kernels",
            "resolve", "kernels_active", "with_reference_vjp", "kernel_failed", "kernel_usable",
            "reset_kernel_failures", "KernelError", "KernelUnavailable", "KernelFallbackWarning"]
 
 MODES = ("auto", "off", "emulate", "emulate-cuda")
 ENV_VAR = "MLX_ZETA_KERNELS"
 STRICT_ENV_VAR = "MLX_ZETA_KERNELS_STRICT"
-PATHS = ("metal", "cuda", "emulate", "emulate-cuda", "reference")
+PATHS = ("metal", "cuda", "cpu", "emulate", "emulate-cuda", "reference")
+CPU_KERNELS = ("ternary_matmul", "affine_matmul")  # the kernels with a native CPU path (mlx_zeta.kernels.cpu)
 UseKernel = Union[None, bool, str]
 
 _MODE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mlx_zeta_kernel_mode", default=None)
@@ -123,8 +130,18 @@ def use_kernels(mode: Optional[str] = None, *, strict: Optional[bool] = None) ->
             var.reset(token)
 
 
-def resolve(use_kernel: UseKernel = None) -> str:
-    """The path of one call (module docstring): ``"metal" | "cuda" | "emulate" | "emulate-cuda" | "reference"``."""
+def _native_cpu(mode: str, kernel: Optional[str]) -> bool:
+    """The native CPU kernel serves ``kernel`` here: mode auto, no GPU, MLX on the CPU, extension built."""
+    if kernel is not None and kernel not in CPU_KERNELS:
+        raise ValueError(f"[mlx_zeta.kernels] kernel must be None or one of {CPU_KERNELS}, got {kernel!r}")
+    return (kernel is not None and mode == "auto" and gpu_backend() is None
+            and mx.default_device() == mx.cpu and cpu.available())
+
+
+def resolve(use_kernel: UseKernel = None, kernel: Optional[str] = None) -> str:
+    """The path of one call (module docstring): ``"metal" | "cuda" | "cpu" | "emulate" |
+    "emulate-cuda" | "reference"``; ``kernel`` names a kernel of :data:`CPU_KERNELS` whose native
+    CPU path may serve the call."""
     if use_kernel is False:
         return "reference"
     if use_kernel is None or use_kernel is True:
@@ -137,18 +154,38 @@ def resolve(use_kernel: UseKernel = None) -> str:
     if mode.startswith("emulate"):
         return mode
     gpu = gpu_backend() if mode == "auto" else None
-    if use_kernel is True and gpu is None:
-        raise ValueError(f"[mlx_zeta.kernels] use_kernel=True needs Metal or CUDA (mode {mode!r}; this MLX "
-                         f"{'runs on the CPU' if mode == 'auto' else 'has kernels off'}); use_kernel=None picks the "
-                         "reference here, 'emulate' runs the Metal text on the CPU")
+    native = _native_cpu(mode, kernel)
+    if use_kernel is True and gpu is None and not native:
+        raise ValueError(f"[mlx_zeta.kernels] use_kernel=True needs Metal, CUDA or a native CPU kernel (mode {mode!r}; "
+                         f"this MLX {'runs on the CPU' if mode == 'auto' else 'has kernels off'}"
+                         f"{'' if kernel is None else '; native CPU kernels: ' + cpu.reason()}); use_kernel=None "
+                         "picks the reference here, 'emulate' runs the Metal text on the CPU")
     if gpu is not None:
         kernel_strict()  # a malformed $MLX_ZETA_KERNELS_STRICT fails at the first device call, not at a failure
-    return gpu or "reference"
+        return gpu
+    return "cpu" if native else "reference"
 
 
-def kernels_active(use_kernel: UseKernel = None) -> bool:
-    """True when :func:`resolve` picks a kernel (device or emulated) rather than the reference."""
-    return resolve(use_kernel) != "reference"
+def kernels_active(use_kernel: UseKernel = None, kernel: Optional[str] = None) -> bool:
+    """True when :func:`resolve` picks a kernel (device, native CPU or emulated) rather than the reference."""
+    return resolve(use_kernel, kernel) != "reference"
+
+
+def info() -> dict:
+    """What runs here: the mode, the GPU backend, the native CPU kernels (built or why not, the
+    instruction set and threads) and, per kernel, the path a call with ``use_kernel=None`` takes.
+
+    Example (a Linux box with the extension built)::
+
+        {'mode': 'auto', 'gpu': None, 'native_cpu': True, 'native_cpu_reason': 'built',
+         'cpu_isa': 'avx2', 'cpu_isas': ['avx2', 'scalar'], 'cpu_threads': 2,
+         'kernels': {'fused_attention': 'reference', 'ternary_matmul': 'cpu', 'affine_matmul': 'cpu'}}
+    """
+    paths = {"fused_attention": resolve()}
+    paths.update({name: resolve(None, name) for name in CPU_KERNELS})
+    return {"mode": kernel_mode(), "gpu": gpu_backend(), "native_cpu": cpu.available(),
+            "native_cpu_reason": cpu.reason(), "cpu_isa": cpu.isa(), "cpu_isas": cpu.supported_isas(),
+            "cpu_threads": cpu.num_threads(), "kernels": paths}
 
 
 def with_reference_vjp(forward: Callable[..., mx.array], reference: Callable[..., mx.array],

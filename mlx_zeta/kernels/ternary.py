@@ -17,7 +17,9 @@ multiplies ``A`` by its activation and weight scales in MLX, one elementwise pas
 ``(M, N)``, which keeps the kernels independent of the scale convention and lets the int8
 result be compared bit for bit.
 
-Paths (``use_kernel``, resolved by :func:`mlx_zeta.kernels.dispatch.resolve`): the Metal or CUDA
+Paths (``use_kernel``, resolved by :func:`mlx_zeta.kernels.dispatch.resolve`): on the CPU, the
+native kernel of :mod:`mlx_zeta.kernels.cpu` where it is built (int8 ``x`` at every M; float ``x``
+up to ``GEMV_MAX_ROWS`` rows, above which the reference's BLAS matmul is faster); the Metal or CUDA
 kernels of ``metal/ternary.metal`` / ``metal/ternary.cu`` — ``ternary_gemv`` for
 :math:`M \le 8` (decode: a SIMD group per packed row, lanes over K) and ``ternary_gemm``
 otherwise (prefill: 32 x 64 output tiles staged through threadgroup memory) — the CPU
@@ -38,6 +40,7 @@ from typing import Dict, Tuple
 import mlx.core as mx
 
 from mlx_zeta.common import check_int
+from mlx_zeta.kernels import cpu
 from mlx_zeta.kernels.dispatch import resolve, with_reference_vjp
 from mlx_zeta.kernels.packing import unpack_2bit
 from mlx_zeta.kernels.launch import Kernel
@@ -134,6 +137,19 @@ def _kernel_forward(x: mx.array, packed: mx.array, n_out: int, mode: str) -> mx.
     return kernel(inputs, mode=mode, **launch)[0].reshape(*lead, n_out)
 
 
+def _native_forward(x: mx.array, packed: mx.array, n_out: int) -> mx.array:
+    """The native CPU kernel (int8 x at any M, float x up to GEMV_MAX_ROWS rows), else the reference."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return mx.zeros((*lead, n_out), dtype=_out_dtype(x))
+    if x.dtype != mx.int8:
+        if x2.shape[0] > GEMV_MAX_ROWS:
+            return ternary_matmul_reference(x, packed, n_out)
+        x2 = x2.astype(mx.float32)
+    return cpu.ternary_matmul(x2, packed, n_out).reshape(*lead, n_out)
+
+
 @functools.lru_cache(maxsize=None)
 def _differentiable(n_out: int, mode: str):
     """``f(x, packed) -> A`` on ``mode``, with the reference's VJP in x (one per n_out and mode);
@@ -143,6 +159,8 @@ def _differentiable(n_out: int, mode: str):
         return ternary_matmul_reference(x, packed, n_out)
 
     def forward(x, packed):
+        if mode == "cpu":
+            return _native_forward(x, packed, n_out)
         return reference(x, packed) if mode == "reference" else _kernel_forward(x, packed, n_out, mode)
 
     return with_reference_vjp(forward, reference, frozen=(1,))
@@ -155,8 +173,8 @@ def ternary_matmul(x: mx.array, packed: mx.array, n_out: int, *, use_kernel=None
         x (array): ``(..., K)`` activations, int8 (W1.58A8) or float32/float16/bfloat16 (W1.58A16).
         packed (array): uint8 ``(ceil(n_out / 4), K)``, :func:`~mlx_zeta.kernels.packing.pack_2bit` layout.
         n_out (int): output features N (the padding slots of a ragged last packed row are dropped).
-        use_kernel: ``None`` (follow the process-wide mode: the Metal/CUDA kernel where present, else
-            the reference), ``True`` (a kernel, or ``ValueError``), ``False`` (reference), or a mode
+        use_kernel: ``None`` (follow the process-wide mode: the Metal/CUDA kernel where present, the
+            native CPU kernel where built, else the reference), ``True`` (a kernel, or ``ValueError``), ``False`` (reference), or a mode
             such as ``"emulate"`` (the shipped Metal text on the CPU); see
             :mod:`mlx_zeta.kernels.dispatch`. GEMV for at most ``GEMV_MAX_ROWS`` rows of ``x``, else GEMM.
 
@@ -168,4 +186,4 @@ def ternary_matmul(x: mx.array, packed: mx.array, n_out: int, *, use_kernel=None
         ``packed``, ``n_out`` not matching ``packed``'s rows, or an unknown ``use_kernel``.
     """
     _check(x, packed, n_out)
-    return _differentiable(n_out, resolve(use_kernel))(x, packed)
+    return _differentiable(n_out, resolve(use_kernel, "ternary_matmul"))(x, packed)

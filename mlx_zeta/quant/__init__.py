@@ -12,7 +12,7 @@ from mlx_zeta.quant.mmless import (GLU, AFTBlock, BilinearGLU, BitGRU, BitLRU, G
 from mlx_zeta.quant.model import freeze_model, quantize_model
 from mlx_zeta.kernels.packing import bytes_per_weight, pack_2bit, pack_base3, unpack_2bit, unpack_base3
 from mlx_zeta.quant.ternary import TernaryLinear
-from mlx_zeta.quant.affine import AffineLinear, affine_quantize, use_affine_linear
+from mlx_zeta.quant.affine import AffineEmbedding, AffineLinear, affine_quantize, use_affine_linear
 from mlx_zeta.quant.bitnet import StackedProjection, SubNormTernaryLinear
 
 __all__ = [
@@ -24,7 +24,7 @@ __all__ = [
     "TokenEmbedding",
     "freeze_model", "quantize_model",
     "bytes_per_weight", "pack_2bit", "pack_base3", "unpack_2bit", "unpack_base3", "TernaryLinear",
-    "StackedProjection", "SubNormTernaryLinear", "AffineLinear", "affine_quantize", "use_affine_linear",
+    "StackedProjection", "SubNormTernaryLinear", "AffineLinear", "AffineEmbedding", "affine_quantize", "use_affine_linear",
 ]
 
 

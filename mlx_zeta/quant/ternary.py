@@ -19,10 +19,11 @@ Compute paths (``kernel=``); whether a device kernel is live is asked of
   for one row (18.6 vs 18.7 ms) and loses from two rows on (36 vs 24 ms; 50-100x at 256).
 * ``"fused"``: :func:`mlx_zeta.kernels.ternary_matmul` on the 2-bit packed bytes as they are
   (no decoded copy), on the path the dispatcher resolves: the Metal/CUDA kernels where a GPU
-  backend is present, the CPU emulation of their text under ``use_kernels("emulate")`` /
+  backend is present, the native CPU kernels (:mod:`mlx_zeta.kernels.cpu`) where they are built,
+  the CPU emulation of the Metal text under ``use_kernels("emulate")`` /
   ``MLX_ZETA_KERNELS=emulate``, else its reference (unpack + matmul); exact int32
   accumulation for int8 activations. 2-bit only.
-* ``"auto"``: ``"fused"`` when the dispatcher has a kernel path live
+* ``"auto"``: ``"fused"`` when the dispatcher has a kernel path live for ``ternary_matmul``
   (:func:`~mlx_zeta.kernels.kernels_active`) and the packing is 2-bit; otherwise ``"affine"``
   for at most ``AFFINE_MAX_ROWS`` rows, else ``"unpack"``.
 
@@ -294,7 +295,7 @@ class TernaryLinear(nn.Module):
     def _matmul(self, x: mx.array, exact: bool) -> mx.array:
         """x (M, in) float32 -> x @ T^T (M, out) float32 on the chosen path."""
         kernel = check_choice("TernaryLinear", "kernel", self.kernel, _KERNELS)
-        if kernel == "auto" and self.packing == "2bit" and kernels_active():
+        if kernel == "auto" and self.packing == "2bit" and kernels_active(kernel="ternary_matmul"):
             kernel = "fused"
         elif kernel == "auto":
             kernel = "affine" if x.shape[0] <= AFFINE_MAX_ROWS else "unpack"
