@@ -87,6 +87,18 @@ def fine_tune(ns: dict) -> None:
     assert re.fullmatch(r"\d plus \d is \d+\.", answer.strip()), answer
 
 
+def native_kernels(ns: dict) -> None:
+    """The native-kernels block: every kernel's path, and "cpu" exactly where the extension is built."""
+    from mlx_zeta.kernels import cpu
+
+    want = "cpu" if cpu.available() else "reference"
+    assert ns["paths"]["ternary_matmul"] == ns["paths"]["affine_matmul"] == want
+    assert ns["isa"] == (cpu.supported_isas()[0] if cpu.available() else None)
+    assert cpu.num_threads() in (0, 2)
+    if cpu.available():
+        cpu.set_num_threads(0)
+
+
 def make_qwen3_tiny() -> None:
     """The folder blocks 5 and 6 load, made in the test's working directory (random weights, a real tokenizer)."""
     from lm_tiny import make_qwen3
@@ -106,6 +118,7 @@ EXPECTATIONS = {  # a string only that block's code holds -> what the block must
     'use_kernels("emulate")': emulated_kernel,
     'mlx_zeta.load("qwen3-tiny")': run_models,
     "train(model, tokenizer": fine_tune,
+    "kernels.info()[\"kernels\"]": native_kernels,
 }
 
 
