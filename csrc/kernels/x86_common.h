@@ -5,7 +5,10 @@
 
 #include <cstdint>
 
+#include "kernels.h"
+
 namespace zeta {
+namespace {  // internal linkage: each ISA file keeps its own copy, compiled with its own flags
 
 // A 32-element unit of a 4-bit row is 16 bytes; byte i holds q[2i] (low nibble) and q[2i+1]
 // (high nibble). x86_decode4 yields q[0,2..14], q[16,18..30], q[1,3..15], q[17,19..31] as int32
@@ -40,4 +43,12 @@ inline void x86_permute_x(const float* x, int64_t count, int bits, float* out) {
   }
 }
 
+// scales or biases [i0, i0 + count) as float32 (once per output row, not once per group).
+inline const float* x86_row_scales(const void* p, ScaleType t, int64_t i0, int64_t count, float* buf) {
+  if (t == ScaleType::f32) return static_cast<const float*>(p) + i0;
+  for (int64_t i = 0; i < count; ++i) buf[i] = scale_at(p, t, i0 + i);
+  return buf;
+}
+
+}  // namespace
 }  // namespace zeta
