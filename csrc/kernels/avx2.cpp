@@ -121,10 +121,13 @@ void ternary_f32(const TernaryProblem& t, int64_t p0, int64_t p1) {
 
 // Affine row n against MB rows of the permuted x: per group g, dot_g = q_g . x_g accumulates in
 // 4 vectors (one per decoded quarter of a unit), then y += scale_g * dot_g + bias_g * sum(x_g).
-template <int BITS, int MB>
-void affine_row(const AffineProblem& a, const float* xp, const float* xsum, int64_t m0, int64_t n) {
-  constexpr int kWordsPerUnit = BITS;  // 32 elements of BITS bits = BITS uint32 words
-  const int64_t groups = a.K / a.group, units = a.group / 32;
+// The group size is a template argument so the unit loop unrolls and the accumulators stay in
+// registers; sc / bi are the row's scales and biases as float32.
+template <int BITS, int G, int MB>
+void affine_row(const AffineProblem& a, const float* xp, const float* xsum, const float* sc, const float* bi,
+                int64_t m0, int64_t n) {
+  constexpr int kUnits = G / 32, kWordsPerUnit = BITS;  // 32 elements of BITS bits = BITS words
+  const int64_t groups = a.K / G;
   const uint32_t* w = a.w + n * (a.K * BITS / 32);
   __m256 acc[MB];
   float bias_acc[MB] = {};
@@ -133,44 +136,64 @@ void affine_row(const AffineProblem& a, const float* xp, const float* xsum, int6
     __m256 dot[MB][4];
     for (auto& row : dot)
       for (auto& v : row) v = _mm256_setzero_ps();
-    for (int64_t u = 0; u < units; ++u, w += kWordsPerUnit) {
-      __m256i q[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < kUnits; ++u, w += kWordsPerUnit) {
+      __m256 q[4];
       if constexpr (BITS == 4) x86_decode4(w, q); else x86_decode8(w, q);
-      const float* xu = xp + (g * units + u) * 32;
-      for (int i = 0; i < 4; ++i) {
-        const __m256 qf = _mm256_cvtepi32_ps(q[i]);
-        for (int r = 0; r < MB; ++r) dot[r][i] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xu + r * a.K + 8 * i), dot[r][i]);
-      }
+      const float* xu = xp + (g * kUnits + u) * 32;
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i)
+        for (int r = 0; r < MB; ++r) dot[r][i] = _mm256_fmadd_ps(q[i], _mm256_loadu_ps(xu + r * a.K + 8 * i), dot[r][i]);
     }
-    const float scale = scale_at(a.scales, a.scale_type, n * groups + g);
-    const float bias = scale_at(a.biases, a.scale_type, n * groups + g);
+    const __m256 scale = _mm256_set1_ps(sc[g]);
     for (int r = 0; r < MB; ++r) {
       const __m256 d = _mm256_add_ps(_mm256_add_ps(dot[r][0], dot[r][1]), _mm256_add_ps(dot[r][2], dot[r][3]));
-      acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(scale), acc[r]);
-      bias_acc[r] += bias * xsum[(m0 + r) * groups + g];
+      acc[r] = _mm256_fmadd_ps(d, scale, acc[r]);
+      bias_acc[r] += bi[g] * xsum[(m0 + r) * groups + g];
     }
   }
   for (int r = 0; r < MB; ++r) a.y[(m0 + r) * a.N + n] = hsum_ps(acc[r]) + bias_acc[r];
 }
 
-template <int BITS>
+// Output rows [n0, n1) in blocks of kRowBlock rows (their weights stay in L1/L2 while the rows of
+// x stream past, 2 at a time); the block's scales and biases are converted to float32 once.
+template <int BITS, int G>
 void affine_rows(const AffineProblem& a, int64_t n0, int64_t n1) {
-  std::vector<float> xp(a.M * a.K), xsum(a.M * (a.K / a.group));
+  constexpr int64_t kRowBlock = 8;
+  const int64_t groups = a.K / G;
+  std::vector<float> xp(a.M * a.K), xsum(a.M * groups), sbuf(kRowBlock * groups), bbuf(kRowBlock * groups);
   x86_permute_x(a.x, a.M * a.K, BITS, xp.data());
   for (size_t i = 0; i < xsum.size(); ++i) {
     float s = 0.0f;
-    for (int k = 0; k < a.group; ++k) s += a.x[i * a.group + k];
+    for (int k = 0; k < G; ++k) s += a.x[i * G + k];
     xsum[i] = s;
   }
-  int64_t m = 0;
-  for (; m + 2 <= a.M; m += 2)
-    for (int64_t n = n0; n < n1; ++n) affine_row<BITS, 2>(a, xp.data() + m * a.K, xsum.data(), m, n);
-  for (; m < a.M; ++m)
-    for (int64_t n = n0; n < n1; ++n) affine_row<BITS, 1>(a, xp.data() + m * a.K, xsum.data(), m, n);
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, n1 - nb);
+    const float *sc[kRowBlock], *bi[kRowBlock];
+    for (int64_t i = 0; i < rows; ++i) {
+      sc[i] = x86_row_scales(a.scales, a.scale_type, (nb + i) * groups, groups, sbuf.data() + i * groups);
+      bi[i] = x86_row_scales(a.biases, a.scale_type, (nb + i) * groups, groups, bbuf.data() + i * groups);
+    }
+    int64_t m = 0;
+    for (; m + 2 <= a.M; m += 2)
+      for (int64_t i = 0; i < rows; ++i) affine_row<BITS, G, 2>(a, xp.data() + m * a.K, xsum.data(), sc[i], bi[i], m, nb + i);
+    for (; m < a.M; ++m)
+      for (int64_t i = 0; i < rows; ++i) affine_row<BITS, G, 1>(a, xp.data() + m * a.K, xsum.data(), sc[i], bi[i], m, nb + i);
+  }
+}
+
+template <int BITS>
+void affine_bits(const AffineProblem& a, int64_t n0, int64_t n1) {
+  switch (a.group) {
+    case 32: return affine_rows<BITS, 32>(a, n0, n1);
+    case 64: return affine_rows<BITS, 64>(a, n0, n1);
+    default: return affine_rows<BITS, 128>(a, n0, n1);
+  }
 }
 
 void affine_f32(const AffineProblem& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4) affine_rows<4>(a, n0, n1); else affine_rows<8>(a, n0, n1);
+  if (a.bits == 4) affine_bits<4>(a, n0, n1); else affine_bits<8>(a, n0, n1);
 }
 
 const IsaKernels kAvx2 = {"avx2", ternary_i8, ternary_f32, affine_f32};

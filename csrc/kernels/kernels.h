@@ -61,6 +61,12 @@ const IsaKernels* avx512vnni_kernels();
 const IsaKernels* neon_kernels();
 const IsaKernels* neon_dotprod_kernels();
 
+// The inline helpers below get internal linkage (unnamed namespace): every ISA file is compiled with
+// its own -m flags, and an out-of-line copy of an external inline function from, say, the AVX-512
+// file could otherwise be the one the linker keeps for the scalar callers too (an illegal
+// instruction on a CPU without AVX-512).
+namespace {
+
 inline float half_to_float(uint16_t h) {
   uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
   if (exp == 0x1f) {
@@ -104,4 +110,5 @@ inline void int8_row_sums(const int8_t* x, int64_t M, int64_t K, int32_t* out) {
   }
 }
 
+}  // namespace
 }  // namespace zeta

@@ -5,29 +5,42 @@
 
 #include <cstdint>
 
-namespace zeta {
+#include "kernels.h"
 
-// A 32-element unit of a 4-bit row is 16 bytes; byte i holds q[2i] (low nibble) and q[2i+1]
-// (high nibble). x86_decode4 yields q[0,2..14], q[16,18..30], q[1,3..15], q[17,19..31] as int32
-// lanes, so x is laid out in the same order once per call (x86_permute_x); 8-bit units need no
-// permutation.
-inline void x86_decode4(const uint32_t* words, __m256i q[4]) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(words));
-  const __m128i low4 = _mm_set1_epi8(0x0f);
-  const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
-  q[0] = _mm256_cvtepu8_epi32(lo);
-  q[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
-  q[2] = _mm256_cvtepu8_epi32(hi);
-  q[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+namespace zeta {
+namespace {  // internal linkage: each ISA file keeps its own copy, compiled with its own flags
+
+// 16 bytes at p zero-extended into two vectors of int32 lanes: b0 = bytes 0..7, b1 = bytes 8..15.
+// The bytes are broadcast to both 128-bit lanes (a plain load on current cores) and shuffle_epi8
+// picks byte i of lane L into dword i (0x80 bytes of the control give zeros): 2 shuffles for 16
+// bytes where zero-extending moves (vpmovzxbd) need 4 plus 2 byte shifts.
+inline void x86_bytes16_to_epi32(const void* p, __m256i& b0, __m256i& b1) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  const __m256i c0 = _mm256_setr_epi32(int(0x80808000), int(0x80808001), int(0x80808002), int(0x80808003),
+                                       int(0x80808004), int(0x80808005), int(0x80808006), int(0x80808007));
+  b0 = _mm256_shuffle_epi8(v, c0);
+  b1 = _mm256_shuffle_epi8(v, _mm256_add_epi32(c0, _mm256_set1_epi32(8)));
 }
 
-inline void x86_decode8(const uint32_t* words, __m256i q[4]) {
-  const auto* bytes = reinterpret_cast<const __m128i*>(words);
-  const __m128i v0 = _mm_loadu_si128(bytes), v1 = _mm_loadu_si128(bytes + 1);
-  q[0] = _mm256_cvtepu8_epi32(v0);
-  q[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(v0, 8));
-  q[2] = _mm256_cvtepu8_epi32(v1);
-  q[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(v1, 8));
+// A 32-element unit of a 4-bit row is 16 bytes; byte i holds q[2i] (low nibble) and q[2i+1]
+// (high nibble). x86_decode4 yields q[0,2..14], q[16,18..30], q[1,3..15], q[17,19..31] as floats,
+// so x is laid out in the same order once per call (x86_permute_x); 8-bit units (32 bytes) need no
+// permutation.
+inline void x86_decode4(const uint32_t* words, __m256 q[4]) {
+  __m256i b0, b1;
+  x86_bytes16_to_epi32(words, b0, b1);
+  const __m256i low4 = _mm256_set1_epi32(0x0f);
+  q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low4));
+  q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low4));
+  q[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
+  q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+}
+
+inline void x86_decode8(const uint32_t* words, __m256 q[4]) {
+  __m256i b[4];
+  x86_bytes16_to_epi32(words, b[0], b[1]);
+  x86_bytes16_to_epi32(words + 4, b[2], b[3]);
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtepi32_ps(b[i]);
 }
 
 // x (count floats, count a multiple of 32) in the element order of x86_decode4 / x86_decode8.
@@ -40,4 +53,12 @@ inline void x86_permute_x(const float* x, int64_t count, int bits, float* out) {
   }
 }
 
+// scales or biases [i0, i0 + count) as float32 (once per output row, not once per group).
+inline const float* x86_row_scales(const void* p, ScaleType t, int64_t i0, int64_t count, float* buf) {
+  if (t == ScaleType::f32) return static_cast<const float*>(p) + i0;
+  for (int64_t i = 0; i < count; ++i) buf[i] = scale_at(p, t, i0 + i);
+  return buf;
+}
+
+}  // namespace
 }  // namespace zeta
