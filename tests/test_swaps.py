@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_zeta.converters import llama
-from mlx_zeta.quant import BitLinear, TernaryLinear, freeze_model, quantize_model
+from mlx_zeta.quant import AffineEmbedding, BitLinear, TernaryLinear, freeze_model, quantize_model
 from badinput import api_error
 
 CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -83,7 +83,7 @@ def test_frozen_with_an_affine_head_loads_back_exactly(tied, tmp_path):
     again, config = round_trip(model, tmp_path / "out", tie_word_embeddings=tied)
     head = "token_emb" if tied else "to_logits"
     assert config["mlx_zeta_quantization"] == {"bits": 4, "group_size": 32, "layers": [head]}
-    assert type(again.token_emb) is (nn.QuantizedEmbedding if tied else nn.Embedding)
+    assert type(again.token_emb) is (AffineEmbedding if tied else nn.Embedding)
 
 
 def test_mixed_ternary_options_get_one_entry_each(tmp_path):

@@ -15,7 +15,7 @@ from mlx_zeta.quant import BitLinear, quantize_activations, ternarize
 from mlx_zeta.kernels.packing import pack_2bit, pack_base3
 from mlx_zeta.quant.ternary import TernaryLinear
 
-ROWS = [1, 3, 8, 33]  # kernel="auto": 1 row takes the affine path, more rows the unpack path
+ROWS = [1, 3, 8, 33]  # kernel="auto": the native kernel where built (GEMV up to 8 rows), else unpack
 SHAPES = [(64, 32), (70, 33), (5, 1), (1, 7), (129, 66)]  # (in, out): non-multiples of 4, 5, 64
 PATHS = [(k, p) for k in ("unpack", "affine") for p in ("2bit", "base3")]
 

@@ -4,7 +4,7 @@ and W1.58A16 (float activations), in Hugging Face's two scale conventions.
 Compute paths (``kernel=``); whether a device kernel is live is asked of
 :mod:`mlx_zeta.kernels.dispatch`, the one place that decides it:
 
-* ``"unpack"`` (default): decode the packed codes to float32 in slabs of ``SLAB_ELEMENTS``
+* ``"unpack"``: decode the packed codes to float32 in slabs of ``SLAB_ELEMENTS``
   weights and multiply each slab with BLAS (``x @ slab.T``), each slab chained behind the
   previous product with ``mx.depends`` so only a slab or two is alive at once. Nothing is
   cached. Small slabs matter: float32 buffers of 32 MiB and more are not reused by the
@@ -23,9 +23,10 @@ Compute paths (``kernel=``); whether a device kernel is live is asked of
   the CPU emulation of the Metal text under ``use_kernels("emulate")`` /
   ``MLX_ZETA_KERNELS=emulate``, else its reference (unpack + matmul); exact int32
   accumulation for int8 activations. 2-bit only.
-* ``"auto"``: ``"fused"`` when the dispatcher has a kernel path live for ``ternary_matmul``
-  (:func:`~mlx_zeta.kernels.kernels_active`) and the packing is 2-bit; otherwise ``"affine"``
-  for at most ``AFFINE_MAX_ROWS`` rows, else ``"unpack"``.
+* ``"auto"`` (default): ``"fused"`` when the dispatcher has a kernel path live for
+  ``ternary_matmul`` (:func:`~mlx_zeta.kernels.kernels_active`: the native CPU kernels where
+  built, Metal, CUDA) and the packing is 2-bit; otherwise ``"unpack"`` (``"affine"`` only ties
+  with it for one row, and caches a second copy of the weights).
 
 See BENCHMARKS.md ("Packed ternary layers") for the measurements behind these choices.
 """
@@ -46,7 +47,6 @@ from mlx_zeta.quant.quantizers import quantize_activations, ternarize
 __all__ = ["TernaryLinear"]
 
 SLAB_ELEMENTS = 1 << 19  # weights decoded at once by the "unpack" path (2 MiB of float32)
-AFFINE_MAX_ROWS = 1  # "auto" uses the affine path up to this many rows of x
 # float32 holds every integer up to 2^24, so a sum of int8 x ternary products is exact while
 # 128 * in_features <= 2^24 (|q_x| <= 128, |w| <= 1); the affine path multiplies codes
 # c = w + 1 <= 2 and subtracts sum(q_x), so it stays exact up to half of that.
@@ -114,7 +114,7 @@ class TernaryLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, norm: bool = False,
                  norm_eps: float = 1e-6, activation: str = "int8", scale_convention: str = "divide",
-                 packing: str = "2bit", kernel: str = "unpack", quant_eps: float = 1e-5):
+                 packing: str = "2bit", kernel: str = "auto", quant_eps: float = 1e-5):
         super().__init__()
         for what, value in (("in_features", in_features), ("out_features", out_features)):
             check_int("TernaryLinear", what, value, 1)
@@ -298,7 +298,7 @@ class TernaryLinear(nn.Module):
         if kernel == "auto" and self.packing == "2bit" and kernels_active(kernel="ternary_matmul"):
             kernel = "fused"
         elif kernel == "auto":
-            kernel = "affine" if x.shape[0] <= AFFINE_MAX_ROWS else "unpack"
+            kernel = "unpack"
         if kernel == "fused":
             return self._fused_matmul(x, exact)
         if kernel == "affine" and not (exact and self.in_features > EXACT_IN_FEATURES_AFFINE):
