@@ -119,40 +119,60 @@ void ternary_f32(const TernaryProblem& t, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) ternary_f32_tile<1>(t, m, p);
 }
 
-// Affine row n against MB rows of the permuted x: per group g, dot_g = q_g . x_g accumulates in
-// 4 vectors (one per decoded quarter of a unit), then y += scale_g * dot_g + bias_g * sum(x_g).
-// The group size is a template argument so the unit loop unrolls and the accumulators stay in
-// registers; sc / bi are the row's scales and biases as float32.
-template <int BITS, int G, int MB>
-void affine_row(const AffineProblem& a, const float* xp, const float* xsum, const float* sc, const float* bi,
-                int64_t m0, int64_t n) {
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// NR output rows n0.. against MB rows of the permuted x (x rows m0..): per group g,
+// dot_g = q_g . x_g accumulates in 2 vectors per (x row, output row), then acc += scale_g * dot_g;
+// the bias terms sum_g bias_g * sum(x_g) are one dot product per output at the end. The group
+// size is a template argument so the unit loop unrolls and the accumulators stay in registers;
+// NR = 2 at M = 1 gives the core two independent rows to interleave. sc / bi: the rows' scales and
+// biases as float32.
+template <int BITS, int G, int MB, int NR>
+void affine_tile(const AffineProblem& a, const float* xp, const float* xsum, const float* const* sc,
+                 const float* const* bi, int64_t m0, int64_t n0) {
   constexpr int kUnits = G / 32, kWordsPerUnit = BITS;  // 32 elements of BITS bits = BITS words
-  const int64_t groups = a.K / G;
-  const uint32_t* w = a.w + n * (a.K * BITS / 32);
-  __m256 acc[MB];
-  float bias_acc[MB] = {};
-  for (auto& v : acc) v = _mm256_setzero_ps();
+  constexpr int kPrefetchBytes = 4096;
+  const int64_t groups = a.K / G, row_words = a.K * BITS / 32;
+  const uint32_t* w[NR];
+  for (int j = 0; j < NR; ++j) w[j] = a.w + (n0 + j) * row_words;
+  __m256 acc[MB][NR];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 dot[MB][4];
+    __m256 dot[MB][NR][2];
     for (auto& row : dot)
-      for (auto& v : row) v = _mm256_setzero_ps();
+      for (auto& col : row) col[0] = col[1] = _mm256_setzero_ps();
+    for (int j = 0; j < NR; ++j)  // the weights are read once: fetch ahead of the hardware prefetcher
+      _mm_prefetch(reinterpret_cast<const char*>(w[j] + g * kUnits * kWordsPerUnit) + kPrefetchBytes, _MM_HINT_T0);
 #pragma GCC unroll 4
-    for (int u = 0; u < kUnits; ++u, w += kWordsPerUnit) {
-      __m256 q[4];
-      if constexpr (BITS == 4) x86_decode4(w, q); else x86_decode8(w, q);
+    for (int u = 0; u < kUnits; ++u) {
       const float* xu = xp + (g * kUnits + u) * 32;
+#pragma GCC unroll 2
+      for (int j = 0; j < NR; ++j) {
+        __m256 q[4];
+        const uint32_t* wu = w[j] + (g * kUnits + u) * kWordsPerUnit;
+        if constexpr (BITS == 4) x86_decode4(wu, q); else x86_decode8(wu, q);
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i)
-        for (int r = 0; r < MB; ++r) dot[r][i] = _mm256_fmadd_ps(q[i], _mm256_loadu_ps(xu + r * a.K + 8 * i), dot[r][i]);
+        for (int i = 0; i < 4; ++i)
+          for (int r = 0; r < MB; ++r)
+            dot[r][j][i & 1] = _mm256_fmadd_ps(q[i], _mm256_loadu_ps(xu + r * a.K + 8 * i), dot[r][j][i & 1]);
+      }
     }
-    const __m256 scale = _mm256_set1_ps(sc[g]);
-    for (int r = 0; r < MB; ++r) {
-      const __m256 d = _mm256_add_ps(_mm256_add_ps(dot[r][0], dot[r][1]), _mm256_add_ps(dot[r][2], dot[r][3]));
-      acc[r] = _mm256_fmadd_ps(d, scale, acc[r]);
-      bias_acc[r] += bi[g] * xsum[(m0 + r) * groups + g];
+    for (int j = 0; j < NR; ++j) {
+      const __m256 scale = _mm256_set1_ps(sc[j][g]);
+      for (int r = 0; r < MB; ++r) acc[r][j] = _mm256_fmadd_ps(_mm256_add_ps(dot[r][j][0], dot[r][j][1]), scale, acc[r][j]);
     }
   }
-  for (int r = 0; r < MB; ++r) a.y[(m0 + r) * a.N + n] = hsum_ps(acc[r]) + bias_acc[r];
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < NR; ++j)
+      a.y[(m0 + r) * a.N + n0 + j] = hsum_ps(acc[r][j]) + dot_f32(bi[j], xsum + (m0 + r) * groups, groups);
 }
 
 // Output rows [n0, n1) in blocks of kRowBlock rows (their weights stay in L1/L2 while the rows of
@@ -177,9 +197,12 @@ void affine_rows(const AffineProblem& a, int64_t n0, int64_t n1) {
     }
     int64_t m = 0;
     for (; m + 2 <= a.M; m += 2)
-      for (int64_t i = 0; i < rows; ++i) affine_row<BITS, G, 2>(a, xp.data() + m * a.K, xsum.data(), sc[i], bi[i], m, nb + i);
-    for (; m < a.M; ++m)
-      for (int64_t i = 0; i < rows; ++i) affine_row<BITS, G, 1>(a, xp.data() + m * a.K, xsum.data(), sc[i], bi[i], m, nb + i);
+      for (int64_t i = 0; i < rows; ++i) affine_tile<BITS, G, 2, 1>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
+    for (; m < a.M; ++m) {
+      int64_t i = 0;
+      for (; i + 2 <= rows; i += 2) affine_tile<BITS, G, 1, 2>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
+      for (; i < rows; ++i) affine_tile<BITS, G, 1, 1>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
+    }
   }
 }
 
