@@ -221,16 +221,17 @@ void affine_bits(const AffineProblem& a, int64_t n0, int64_t n1) {
 // (w = scale * q + bias, float32) into a k-major tile wt[k * 16 + j] (up to 256 KB, L2), then a 6 x 16 register-blocked float kernel runs over all rows of x: per
 // k, two loads of wt, 6 broadcasts of x, 12 FMAs (12 accumulators + 3 registers). Later chunks
 // add to y.
-constexpr int kTileN = 16, kTileM = 6, kGemmMinRows = 7;
+// From kGemmMinRows rows of x the tile's dequantisation (a strided scatter, ~16 ms for 4096 x 4096
+// on one core) costs less than decoding the weights again for every pair of rows: measured
+// crossover between 32 and 64 rows (M=32: 27 vs 26 ms, M=256: 104 vs 235 ms).
+constexpr int kTileN = 16, kTileM = 6, kGemmMinRows = 32;
 // A multiple of every group size. Whole rows of K (one chunk) measured fastest up to K = 4096:
 // the rows of x stream well through the hardware prefetcher; y is then written once.
 constexpr int64_t kChunkK = 4096;
 
 template <int BITS>
 void dequantize_tile(const AffineProblem& a, int64_t n0, int64_t n1, int64_t k0, int64_t kc, float* sbuf, float* wt) {
-  constexpr int kPer = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1;
-  const int64_t groups = a.K / a.group, row_words = a.K / kPer, cg = kc / a.group;
+  const int64_t groups = a.K / a.group, row_words = a.K * BITS / 32, cg = kc / a.group;
   for (int j = 0; j < kTileN; ++j) {
     const int64_t n = n0 + j;
     if (n >= n1) {  // past the ragged end: zero columns, never stored
@@ -239,10 +240,17 @@ void dequantize_tile(const AffineProblem& a, int64_t n0, int64_t n1, int64_t k0,
     }
     const float* sc = x86_row_scales(a.scales, a.scale_type, n * groups + k0 / a.group, cg, sbuf);
     const float* bi = x86_row_scales(a.biases, a.scale_type, n * groups + k0 / a.group, cg, sbuf + cg);
-    const uint32_t* w = a.w + n * row_words + k0 / kPer;
-    for (int64_t g = 0, k = 0; g < cg; ++g)
-      for (int i = 0; i < a.group; ++i, ++k)
-        wt[k * kTileN + j] = float((w[k / kPer] >> (BITS * (k % kPer))) & kMask) * sc[g] + bi[g];
+    const uint32_t* w = a.w + n * row_words + k0 * BITS / 32;
+    for (int64_t u = 0; u < kc / 32; ++u) {  // a unit: 32 elements in x86_decode4/8's order
+      const int64_t g = u * 32 / a.group;
+      const __m256 s = _mm256_set1_ps(sc[g]), b = _mm256_set1_ps(bi[g]);
+      __m256 q[4];
+      if constexpr (BITS == 4) x86_decode4(w + u * BITS, q); else x86_decode8(w + u * BITS, q);
+      alignas(32) float v[32];
+      for (int i = 0; i < 4; ++i) _mm256_store_ps(v + 8 * i, _mm256_fmadd_ps(q[i], s, b));
+      float* out = wt + u * 32 * kTileN + j;
+      for (int e = 0; e < 32; ++e) out[(BITS == 4 ? (e < 16 ? 2 * e : 2 * e - 31) : e) * kTileN] = v[e];
+    }
   }
 }
 

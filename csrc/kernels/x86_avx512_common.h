@@ -277,12 +277,12 @@ void affine_bits(const AffineProblem& a, int64_t n0, int64_t n1) {
   }
 }
 
-// From 7 rows of x on, the AVX2 table's GEMM (a dequantised tile and a register-blocked FMA
-// kernel, avx2.cpp) is used: every AVX-512 CPU has AVX2 + FMA, and the GEMM is bound by FMA
+// From 32 rows of x on (avx2.cpp's kGemmMinRows), the AVX2 table's GEMM (a dequantised tile and a
+// register-blocked FMA kernel) is used: every AVX-512 CPU has AVX2 + FMA, and the GEMM is bound by FMA
 // throughput rather than by the width of the decode.
 void avx512_affine_f32(const AffineProblem& a, int64_t n0, int64_t n1) {
   const IsaKernels* avx2 = avx2_kernels();
-  if (a.M >= 7 && avx2 != nullptr && avx2->affine_f32 != nullptr) return avx2->affine_f32(a, n0, n1);
+  if (a.M >= 32 && avx2 != nullptr && avx2->affine_f32 != nullptr) return avx2->affine_f32(a, n0, n1);
   if (a.bits == 4) affine_bits<4>(a, n0, n1); else affine_bits<8>(a, n0, n1);
 }
 
