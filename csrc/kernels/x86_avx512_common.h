@@ -180,43 +180,74 @@ inline void decode_unit(const uint32_t* w, __m512 q[2]) {
   }
 }
 
-// Output row n against MB rows of the permuted x: per group, dot = q . x in two vectors, then
-// y += scale * dot + bias * sum(x_group).
-template <int BITS, int MB>
-void affine_row(const AffineProblem& a, const float* xp, const float* xsum, const float* sc, const float* bi,
-                int64_t m0, int64_t n) {
-  const int64_t groups = a.K / a.group, units = a.group / 32;
-  const uint32_t* w = a.w + n * (a.K * BITS / 32);
-  __m512 acc[MB];
-  float bias_acc[MB] = {};
-  for (auto& v : acc) v = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 dot[MB][2];
-    for (auto& row : dot) row[0] = row[1] = _mm512_setzero_ps();
-    for (int64_t u = 0; u < units; ++u, w += BITS) {  // a unit is BITS words
-      __m512 q[2];
-      decode_unit<BITS>(w, q);
-      const float* xu = xp + (g * units + u) * 32;
-      for (int r = 0; r < MB; ++r)
-        for (int i = 0; i < 2; ++i) dot[r][i] = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(xu + r * a.K + 16 * i), dot[r][i]);
-    }
-    for (int r = 0; r < MB; ++r) {
-      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(dot[r][0], dot[r][1]), _mm512_set1_ps(sc[g]), acc[r]);
-      bias_acc[r] += bi[g] * xsum[(m0 + r) * groups + g];
-    }
-  }
-  for (int r = 0; r < MB; ++r) a.y[(m0 + r) * a.N + n] = hsum512_ps(acc[r]) + bias_acc[r];
+inline float dot512_f32(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float s = hsum512_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
 }
 
-template <int BITS>
+// NR output rows n0.. against MB rows of the permuted x (rows m0..): per group, dot = q . x in two
+// vectors per (x row, output row), then acc += scale * dot; the bias terms sum_g bias_g * sum(x_g)
+// are one dot product per output at the end. The group size G is a template argument so the unit
+// loop unrolls and the accumulators stay in registers. sc / bi: the rows' scales and biases.
+template <int BITS, int G, int MB, int NR>
+void affine_tile(const AffineProblem& a, const float* xp, const float* xsum, const float* const* sc,
+                 const float* const* bi, int64_t m0, int64_t n0) {
+  constexpr int kUnits = G / 32, kPrefetchBytes = 4096;  // a unit: 32 elements, BITS words
+  const int64_t groups = a.K / G, row_words = a.K * BITS / 32;
+  const uint32_t* w[NR];
+  for (int j = 0; j < NR; ++j) w[j] = a.w + (n0 + j) * row_words;
+  __m512 acc[MB][NR];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 dot[MB][NR][2];
+    for (auto& row : dot)
+      for (auto& col : row) col[0] = col[1] = _mm512_setzero_ps();
+    for (int j = 0; j < NR; ++j)  // the weights are read once: fetch ahead of the hardware prefetcher
+      _mm_prefetch(reinterpret_cast<const char*>(w[j] + g * kUnits * BITS) + kPrefetchBytes, _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int u = 0; u < kUnits; ++u) {
+      const float* xu = xp + (g * kUnits + u) * 32;
+#pragma GCC unroll 2
+      for (int j = 0; j < NR; ++j) {
+        __m512 q[2];
+        decode_unit<BITS>(w[j] + (g * kUnits + u) * BITS, q);
+#pragma GCC unroll 2
+        for (int i = 0; i < 2; ++i)
+#pragma GCC unroll 2
+          for (int r = 0; r < MB; ++r)
+            dot[r][j][i] = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(xu + r * a.K + 16 * i), dot[r][j][i]);
+      }
+    }
+#pragma GCC unroll 2
+    for (int j = 0; j < NR; ++j) {
+      const __m512 scale = _mm512_set1_ps(sc[j][g]);
+#pragma GCC unroll 2
+      for (int r = 0; r < MB; ++r) acc[r][j] = _mm512_fmadd_ps(_mm512_add_ps(dot[r][j][0], dot[r][j][1]), scale, acc[r][j]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 2
+    for (int j = 0; j < NR; ++j)
+      a.y[(m0 + r) * a.N + n0 + j] = hsum512_ps(acc[r][j]) + dot512_f32(bi[j], xsum + (m0 + r) * groups, groups);
+}
+
+// Output rows [n0, n1) in blocks of kRowBlock rows whose scales and biases are converted to
+// float32 once; at M = 1 two output rows per pass, else two rows of x per pass.
+template <int BITS, int G>
 void affine_rows(const AffineProblem& a, int64_t n0, int64_t n1) {
-  constexpr int64_t kRowBlock = 8;  // output rows whose weights stay in L1/L2 while x streams past
-  const int64_t groups = a.K / a.group;
+  constexpr int64_t kRowBlock = 8;
+  const int64_t groups = a.K / G;
   std::vector<float> xp(a.M * a.K), xsum(a.M * groups), sbuf(kRowBlock * groups), bbuf(kRowBlock * groups);
   x86_permute_x(a.x, a.M * a.K, BITS, xp.data());
   for (size_t i = 0; i < xsum.size(); ++i) {
     float s = 0.0f;
-    for (int k = 0; k < a.group; ++k) s += a.x[i * a.group + k];
+    for (int k = 0; k < G; ++k) s += a.x[i * G + k];
     xsum[i] = s;
   }
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
@@ -228,14 +259,31 @@ void affine_rows(const AffineProblem& a, int64_t n0, int64_t n1) {
     }
     int64_t m = 0;
     for (; m + 2 <= a.M; m += 2)
-      for (int64_t i = 0; i < rows; ++i) affine_row<BITS, 2>(a, xp.data() + m * a.K, xsum.data(), sc[i], bi[i], m, nb + i);
-    for (; m < a.M; ++m)
-      for (int64_t i = 0; i < rows; ++i) affine_row<BITS, 1>(a, xp.data() + m * a.K, xsum.data(), sc[i], bi[i], m, nb + i);
+      for (int64_t i = 0; i < rows; ++i) affine_tile<BITS, G, 2, 1>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
+    for (; m < a.M; ++m) {
+      int64_t i = 0;
+      for (; i + 2 <= rows; i += 2) affine_tile<BITS, G, 1, 2>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
+      for (; i < rows; ++i) affine_tile<BITS, G, 1, 1>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
+    }
   }
 }
 
+template <int BITS>
+void affine_bits(const AffineProblem& a, int64_t n0, int64_t n1) {
+  switch (a.group) {
+    case 32: return affine_rows<BITS, 32>(a, n0, n1);
+    case 64: return affine_rows<BITS, 64>(a, n0, n1);
+    default: return affine_rows<BITS, 128>(a, n0, n1);
+  }
+}
+
+// From 32 rows of x on (avx2.cpp's kGemmMinRows), the AVX2 table's GEMM (a dequantised tile and a
+// register-blocked FMA kernel) is used: every AVX-512 CPU has AVX2 + FMA, and the GEMM is bound by FMA
+// throughput rather than by the width of the decode.
 void avx512_affine_f32(const AffineProblem& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4) affine_rows<4>(a, n0, n1); else affine_rows<8>(a, n0, n1);
+  const IsaKernels* avx2 = avx2_kernels();
+  if (a.M >= 32 && avx2 != nullptr && avx2->affine_f32 != nullptr) return avx2->affine_f32(a, n0, n1);
+  if (a.bits == 4) affine_bits<4>(a, n0, n1); else affine_bits<8>(a, n0, n1);
 }
 
 }  // namespace
