@@ -7,7 +7,7 @@ Every candidate runs as a fresh ``python`` that imports mlx_zeta (which routes t
 (``x @ W.T`` with W 4096x4096, M = 1 and 256). Each worker first checks its matmul against numpy,
 so a library that loads but computes nonsense fails loudly. Candidates:
 
-- ``reference``: MLX's bundled reference BLAS (``MLX_ZETA_NO_BLAS=1``);
+- ``reference``: MLX's bundled reference BLAS (``MLX_ZETA_NO_BLAS=1``; 3 calls: it is slow);
 - ``default``: whatever mlx_zeta routes by default here (MKL on x86_64), its size being the
   installed files of the BLAS distribution and its dependencies in this environment;
 - ``--library LABEL=PATH[@SIZE_DIR]``: a library file to route (it must export ``cblas_sgemm``);
@@ -108,8 +108,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--library", action="append", default=[], metavar="LABEL=PATH[@SIZE_DIR]")
+    parser.add_argument("--no-reference", action="store_true", help="skip MLX's slow bundled reference BLAS")
     args = parser.parse_args()
-    results = [("reference (MLX bundled)", run({"MLX_ZETA_NO_BLAS": "1"}, args.repeats), None)]
+    results = [] if args.no_reference else [("reference (MLX bundled)", run({"MLX_ZETA_NO_BLAS": "1"}, 3), None)]
     default = run({}, args.repeats)
     vendor = default.get("info", {}).get("vendor", "?")
     size, dists = distribution_bytes({"mkl": "mkl", "openblas": "cmeel-openblas"}.get(vendor, vendor))
