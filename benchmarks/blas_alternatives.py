@@ -14,7 +14,13 @@ so a library that loads but computes nonsense fails loudly. Candidates:
   its size is ``du`` of SIZE_DIR (e.g. the ``pip install --target`` folder of its wheel).
 
     .venv/bin/python benchmarks/blas_alternatives.py [--repeats 15] [--rounds 3] [--no-reference] \\
-        [--library cmeel-openblas=/tmp/blas_alt/cmeel-openblas/cmeel.prefix/lib/libopenblas.so.0@/tmp/blas_alt/cmeel-openblas]
+        [--library LABEL=/path/to/libopenblas.so.0@/folder/of/its/install] ...
+
+(``pip install --no-deps --target /tmp/blas_alt/NAME NAME`` puts a candidate wheel in its own folder.)
+Found on PyPI for x86_64 (2026-12): cmeel-openblas 0.3.31 is built for SKYLAKEX only (no DYNAMIC_ARCH: a
+worker dies of SIGILL on a CPU without AVX-512) and needs the system libgfortran.so.5; scipy-openblas32/64
+prefix every symbol (``scipy_cblas_sgemm``), so they route only through a small shim library that exports
+``cblas_sgemm``/``dgemm``/``cgemm`` (the CBLAS functions libmlx.so imports).
 """
 
 import argparse

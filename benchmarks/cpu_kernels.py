@@ -201,7 +201,8 @@ def bandwidth_table(cases, args) -> list:
         cold = median_seconds(lambda: mx.eval([case.cpu.ternary_matmul(x, p, n) for p in copies]),
                               args.repeats, args.budget)[0] / len(copies)
         del copies
-        cells = " | ".join(f"{t * 1e3:.3f} | {nbytes / t / 1e9:.1f} | {nbytes / t / 1e9 / ref:.0%}" for t in (hot, cold))
+        cells = " | ".join(f"{t * 1e3:.3f} | {nbytes / t / 1e9:.1f} | {nbytes / t / 1e9 / ref:.0%}"
+                           for t in (hot, cold))
         lines.append(f"| {n}x{case.k} | {case.packed.nbytes / 2**20:.2f} | {cells} |")
         print(f"  bandwidth {n}x{case.k}: hot {nbytes / hot / 1e9:.1f} GB/s, streamed {nbytes / cold / 1e9:.1f} GB/s",
               file=sys.stderr, flush=True)
@@ -212,7 +213,8 @@ def isa_table(cpu, cases, args) -> list:
     """M=1 native kernels per usable ISA (all threads) and per thread count (ISA auto)."""
     settings = [(isa, 0) for isa in cpu.supported_isas()] + [("auto", t) for t in range(1, (os.cpu_count() or 1) + 1)]
     lines = ["### Native GEMV (M=1) per ISA and thread count", "",
-             "| ISA | threads | " + " | ".join(f"{c.n}x{c.k} ternary int8 ms | {c.n}x{c.k} 4-bit ms" for c in cases) + " |",
+             "| ISA | threads | " + " | ".join(f"{c.n}x{c.k} ternary int8 ms | {c.n}x{c.k} 4-bit ms" for c in cases)
+             + " |",
              "|---|---|" + "---|---|" * len(cases)]
     try:
         for isa, threads in settings:
