@@ -132,8 +132,8 @@ def kernel_table(case: Case, args) -> list:
             for m in ROWS:
                 t = median_seconds(lambda: mx.eval(fn(m)), args.repeats, args.budget)
                 times[name, m] = min(times.get((name, m), t), t)
-        print(f"  {case.n}x{case.k} {name}: " + ", ".join(f"M={m} {times[name, m][0] * 1e3:.3f} ms" for m in ROWS),
-              file=sys.stderr, flush=True)
+            print(f"  {case.n}x{case.k} {name}: " + ", ".join(f"M={m} {times[name, m][0] * 1e3:.3f} ms" for m in ROWS),
+                  file=sys.stderr, flush=True)
     names = [name for name, _ in case.kernels()]
     f32, q4 = names[0], names[5]
     lines = [f"### N={case.n}, K={case.k} ({case.n * case.k / 1e6:.1f} M weights)", "",
