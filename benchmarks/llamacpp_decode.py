@@ -124,7 +124,8 @@ def main() -> None:
     os.makedirs(args.dir, exist_ok=True)
     print(f"llama-cpp-python {llama_cpp.__version__}; {platform.platform()}; {os.cpu_count()} cores; "
           f"{args.threads} threads; prompt {args.prompt} tokens, then {args.tokens} decoded tokens timed; "
-          f"tied embedding/output {args.embed_type}\n")
+          f"tied embedding/output {args.embed_type}")
+    print(f"llama.cpp: {llama_cpp.llama_print_system_info().decode().strip()}\n")
     print("| model | type | layers | GGUF MiB | decode tok/s | ms/token | prompt tok/s |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
