@@ -112,7 +112,7 @@ def test_affine_dispatch_rows_dtypes_and_gradients(rng, monkeypatch):
         assert got.dtype == dtype and got.shape == want.shape
         tol = 1e-5 if dtype == mx.float32 else 2e-2
         np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=tol, atol=tol)
-    assert calls == [(1, 128), (6, 128)]  # 8 rows: dequantized for the BLAS instead
+    assert calls == [(1, 128), (6, 128), (8, 128)]  # the GEMV, then the native GEMM from 8 rows on
     x = mx.array(rng.standard_normal((2, 128)).astype(np.float32))
     grad = mx.grad(lambda x: affine_matmul(x, wq, s, b, 64, 4).sum())(x)
     dense = mx.dequantize(wq, s, b, 64, 4)

@@ -6,7 +6,6 @@
 #if defined(__x86_64__) && defined(__AVX2__)
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "x86_common.h"
 
@@ -70,7 +69,7 @@ void ternary_i8_tile(const TernaryProblem& t, const int32_t* xsum, int64_t m0, i
 }
 
 void ternary_i8(const TernaryProblem& t, int64_t p0, int64_t p1) {
-  std::vector<int32_t> xsum(t.M);
+  Buffer<int32_t> xsum(t.M);
   int8_row_sums(static_cast<const int8_t*>(t.x), t.M, t.K, xsum.data());
   int64_t m = 0;
   for (; m + 2 <= t.M; m += 2)  // x rows stay in L1 while the weights stream past them
@@ -182,7 +181,7 @@ template <int BITS, int G>
 void affine_rows(const AffineProblem& a, int64_t n0, int64_t n1) {
   constexpr int64_t kRowBlock = 8;
   const int64_t groups = a.K / G;
-  std::vector<float> xp(a.M * a.K), xsum(a.M * groups), sbuf(kRowBlock * groups), bbuf(kRowBlock * groups);
+  Buffer<float> xp(a.M * a.K), xsum(a.M * groups), sbuf(kRowBlock * groups), bbuf(kRowBlock * groups);
   x86_permute_x(a.x, a.M * a.K, BITS, xp.data());
   for (size_t i = 0; i < xsum.size(); ++i) {
     float s = 0.0f;
@@ -287,7 +286,7 @@ void gemm_rows(const AffineProblem& a, int64_t m, int64_t k0, int64_t kc, const 
 template <int BITS>
 void affine_gemm(const AffineProblem& a, int64_t n0, int64_t n1) {
   const int64_t chunk = std::min(kChunkK, a.K);
-  std::vector<float> wt(chunk * kTileN), sbuf(2 * chunk);
+  Buffer<float> wt(chunk * kTileN), sbuf(2 * chunk);
   for (int64_t k0 = 0; k0 < a.K; k0 += chunk) {
     const int64_t kc = std::min(chunk, a.K - k0);
     for (int64_t nb = n0; nb < n1; nb += kTileN) {

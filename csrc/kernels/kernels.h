@@ -18,7 +18,9 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
 namespace zeta {
 
@@ -66,6 +68,28 @@ const IsaKernels* neon_dotprod_kernels();
 // file could otherwise be the one the linker keeps for the scalar callers too (an illegal
 // instruction on a CPU without AVX-512).
 namespace {
+
+// Zero-initialised scratch of n elements for the kernels. Not std::vector: its out-of-line
+// template code would be instantiated in every ISA file with that file's -m flags and shared
+// across files by the linker; a type in this unnamed namespace stays private to its file.
+template <typename T>
+class Buffer {
+ public:
+  explicit Buffer(size_t n) : n_(n), p_(static_cast<T*>(std::calloc(n ? n : 1, sizeof(T)))) {
+    if (!p_) throw std::bad_alloc();
+  }
+  ~Buffer() { std::free(p_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  T& operator[](size_t i) { return p_[i]; }
+  size_t size() const { return n_; }
+
+ private:
+  size_t n_;
+  T* p_;
+};
 
 inline float half_to_float(uint16_t h) {
   uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;

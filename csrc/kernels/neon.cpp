@@ -6,7 +6,6 @@
 
 #if defined(__aarch64__)
 #include <algorithm>
-#include <vector>
 
 #include "neon_common.h"
 
@@ -59,7 +58,7 @@ void ternary_i8_tile(const TernaryProblem& t, const int32_t* xsum, int64_t m0, i
 }
 
 void ternary_i8(const TernaryProblem& t, int64_t p0, int64_t p1) {
-  std::vector<int32_t> xsum(t.M);
+  Buffer<int32_t> xsum(t.M);
   int8_row_sums(static_cast<const int8_t*>(t.x), t.M, t.K, xsum.data());
   int64_t m = 0;
   for (; m + 2 <= t.M; m += 2)  // 2 x rows: 16 int32 + 16 int16 accumulators fill the 32 registers
@@ -168,7 +167,7 @@ void affine_row(const AffineProblem& a, const float* xsum, int64_t m0, int64_t n
 
 template <int BITS>
 void affine_rows(const AffineProblem& a, int64_t n0, int64_t n1) {
-  std::vector<float> xsum(a.M * (a.K / a.group));
+  Buffer<float> xsum(a.M * (a.K / a.group));
   for (size_t i = 0; i < xsum.size(); ++i) {
     float s = 0.0f;
     for (int k = 0; k < a.group; ++k) s += a.x[i * a.group + k];

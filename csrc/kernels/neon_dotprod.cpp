@@ -5,7 +5,6 @@
 #include "kernels.h"
 
 #if defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
-#include <vector>
 
 #include "neon_common.h"
 
@@ -43,7 +42,7 @@ void ternary_i8_tile(const TernaryProblem& t, const int32_t* xsum, int64_t m0, i
 }
 
 void ternary_i8(const TernaryProblem& t, int64_t p0, int64_t p1) {
-  std::vector<int32_t> xsum(t.M);
+  Buffer<int32_t> xsum(t.M);
   int8_row_sums(static_cast<const int8_t*>(t.x), t.M, t.K, xsum.data());
   int64_t m = 0;
   for (; m + 4 <= t.M; m += 4)  // 4 x rows: 16 accumulators, the packed bytes decoded once for all

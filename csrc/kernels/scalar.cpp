@@ -1,6 +1,5 @@
 // The portable kernels: plain loops, compiled without any instruction-set flag. They are the
 // fallback on every CPU and the baseline the vector paths are tested beside.
-#include <vector>
 
 #include "kernels.h"
 
@@ -14,7 +13,7 @@ inline int code_of(const TernaryProblem& t, int64_t p, int j, int64_t k) {
 void ternary_i8(const TernaryProblem& t, int64_t p0, int64_t p1) {
   const auto* x = static_cast<const int8_t*>(t.x);
   auto* y = static_cast<int32_t*>(t.y);
-  std::vector<int32_t> xsum(t.M);
+  Buffer<int32_t> xsum(t.M);
   int8_row_sums(x, t.M, t.K, xsum.data());
   for (int64_t p = p0; p < p1; ++p) {
     for (int j = 0; j < 4; ++j) {

@@ -27,7 +27,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "kernels.h"
 #include "x86_common.h"
@@ -111,7 +110,7 @@ void ternary_i8_tile(const TernaryProblem& t, const int32_t* xsum, int64_t m0, i
 
 template <class Dot>
 void ternary_i8_rows(const TernaryProblem& t, int64_t p0, int64_t p1) {
-  std::vector<int32_t> xsum(t.M);
+  Buffer<int32_t> xsum(t.M);
   int8_row_sums(static_cast<const int8_t*>(t.x), t.M, t.K, xsum.data());
   int64_t m = 0;
   for (; m + Dot::kRows <= t.M; m += Dot::kRows)
@@ -243,7 +242,7 @@ template <int BITS, int G>
 void affine_rows(const AffineProblem& a, int64_t n0, int64_t n1) {
   constexpr int64_t kRowBlock = 8;
   const int64_t groups = a.K / G;
-  std::vector<float> xp(a.M * a.K), xsum(a.M * groups), sbuf(kRowBlock * groups), bbuf(kRowBlock * groups);
+  Buffer<float> xp(a.M * a.K), xsum(a.M * groups), sbuf(kRowBlock * groups), bbuf(kRowBlock * groups);
   x86_permute_x(a.x, a.M * a.K, BITS, xp.data());
   for (size_t i = 0; i < xsum.size(); ++i) {
     float s = 0.0f;
