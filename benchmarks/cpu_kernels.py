@@ -41,17 +41,17 @@ GROUP, BITS = 64, 4
 
 
 def load_kernels(build_dir=None):
-    """The native kernel module: the installed ``mlx_zeta.kernels._cpu``, else ``_cpu`` from a
-    CMake build folder (csrc/ built by hand). The one place that names the module."""
-    try:
-        from mlx_zeta.kernels import _cpu
-        return _cpu
-    except ImportError:
-        if not build_dir:
-            raise SystemExit("mlx_zeta.kernels._cpu is not built; pass --build-dir with a CMake build of csrc/")
-        sys.path.insert(0, os.path.abspath(build_dir))
-        import _cpu
-        return _cpu
+    """The native kernel module as ``mlx_zeta.kernels.cpu`` loads it, else ``_cpu`` from a CMake build
+    folder (csrc/ built by hand). The one place that names the module."""
+    from mlx_zeta.kernels import cpu
+
+    if cpu.available():
+        return cpu.module()
+    if not build_dir:
+        raise SystemExit(f"native CPU kernels unavailable ({cpu.reason()}); pass --build-dir with a CMake build of csrc/")
+    sys.path.insert(0, os.path.abspath(build_dir))
+    import _cpu
+    return _cpu
 
 
 def median_seconds(fn, repeats: int, budget: float):
@@ -200,7 +200,7 @@ def bandwidth_table(cases, args) -> list:
                                               for _ in range(args.chain)]), args.repeats, args.budget)[0] / args.chain
         cold = median_seconds(lambda: mx.eval([case.cpu.ternary_matmul(x, p, n) for p in copies]),
                               args.repeats, args.budget)[0] / len(copies)
-        del copies
+        copies.clear()
         cells = " | ".join(f"{t * 1e3:.3f} | {nbytes / t / 1e9:.1f} | {nbytes / t / 1e9 / ref:.0%}"
                            for t in (hot, cold))
         lines.append(f"| {n}x{case.k} | {case.packed.nbytes / 2**20:.2f} | {cells} |")
