@@ -34,6 +34,7 @@ bench: $(VENV)/.installed-demo
 	$(PY) benchmarks/blas.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/ternary.py
+	$(PY) benchmarks/cpu_kernels.py --rounds 2
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/grad_checkpoint.py
 	$(PY) benchmarks/kernels.py
