@@ -219,11 +219,7 @@ class TernaryLinear(nn.Module):
         bytes are made to depend on the last result (``mx.depends``), so MLX decodes a slab only
         after the previous one is consumed and at most a slab or two is alive at a time.
         """
-        packed = self.packed
-        expected = self.packed_shape(self.in_features, self.out_features, self.packing)
-        if packed.dtype != mx.uint8 or tuple(packed.shape) != expected:
-            raise ValueError(f"[TernaryLinear] packed must be uint8 of shape {expected}, "
-                             f"got {packed.dtype} {tuple(packed.shape)}")
+        packed = self._checked_packed()
 
         def chained(part: mx.array) -> mx.array:
             return mx.depends(part, previous[-1]) if previous else part
@@ -292,8 +288,18 @@ class TernaryLinear(nn.Module):
         x = x.astype(mx.int8) if exact else x
         return ternary_matmul(x, self.packed, self.out_features).astype(mx.float32)
 
+    def _checked_packed(self) -> mx.array:
+        """``packed``, after checking it still has the dtype and shape this layer reads (every path)."""
+        packed = self.packed
+        expected = self.packed_shape(self.in_features, self.out_features, self.packing)
+        if packed.dtype != mx.uint8 or tuple(packed.shape) != expected:
+            raise ValueError(f"[TernaryLinear] packed must be uint8 of shape {expected}, "
+                             f"got {packed.dtype} {tuple(packed.shape)}")
+        return packed
+
     def _matmul(self, x: mx.array, exact: bool) -> mx.array:
         """x (M, in) float32 -> x @ T^T (M, out) float32 on the chosen path."""
+        self._checked_packed()
         kernel = check_choice("TernaryLinear", "kernel", self.kernel, _KERNELS)
         if kernel == "auto" and self.packing == "2bit" and kernels_active(kernel="ternary_matmul"):
             kernel = "fused"
