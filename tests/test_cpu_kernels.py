@@ -148,7 +148,8 @@ def test_info_and_fallback_without_the_extension(monkeypatch, rng):
     monkeypatch.setattr(cpu, "_load", lambda: (None, "disabled for this test"))
     facts = info()
     assert facts["native_cpu"] is False and facts["cpu_isa"] is None and facts["cpu_isas"] == []
-    assert facts["kernels"]["ternary_matmul"] == "reference" and facts["native_cpu_reason"] == "disabled for this test"
+    assert facts["kernels"]["ternary_matmul"] == "reference" and facts["kernels"]["affine_matmul"] == "mlx"
+    assert facts["native_cpu_reason"] == "disabled for this test"
     with pytest.raises(RuntimeError, match=r"^\[mlx_zeta.kernels.cpu\] native CPU kernels unavailable: disabled"):
         cpu.set_isa("scalar")
     w, packed = _ternary_case(rng, 2, 40, 6)

@@ -173,7 +173,8 @@ def kernels_active(use_kernel: UseKernel = None, kernel: Optional[str] = None) -
 
 def info() -> dict:
     """What runs here: the mode, the GPU backend, the native CPU kernels (built or why not, the
-    instruction set and threads) and, per kernel, the path a call with ``use_kernel=None`` takes.
+    instruction set and threads) and, per kernel, the path a call with ``use_kernel=None`` takes
+    (``"mlx"`` for an affine product that MLX's ``quantized_matmul`` / dequantize computes).
 
     Example (a Linux box with the extension built)::
 
@@ -181,8 +182,9 @@ def info() -> dict:
          'cpu_isa': 'avx2', 'cpu_isas': ['avx2', 'scalar'], 'cpu_threads': 2,
          'kernels': {'fused_attention': 'reference', 'ternary_matmul': 'cpu', 'affine_matmul': 'cpu'}}
     """
-    paths = {"fused_attention": resolve()}
-    paths.update({name: resolve(None, name) for name in CPU_KERNELS})
+    paths = {"fused_attention": resolve(), "ternary_matmul": resolve(None, "ternary_matmul")}
+    # affine products have no device kernel of ours: off the native path they are MLX's own
+    paths["affine_matmul"] = "cpu" if resolve(None, "affine_matmul") == "cpu" else "mlx"
     return {"mode": kernel_mode(), "gpu": gpu_backend(), "native_cpu": cpu.available(),
             "native_cpu_reason": cpu.reason(), "cpu_isa": cpu.isa(), "cpu_isas": cpu.supported_isas(),
             "cpu_threads": cpu.num_threads(), "kernels": paths}
