@@ -1,6 +1,6 @@
-"""MLX's affine-quantized layers routed through :func:`mlx_zeta.kernels.affine_matmul`: on the CPU a
-decoding step takes the native 4/8-bit kernel and a prompt's rows the BLAS on a transiently
-dequantized weight, where MLX's CPU ``quantized_matmul`` is slow (``BENCHMARKS.md``)."""
+"""MLX's affine-quantized layers routed through :func:`mlx_zeta.kernels.affine_matmul`: on the CPU
+the native 4/8-bit kernels (or, without them, the BLAS on a transiently dequantized weight for
+many rows), where MLX's CPU ``quantized_matmul`` is slow (``BENCHMARKS.md``)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ class AffineLinear(nn.QuantizedLinear):
         y = x\, \hat W^T + b, \qquad \hat W = \text{dequantize}(W_q, s, z)
 
     goes through :func:`mlx_zeta.kernels.affine_matmul`, the one place that picks the path: on the
-    CPU, the native 4/8-bit kernel for fewer than :data:`DEQUANTIZE_ROWS` rows of ``x`` (a decoding
-    step) and a BLAS matmul on the transiently dequantized weight from that many rows on (a prompt,
-    a training batch; one layer's float weight at a time, in the backward pass too); MLX's
-    ``quantized_matmul`` otherwise (GPU, other modes). Equal to float32 rounding on every path.
+    CPU, the native 4/8-bit kernels where built (a GEMV per decoding step, a tiled GEMM for a
+    prompt or a batch), else a BLAS matmul on the transiently dequantized weight from
+    :data:`DEQUANTIZE_ROWS` rows on; MLX's ``quantized_matmul`` otherwise (GPU, other modes, other
+    bits). Equal to float32 rounding on every path; the backward pass uses one layer's transiently
+    dequantized weight at a time (QLoRA).
 
-    Measured (2 cores, MKL, 4-bit group 64, 1024 -> 5632, 512 rows): 1734 ms -> 54 ms.
+    Measured (2 cores, 4-bit group 64, 4096 -> 4096; BENCHMARKS.md "Native CPU kernels"): one row
+    0.53 ms (``quantized_matmul``: 16.5 ms), 256 rows 52 ms (``quantized_matmul``: 4213 ms).
 
     Build one with :meth:`from_quantized` or swap a model's layers with :func:`use_affine_linear`.
 
