@@ -175,45 +175,14 @@ void affine_tile(const AffineProblem& a, const float* xp, const float* xsum, con
       a.y[(m0 + r) * a.N + n0 + j] = hsum_ps(acc[r][j]) + dot_f32(bi[j], xsum + (m0 + r) * groups, groups);
 }
 
-// Output rows [n0, n1) in blocks of kRowBlock rows (their weights stay in L1/L2 while the rows of
-// x stream past, 2 at a time); the block's scales and biases are converted to float32 once.
-template <int BITS, int G>
-void affine_rows(const AffineProblem& a, int64_t n0, int64_t n1) {
-  constexpr int64_t kRowBlock = 8;
-  const int64_t groups = a.K / G;
-  Buffer<float> xp(a.M * a.K), xsum(a.M * groups), sbuf(kRowBlock * groups), bbuf(kRowBlock * groups);
-  x86_permute_x(a.x, a.M * a.K, BITS, xp.data());
-  for (size_t i = 0; i < xsum.size(); ++i) {
-    float s = 0.0f;
-    for (int k = 0; k < G; ++k) s += a.x[i * G + k];
-    xsum[i] = s;
+// The register tile as x86_affine_rows (x86_common.h) calls it.
+struct AffineTile {
+  template <int BITS, int G, int MB, int NR>
+  static void run(const AffineProblem& a, const float* xp, const float* xsum, const float* const* sc,
+                  const float* const* bi, int64_t m0, int64_t n0) {
+    affine_tile<BITS, G, MB, NR>(a, xp, xsum, sc, bi, m0, n0);
   }
-  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
-    const int64_t rows = std::min(kRowBlock, n1 - nb);
-    const float *sc[kRowBlock], *bi[kRowBlock];
-    for (int64_t i = 0; i < rows; ++i) {
-      sc[i] = x86_row_scales(a.scales, a.scale_type, (nb + i) * groups, groups, sbuf.data() + i * groups);
-      bi[i] = x86_row_scales(a.biases, a.scale_type, (nb + i) * groups, groups, bbuf.data() + i * groups);
-    }
-    int64_t m = 0;
-    for (; m + 2 <= a.M; m += 2)
-      for (int64_t i = 0; i < rows; ++i) affine_tile<BITS, G, 2, 1>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
-    for (; m < a.M; ++m) {
-      int64_t i = 0;
-      for (; i + 2 <= rows; i += 2) affine_tile<BITS, G, 1, 2>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
-      for (; i < rows; ++i) affine_tile<BITS, G, 1, 1>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
-    }
-  }
-}
-
-template <int BITS>
-void affine_bits(const AffineProblem& a, int64_t n0, int64_t n1) {
-  switch (a.group) {
-    case 32: return affine_rows<BITS, 32>(a, n0, n1);
-    case 64: return affine_rows<BITS, 64>(a, n0, n1);
-    default: return affine_rows<BITS, 128>(a, n0, n1);
-  }
-}
+};
 
 // ---- affine GEMM (M >= kGemmMinRows): the decode is amortised over all rows of x ----
 // K is walked in chunks of up to kChunkK; per chunk, 16 output rows at a time are dequantised
@@ -310,7 +279,7 @@ void affine_f32(const AffineProblem& a, int64_t n0, int64_t n1) {
   if (a.M >= kGemmMinRows) {
     if (a.bits == 4) affine_gemm<4>(a, n0, n1); else affine_gemm<8>(a, n0, n1);
   } else {
-    if (a.bits == 4) affine_bits<4>(a, n0, n1); else affine_bits<8>(a, n0, n1);
+    if (a.bits == 4) x86_affine_gemv<AffineTile, 4>(a, n0, n1); else x86_affine_gemv<AffineTile, 8>(a, n0, n1);
   }
 }
 

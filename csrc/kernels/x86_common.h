@@ -3,6 +3,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels.h"
@@ -58,6 +59,53 @@ inline const float* x86_row_scales(const void* p, ScaleType t, int64_t i0, int64
   if (t == ScaleType::f32) return static_cast<const float*>(p) + i0;
   for (int64_t i = 0; i < count; ++i) buf[i] = scale_at(p, t, i0 + i);
   return buf;
+}
+
+// The affine GEMV driver of the AVX2 and AVX-512 files. Output rows [n0, n1) go in blocks of
+// kRowBlock rows whose scales and biases are converted to float32 once (their weights stay in
+// L1/L2 while the rows of x stream past); at M = 1 two output rows per pass, else two rows of x.
+// Tile::run<BITS, G, MB, NR>(a, xp, xsum, sc, bi, m0, n0) is the file's register tile: MB rows of
+// the permuted x against NR output rows, adding the bias term from the group sums xsum.
+template <class Tile, int BITS, int G>
+void x86_affine_rows(const AffineProblem& a, int64_t n0, int64_t n1) {
+  constexpr int64_t kRowBlock = 8;
+  const int64_t groups = a.K / G;
+  Buffer<float> xp(a.M * a.K), xsum(a.M * groups), sbuf(kRowBlock * groups), bbuf(kRowBlock * groups);
+  x86_permute_x(a.x, a.M * a.K, BITS, xp.data());
+  for (size_t i = 0; i < xsum.size(); ++i) {
+    float s = 0.0f;
+    for (int k = 0; k < G; ++k) s += a.x[i * G + k];
+    xsum[i] = s;
+  }
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, n1 - nb);
+    const float *sc[kRowBlock], *bi[kRowBlock];
+    for (int64_t i = 0; i < rows; ++i) {
+      sc[i] = x86_row_scales(a.scales, a.scale_type, (nb + i) * groups, groups, sbuf.data() + i * groups);
+      bi[i] = x86_row_scales(a.biases, a.scale_type, (nb + i) * groups, groups, bbuf.data() + i * groups);
+    }
+    int64_t m = 0;
+    for (; m + 2 <= a.M; m += 2)
+      for (int64_t i = 0; i < rows; ++i)
+        Tile::template run<BITS, G, 2, 1>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
+    for (; m < a.M; ++m) {
+      int64_t i = 0;
+      for (; i + 2 <= rows; i += 2)
+        Tile::template run<BITS, G, 1, 2>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
+      for (; i < rows; ++i)
+        Tile::template run<BITS, G, 1, 1>(a, xp.data() + m * a.K, xsum.data(), sc + i, bi + i, m, nb + i);
+    }
+  }
+}
+
+// x86_affine_rows with the group size as a template argument (32, 64 or 128).
+template <class Tile, int BITS>
+void x86_affine_gemv(const AffineProblem& a, int64_t n0, int64_t n1) {
+  switch (a.group) {
+    case 32: return x86_affine_rows<Tile, BITS, 32>(a, n0, n1);
+    case 64: return x86_affine_rows<Tile, BITS, 64>(a, n0, n1);
+    default: return x86_affine_rows<Tile, BITS, 128>(a, n0, n1);
+  }
 }
 
 }  // namespace
