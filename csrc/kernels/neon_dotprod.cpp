@@ -30,15 +30,7 @@ void ternary_i8_tile(const TernaryProblem& t, const int32_t* xsum, int64_t m0, i
       for (int j = 0; j < 4; ++j) acc[r][j] = vdotq_s32(acc[r][j], c[j], xv);
     }
   }
-  auto* y = static_cast<int32_t*>(t.y);
-  for (int r = 0; r < MB; ++r) {
-    for (int j = 0; j < 4; ++j) {
-      const int64_t n = p + j * t.P;
-      if (n >= t.N) break;  // the ragged end: the last packed rows hold fewer than 4 weight rows
-      const int32_t s = vaddvq_s32(acc[r][j]) + neon::ternary_tail_i8(w, x + r * t.K, j, K16, t.K);
-      y[(m0 + r) * t.N + n] = s - xsum[m0 + r];
-    }
-  }
+  neon::store_ternary_i8<MB>(t, acc, xsum, m0, p, K16);
 }
 
 void ternary_i8(const TernaryProblem& t, int64_t p0, int64_t p1) {
