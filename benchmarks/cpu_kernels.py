@@ -35,6 +35,9 @@ import numpy as np
 import mlx_zeta  # noqa: F401  (routes BLAS before mlx.core loads)
 import mlx.core as mx
 
+from mlx_zeta.kernels.packing import pack_2bit
+from ternary import cpu_model, median_seconds  # benchmarks/ternary.py: the same timing rule and CPU name
+
 SHAPES = [(4096, 4096), (6912, 2560)]  # (N, K); 6912 x 2560: BitNet b1.58 2B4T's FFN up projection
 ROWS = [1, 256]
 GROUP, BITS = 64, 4
@@ -54,33 +57,6 @@ def load_kernels(build_dir=None):
     return _cpu
 
 
-def median_seconds(fn, repeats: int, budget: float):
-    """(median seconds, calls timed) over up to ``repeats`` calls after a warm-up call; fewer when
-    a call is slow; a call slower than ``budget`` is timed once (its warm-up call)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    if first > budget:
-        return first, 1
-    times = []
-    for _ in range(max(1, min(repeats, int(budget / first)))):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2], len(times)
-
-
-def pack_ternary(w: np.ndarray) -> np.ndarray:
-    """HF BitNet layout: w (N, K) in {-1, 0, 1} -> packed (P, K) uint8, P = ceil(N / 4), where
-    bits 2j..2j+1 of packed[p, k] hold w[p + j*P, k] + 1 (rows past N pack as code 1, i.e. 0)."""
-    n, k = w.shape
-    p = (n + 3) // 4
-    codes = np.ones((4 * p, k), np.uint8)
-    codes[:n] = (w + 1).astype(np.uint8)
-    return (codes[:p] | codes[p:2 * p] << 2 | codes[2 * p:3 * p] << 4 | codes[3 * p:] << 6).astype(np.uint8)
-
-
 class Case:
     """Inputs of one (N, K) shape: float32 W, its ternary and MLX-quantized forms, and x per M."""
 
@@ -88,7 +64,7 @@ class Case:
         self.cpu, self.n, self.k = cpu, n, k
         w3 = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
         self.w3 = w3
-        self.packed = mx.array(pack_ternary(w3))
+        self.packed = pack_2bit(w3)
         self.w = mx.array(rng.standard_normal((n, k), dtype=np.float32) * k ** -0.5)
         self.q4 = mx.quantize(self.w, group_size=GROUP, bits=4)
         self.q2 = mx.quantize(self.w, group_size=GROUP, bits=2)
@@ -232,17 +208,6 @@ def isa_table(cpu, cases, args) -> list:
         cpu.set_isa("auto")
         cpu.set_num_threads(0)
     return lines + [""]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
