@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo tour test bench clean
+.PHONY: demo tour test docs bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.installed-test: pyproject.toml $(NATIVE) | $(PY)
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-docs: pyproject.toml $(NATIVE) | $(PY)
+	$(PIP) install -q -e '.[docs]'
+	touch $@
+
 demo: $(VENV)/.installed-demo
 	$(PY) examples/train_addition.py
 
@@ -29,6 +33,10 @@ tour: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The documentation site into site/ (open site/index.html); warnings are errors.
+docs: $(VENV)/.installed-docs
+	$(PY) tools/docs.py html
 
 bench: $(VENV)/.installed-demo
 	$(PY) benchmarks/blas.py
@@ -41,4 +49,4 @@ bench: $(VENV)/.installed-demo
 	$(PIP) install -q -e '.[bench,lm]' && $(PY) benchmarks/generate.py --quick && $(PY) benchmarks/speculative.py --quick && $(PY) benchmarks/finetune.py --quick
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info
