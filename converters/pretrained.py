@@ -82,10 +82,12 @@ _REGISTRY: Dict[str, Union[str, ModuleType]] = {
     "t5": "t5",
     "bitnet": "bitnet",
 }
+#: ``model_type -> converter module`` (its name in this package, or a module added by
+#: :func:`register_architecture`): a read-only view that follows registrations.
 ARCHITECTURES: Mapping[str, Union[str, ModuleType]] = MappingProxyType(_REGISTRY)
 _BUILT_IN = dict(_REGISTRY)
 
-# What a model does, declared as ``TASK`` by its converter module; the CLI picks its path from it.
+#: What a model does, declared as ``TASK`` by its converter module; the CLI picks its path from it.
 TASKS = ("causal-lm", "seq2seq", "encoder", "vision")
 _PROTOCOL = ("ModelArgs", "build", "sanitize")
 
@@ -118,7 +120,7 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 @dataclasses.dataclass(frozen=True)
 class PretrainedInfo:
-    """What :func:`from_pretrained` knew: ``model_type``, the ``config.json`` dict (:func:`unmarked`: its
+    """What :func:`from_pretrained` knew: ``model_type``, the ``config.json`` dict (``unmarked``: its
     ``model_type`` is the architecture's, also for a folder in our format), the source folder."""
 
     model_type: str
@@ -172,8 +174,16 @@ def register_architecture(model_type: str, module: Union[str, ModuleType], *, re
         replace: allow replacing an already registered ``model_type`` (built-ins included).
 
     Example:
-        >>> register_architecture("tiny_llama", "my_package.tiny_llama")
-        >>> model = from_pretrained("path/to/tiny-llama-checkpoint")
+        A converter module of your own is registered the same way; here the built-in Llama
+        converter also takes a made-up ``model_type``:
+
+        >>> from mlx_zeta.converters import ARCHITECTURES, register_architecture, unregister_architecture
+        >>> register_architecture("my_llama", "mlx_zeta.converters.llama")
+        >>> ARCHITECTURES["my_llama"].__name__
+        'mlx_zeta.converters.llama'
+        >>> unregister_architecture("my_llama")
+        >>> "my_llama" in ARCHITECTURES
+        False
     """
     if not isinstance(model_type, str) or not model_type or model_type == MARKER:
         raise ValueError(f"[register_architecture] expected model_type to be a non-empty str other than "
@@ -303,8 +313,17 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, dtype: str | mx.Dtype | 
             file and tensor), a repo id not cached while offline.
 
     Example:
-        >>> model = from_pretrained("path/to/tiny-llama", dtype="float32")
-        >>> logits = model(mx.array([[1, 2, 3]]))
+        A tiny Llama saved by ``transformers`` (random weights) stands in for a real checkpoint:
+
+        >>> import mlx.core as mx
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from mlx_zeta.converters import from_pretrained
+        >>> config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                      num_attention_heads=4, num_key_value_heads=2)
+        >>> LlamaForCausalLM(config).save_pretrained("tiny-llama")
+        >>> model = from_pretrained("tiny-llama", dtype="float32")
+        >>> model(mx.array([[1, 2, 3]])).shape
+        (1, 3, 64)
     """
     folder = resolve(path_or_repo_id, revision)
     config = _read_config(folder)
@@ -369,8 +388,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: str | mx.D
 
     Args:
         model: a model from :func:`from_pretrained` (or any model, with ``config``).
-        path: destination folder. dtype: cast floating weights before writing.
-        format: ``"mlx_zeta"`` or ``"hf"`` (:data:`FORMATS`).
+        path: destination folder.
+        dtype: cast floating weights before writing.
+        format: ``"mlx_zeta"`` or ``"hf"`` (``FORMATS``).
         max_shard_bytes: shard size limit (an index file is written for more than one shard).
         config: the ``config.json`` dict for a model that has no ``model.pretrained``.
     """

@@ -56,7 +56,7 @@ autodoc_preserve_defaults = True
 autodoc_default_options = {"show-inheritance": True}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
-napoleon_custom_sections = [("Shape", "params_style"), ("Shapes", "params_style"), ("Math", "notes_style")]
+napoleon_custom_sections = ["Shape", "Shapes", "Math"]  # headed sections, their lists kept as written
 
 # The guides' {testcode} and {shell} blocks run in a scratch folder, one per page, on tiny models; hidden
 # {testsetup} blocks may import the test suite's tiny-checkpoint makers (tests/lm_tiny.py, tests/hf_tiny.py).

@@ -1,4 +1,5 @@
-"""Core AI export of MLX models and functions: trace, lower (:mod:`.lower`), save an ``.aimodel`` atomically.
+"""Core AI export of MLX models and functions: trace, lower (:mod:`~mlx_zeta.converters.coreai.lower`), save an
+``.aimodel`` atomically.
 
 :func:`export_coreai` writes a single-function bundle (encoders, vision models, any function of
 arrays); :func:`~.stateful.export_decoder_coreai` writes a decoder LM's stateful bundle. Both trace
@@ -92,7 +93,7 @@ def write_bundle_metadata(asset, *, author=None, license=None, description=None,
 
 def read_bundle_metadata(path) -> dict:
     """``{"author", "license", "description", "version", "user": {str: str}, "inputs", "outputs", "states"}``
-    of a saved bundle (the keys :func:`write_bundle_metadata` writes)."""
+    of a saved bundle (the keys ``write_bundle_metadata`` writes)."""
     coreai = import_coreai("read_bundle_metadata")
     m = coreai.authoring.AIModelAsset.load(Path(path)).metadata
     custom = dict(m.creator_defined_metadata)
@@ -113,7 +114,7 @@ def export_coreai(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         example_inputs: array or tuple of arrays; shapes are fixed to these.
         input_names, output_names: the function's feature names (default ``input_i`` / ``output_i``).
         weights: storage of float weight matrices, ``"float16"`` (default) or ``"float32"``; compute
-            is float32 (:mod:`.lower`).
+            is float32 (:mod:`~mlx_zeta.converters.coreai.lower`).
         compress: the float weights' compression, as :func:`~mlx_zeta.converters.coreml.export_coreml`
             takes it (a mode of ``COMPRESS_MODES`` or ``{pattern or "@embedding"/"@head": mode}``);
             ternary layers are 2-bit tables and MLX-quantized layers MLX's own codes, scales and biases.
@@ -123,8 +124,10 @@ def export_coreai(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         function_name: the bundle's function (default ``"main"``).
 
     Raises:
-        ValueError: an unknown primitive (named with the model), bad options. ImportError (one
-        line) without ``coreai-core``. Nothing is left at ``path`` on failure.
+        ValueError: for an unknown primitive (named with the model) or bad options.
+        ImportError: (one line) without ``coreai-core``.
+
+    Nothing is left at ``path`` on failure.
     """
     from mlx_zeta._version import __version__
 

@@ -1,16 +1,16 @@
 r"""The data of a Core AI lowering: the emitter table, the lowering context, the element types.
 
-Everything the emitters (:mod:`.ops`) and the driver (:mod:`.lower`) share lives here:
-:data:`EMITTERS` and :func:`register_emitter` (``MLX primitive name -> emitter(ctx, node)``),
-:class:`Context` (Core AI values by MLX name, constants, compressed weights, state writes) and
-:func:`element_type`.
+Everything the emitters (:mod:`~mlx_zeta.converters.coreai.ops`) and the driver
+(:mod:`~mlx_zeta.converters.coreai.lower`) share lives here: :data:`EMITTERS` and :func:`register_emitter` (``MLX
+primitive name -> emitter(ctx, node)``), :class:`Context` (Core AI values by MLX name, constants, compressed weights,
+state writes) and :func:`element_type`.
 
-Precision: every value is computed in float32 (``f32``), integers in ``si32``, booleans in ``i1``.
-Float matrices (constants of rank >= 2) are stored in ``weights`` (``"float16"`` or ``"float32"``)
-and cast to float32 where read; vectors and scalars (norm scales, biases, rotary frequencies) stay
-float32. Compressed weights (:class:`~mlx_zeta.converters.coreml.compress.Compressed`) are emitted by
-:mod:`.weights` and decode to float32. Core AI's CPU runtime on Linux accumulates fp16 matmuls in
-fp16, so fp32 compute is what the checks run; a device may still choose its own precision.
+Precision: every value is computed in float32 (``f32``), integers in ``si32``, booleans in ``i1``. Float matrices
+(constants of rank >= 2) are stored in ``weights`` (``"float16"`` or ``"float32"``) and cast to float32 where read;
+vectors and scalars (norm scales, biases, rotary frequencies) stay float32. Compressed weights
+(:class:`~mlx_zeta.converters.coreml.compress.Compressed`) are emitted by :mod:`~mlx_zeta.converters.coreai.weights`
+and decode to float32. Core AI's CPU runtime on Linux accumulates fp16 matmuls in fp16, so fp32 compute is what the
+checks run; a device may still choose its own precision.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = ["EMITTERS", "register_emitter", "Context", "LoweringError", "element_
 
 FLOAT, INT, BOOL = "f32", "si32", "i1"  # the three element types values are computed in
 NUMPY = {FLOAT: np.float32, INT: np.int32, BOOL: np.bool_}  # their numpy dtypes (constants, scalar operands)
+#: The emitter table ``MLX primitive name -> emitter(ctx, node)``, filled by :func:`register_emitter`.
 EMITTERS: Dict[str, Callable] = {}
 register_emitter = registrar(EMITTERS)
 register_emitter.__doc__ = "Decorator: ``fn(ctx, node) -> Value | list[Value]`` lowers the MLX primitives ``names``."
@@ -44,7 +45,7 @@ class Context:
     Args:
         graph (Graph): the graph being lowered.
         weights (str): storage of float matrices, ``"float16"`` or ``"float32"``.
-        compressed (dict): ``{constant name: Compressed}``, emitted by :mod:`.weights`.
+        compressed (dict): ``{constant name: Compressed}``, emitted by :mod:`~mlx_zeta.converters.coreai.weights`.
     """
 
     def __init__(self, graph: Graph, weights: str = "float32", compressed: Optional[dict] = None):

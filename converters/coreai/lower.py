@@ -8,10 +8,10 @@ squeezed, broadcast constants unbroadcast, dead nodes pruned); attention is *not
 attribute, outside the versioned authoring API).
 
 :func:`lower_function` emits one ``coreai.graph`` into the active ``coreai.authoring.Module`` through
-:data:`~.graph.EMITTERS` (``MLX primitive name -> emitter(ctx, node)``, filled by :mod:`.ops` with
-:func:`~.graph.register_emitter`); an unknown primitive is a :class:`LoweringError` naming it and the model
-before anything is emitted (the op-coverage guard).
-The table, the context and the precision policy live in :mod:`.graph`.
+:data:`~.graph.EMITTERS` (``MLX primitive name -> emitter(ctx, node)``, filled by
+:mod:`~mlx_zeta.converters.coreai.ops` with :func:`~.graph.register_emitter`); an unknown primitive is a
+:class:`LoweringError` naming it and the model before anything is emitted (the op-coverage guard). The table, the
+context and the precision policy live in :mod:`~mlx_zeta.converters.coreai.graph`.
 
 States: ``states={input name: output name}`` marks inputs as mutable buffers (KV caches); an
 emitter that writes one (``DynamicSliceUpdate``) stores the new value in ``ctx.state_writes`` and

@@ -1,10 +1,10 @@
 """The Core AI emitters: one function per MLX primitive (or family), registered into
 :data:`~.graph.EMITTERS` when this module is imported (by :func:`~.lower.lower_function`).
 
-Each takes ``(ctx, node)`` and returns one ``coreai.authoring`` value per MLX output, computed in the
-element types of :mod:`.graph` (float32, si32, i1). ``BINARY``/``UNARY`` map the elementwise MLX
-primitives to the ``coreai`` ops they become; the rest are written out below. Images are NHWC in
-MLX and NCHW in Core AI's convolution and pooling: emitters transpose around them.
+Each takes ``(ctx, node)`` and returns one ``coreai.authoring`` value per MLX output, computed in the element types of
+:mod:`~mlx_zeta.converters.coreai.graph` (float32, si32, i1). ``BINARY``/``UNARY`` map the elementwise MLX primitives
+to the ``coreai`` ops they become; the rest are written out below. Images are NHWC in MLX and NCHW in Core AI's
+convolution and pooling: emitters transpose around them.
 """
 
 import numpy as np

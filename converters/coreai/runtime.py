@@ -121,6 +121,18 @@ class Bundle:
         return {k: NDArray(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
     def __call__(self, name: str, inputs: Dict[str, np.ndarray], state: Optional[dict] = None) -> Dict[str, np.ndarray]:
+        """Run the bundle's function ``name`` once (inside the ``with`` block).
+
+        Args:
+            name (str): one of :attr:`functions` (``"main"``, ``"decode"``, ``"prefill_16"``, ...).
+            inputs (dict): ``{input name: np.ndarray}``, each of the shape the function declares
+                (:meth:`signature` lists the names).
+            state (dict, optional): runtime state buffers from :meth:`new_state`, updated in place;
+                ``None`` for a function without state.
+
+        Returns:
+            dict: ``{output name: np.ndarray}``.
+        """
         from coreai.runtime import NDArray
 
         feeds = {k: NDArray(np.ascontiguousarray(v)) for k, v in inputs.items()}

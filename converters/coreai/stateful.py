@@ -15,8 +15,8 @@ into one ``coreai.graph`` of the bundle. The contract is the Core ML package's
   chunks of ``max_len``). The step is traced at three lengths and merged into one graph whose
   shapes are affine in ``T`` (:mod:`.dynamic`); the range is recorded in the metadata
   (``mlx_zeta.dynamic_prefill``), nothing checks it at run time (as ``position + T <= capacity``);
-* states ``k_cache_{i}`` / ``v_cache_{i}`` are **float32** (B, kv_heads, capacity, head_dim) buffers,
-  declared as mutable buffers (:mod:`.runtime`); the runtime updates the caller's state arrays in
+* states ``k_cache_{i}`` / ``v_cache_{i}`` are **float32** (B, kv_heads, capacity, head_dim) buffers, declared as
+  mutable buffers (:mod:`~mlx_zeta.converters.coreai.runtime`); the runtime updates the caller's state arrays in
   place, and one set of arrays serves every function;
 * the functions hold the same weight constants, which the bundle stores once (MLIR uniques equal
   constants: a bundle with three functions is a few KB larger than one with a single function).
@@ -68,8 +68,9 @@ def export_decoder_coreai(model, path, *, capacity: int, prefill_lens: Union[int
             (:mod:`.dynamic`). Default: none.
 
     Raises:
-        ValueError: a model or option the export does not support. Nothing is left at ``path``
-        on failure.
+        ValueError: for a model or option the export does not support.
+
+    Nothing is left at ``path`` on failure.
     """
     import mlx.core as mx
 

@@ -445,6 +445,21 @@ class Evaluator:
                 self.state[n] = np.zeros(sv.shape, _np_dtype(sv))
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Evaluate the function once on ``inputs``, reading and updating ``state``.
+
+        Args:
+            inputs (Mapping[str, np.ndarray]): every input of the function by name, each of its declared
+                shape (flexible dimensions take any size) and dtype kind (cast to the declared dtype).
+
+        Returns:
+            dict[str, np.ndarray]: the outputs, keyed by the function's output names. Ops that produced
+            non-finite values are listed in ``nonfinite_ops`` afterwards.
+
+        Raises:
+            KeyError: when an input is missing or unexpected.
+            ValueError: when an input's shape does not match its declaration.
+            TypeError: when an input's dtype kind (float, int, bool) does not.
+        """
         missing = [n for n in self.input_vars if n not in inputs]
         extra = [n for n in inputs if n not in self.input_vars]
         if missing or extra:

@@ -1,13 +1,13 @@
-"""Core ML export of MLX models and functions: trace, lower (:mod:`.lower`), convert, save atomically.
+"""Core ML export of MLX models and functions: trace, lower (:mod:`~mlx_zeta.converters.coreml.lower`), convert, save
+atomically.
 
 :func:`to_mil` gives the lowered MIL program without saving (tests evaluate it in numpy);
 :func:`export_coreml` converts it with ``coremltools.convert`` to an ML Program and writes the
 ``.mlpackage`` into a temporary folder beside ``path``, renamed into place only when complete.
 
-Weights: ternary layers and MLX-affine quantized layers are traced through stand-ins and stored in
-their exact compressed forms (ternary 2-bit tables, 4/8-bit shift-scale), float weights by the
-``compress`` policy (int8, int4 per block, palettized): :mod:`.weights` decides which, :mod:`.compress`
-holds the math.
+Weights: ternary layers and MLX-affine quantized layers are traced through stand-ins and stored in their exact
+compressed forms (ternary 2-bit tables, 4/8-bit shift-scale), float weights by the ``compress`` policy (int8, int4 per
+block, palettized): :mod:`~mlx_zeta.converters.coreml.weights` decides which, :mod:`.compress` holds the math.
 """
 
 import warnings
@@ -105,7 +105,7 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
         example_inputs: array or tuple of arrays; shapes are fixed to these.
         input_names, output_names: Core ML feature names (default ``input_i`` / ``output_i``).
         precision: ``"float16"`` (fp16 weights and activations, fp32 statistics; see
-            :mod:`.graph`) or ``"float32"``.
+            :mod:`~mlx_zeta.converters.coreml.graph`) or ``"float32"``.
         minimum_deployment_target: ``"iOS18"`` / ``"macOS15"`` (default), or ``"iOS17"`` /
             ``"macOS14"`` where the ops allow: attention is then not fused and ternary LUTs are
             refused (stateful decoders need iOS 18).
@@ -124,12 +124,13 @@ def export_coreml(model_or_fn, example_inputs, path, *, input_names: Optional[Se
             written into the package (:mod:`.metadata`); ``user`` is merged over the exporter's own
             ``mlx_zeta.*`` keys (``task``: ``"function"`` unless given, ``precision``,
             ``compression``, ``version``). Inputs and outputs are described by dtype and shape.
-        verbose: let coremltools log, warn and draw its progress bars (:mod:`.runtime`);
+        verbose: let coremltools log, warn and draw its progress bars (:mod:`~mlx_zeta.converters.coreml.runtime`);
             by default it is silent.
 
     Raises:
-        ValueError: an unknown primitive (named with the model), bad options. Nothing is
-        left at ``path`` on failure.
+        ValueError: for an unknown primitive (named with the model) or bad options.
+
+    Nothing is left at ``path`` on failure.
     """
     if image_input is not None:
         missing = {"scale", "bias", "color_layout"} - set(image_input)

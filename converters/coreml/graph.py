@@ -1,7 +1,7 @@
 r"""The data of a Core ML lowering: the captured graph, the emitter table, the lowering context.
 
-Everything the graph passes (:mod:`.passes`), the emitters (:mod:`.ops`) and the driver
-(:mod:`.lower`) share lives here, and this module imports none of them:
+Everything the graph passes (:mod:`.passes`), the emitters (:mod:`~mlx_zeta.converters.coreml.ops`) and the driver
+(:mod:`~mlx_zeta.converters.coreml.lower`) share lives here, and this module imports none of them:
 
 * :class:`Node` and :class:`Graph`: a captured MLX function (one node per primitive);
 * :data:`EMITTERS` and :func:`register_emitter`: the table ``MLX primitive name -> emitter(ctx, node)``;
@@ -36,7 +36,8 @@ import numpy as np
 __all__ = ["Node", "Graph", "Context", "EMITTERS", "register_emitter", "registrar", "LoweringError", "mil_dtype",
            "scalar_const", "MASK_FILL", "MASK_CLAMP", "FP16_MAX", "SHAPE_OPS", "REDUCE", "FLOAT_DTYPES"]
 
-MASK_FILL = -1.0e4  # what mask fills (-inf, float32 lowest) become in fp16 programs
+#: What mask fills (``-inf``, the float32 lowest) become in fp16 programs.
+MASK_FILL = -1.0e4
 MASK_CLAMP = 3.0e4  # float consts <= -MASK_CLAMP are treated as mask fills
 FP16_MAX = 65504.0
 SHAPE_OPS = ("Reshape", "Unflatten", "Flatten", "ExpandDims", "Squeeze")
@@ -116,6 +117,7 @@ def registrar(table: Dict[str, Callable]) -> Callable:
     return register_emitter
 
 
+#: The emitter table ``MLX primitive name -> emitter(ctx, node)``, filled by :func:`register_emitter`.
 EMITTERS: Dict[str, Callable] = {}
 register_emitter = registrar(EMITTERS)
 register_emitter.__doc__ = "Decorator: ``fn(ctx, node) -> Var | list[Var]`` lowers the MLX primitives ``names``."

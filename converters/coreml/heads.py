@@ -53,6 +53,9 @@ class EncoderPooling(nn.Module):
         - output: :math:`(B, D)` float32.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.converters.coreml import EncoderPooling
+        >>> from mlx_zeta.models import BertEncoder
         >>> model = BertEncoder(vocab_size=100, dim=32, depth=2, heads=4, ff_inner_dim=64)
         >>> head = EncoderPooling(model, "mean", normalize=True)
         >>> head(mx.array([[1, 7, 2, 0]]), mx.array([[1, 1, 1, 0]])).shape

@@ -1,7 +1,7 @@
 """fp16 hazard lint for Core ML ML Programs.
 
 ``lint(package_or_program)`` walks every function of a saved ``.mlpackage``
-(or MIL ``Program``/``MLModel``) and returns ``Finding``s for patterns that
+(or MIL ``Program``/``MLModel``) and returns :class:`Finding` records for patterns that
 are harmless in float32 but break when the GPU/ANE runs them in fp16
 (largest finite fp16 value: 65504):
 

@@ -1,22 +1,22 @@
 r"""Lower a captured MLX graph to a Core ML MIL program, primitive by primitive: the driver.
 
-:func:`capture` runs ``mx.export_function`` with a callback and returns a :class:`~.graph.Graph`
-(inputs, outputs, constants, and one :class:`~.graph.Node` per primitive in topological order).
-:func:`lower_graph` rewrites it with the passes of :mod:`.passes` (attention fusion, pooling,
-dead-node removal) and emits every live node through :data:`~.graph.EMITTERS`, a table
-``MLX primitive name -> emitter(ctx, node)`` whose entries live in :mod:`.ops` (imported here,
-which registers them). The module layout has no cycle: :mod:`.graph` (types, table, context)
-<- :mod:`.passes`, :mod:`.ops` <- this driver.
+:func:`capture` runs ``mx.export_function`` with a callback and returns a :class:`~.graph.Graph` (inputs, outputs,
+constants, and one :class:`~.graph.Node` per primitive in topological order). :func:`lower_graph` rewrites it with the
+passes of :mod:`.passes` (attention fusion, pooling, dead-node removal) and emits every live node through
+:data:`~.graph.EMITTERS`, a table ``MLX primitive name -> emitter(ctx, node)`` whose entries live in
+:mod:`~mlx_zeta.converters.coreml.ops` (imported here, which registers them). The module layout has no cycle:
+:mod:`~mlx_zeta.converters.coreml.graph` (types, table, context) <- :mod:`.passes`,
+:mod:`~mlx_zeta.converters.coreml.ops` <- this driver.
 
-Extending: ``register_emitter("Name")`` decorates ``fn(ctx, node) -> Var | list[Var]``; read
-inputs with ``ctx.get(name, dtype)`` or ``ctx.floats(node)`` (which applies the precision
-policy of :mod:`.graph`), and return one MIL var per MLX output, of the MLX output's shape. State inputs
-(a KV cache) can be passed to :func:`lower_graph` as ``states={input_name: mb.StateTensorSpec(...)}``
-(``input_name`` as in ``input_names``): those inputs become state placeholders, are read once with
-``mb.read_state``, and an emitter (e.g. for a cache-update primitive) writes them with
-``mb.coreml_update_state(state=ctx.state_vars[mlx_name], value=...)`` (in ``ctx.state_dtypes[mlx_name]``)
-and later ops read that op's output; ``DynamicSliceUpdate`` (``mx.slice_update`` at an array
-position, :class:`~mlx_zeta.nn.StaticKVCache`) does so.
+Extending: ``register_emitter("Name")`` decorates ``fn(ctx, node) -> Var | list[Var]``; read inputs with
+``ctx.get(name, dtype)`` or ``ctx.floats(node)`` (which applies the precision policy of
+:mod:`~mlx_zeta.converters.coreml.graph`), and return one MIL var per MLX output, of the MLX output's shape. State
+inputs (a KV cache) can be passed to :func:`lower_graph` as ``states={input_name: mb.StateTensorSpec(...)}``
+(``input_name`` as in ``input_names``): those inputs become state placeholders, are read once with ``mb.read_state``,
+and an emitter (e.g. for a cache-update primitive) writes them with
+``mb.coreml_update_state(state=ctx.state_vars[mlx_name], value=...)`` (in ``ctx.state_dtypes[mlx_name]``) and later
+ops read that op's output; ``DynamicSliceUpdate`` (``mx.slice_update`` at an array position,
+:class:`~mlx_zeta.nn.StaticKVCache`) does so.
 
 The graph types, :data:`~.graph.EMITTERS`, :func:`~.graph.register_emitter` and the constants
 (``MASK_FILL``, ...) are re-exported here for ``from ...coreml.lower import ...`` users.

@@ -15,9 +15,13 @@ checked by :func:`check_metadata` before anything is converted, and write it on 
 ``user`` merged over their own ``mlx_zeta.*`` keys (:func:`exporter_metadata`), before it is moved
 into place: a package is never left with half its metadata.
 
-    >>> write_metadata("lm.mlpackage", author="me", inputs={"input_ids": "Token ids (B, L) int32"},
+    >>> import mlx.core as mx
+    >>> import mlx.nn as nn
+    >>> from mlx_zeta.converters.coreml import export_coreml, read_metadata, write_metadata
+    >>> path = export_coreml(nn.Linear(4, 2), (mx.zeros((1, 4)),), "tiny.mlpackage", input_names=["x"])
+    >>> write_metadata(path, author="me", inputs={"x": "Features (1, 4) float32"},
     ...                user={"mlx_zeta.bos_token_id": "1"})
-    >>> read_metadata("lm.mlpackage")["user"]["mlx_zeta.bos_token_id"]
+    >>> read_metadata(path)["user"]["mlx_zeta.bos_token_id"]
     '1'
 """
 
@@ -98,8 +102,9 @@ def write_metadata(package_path, *, author: Optional[str] = None, license: Optio
         user: ``{str: str}`` Core ML user-defined metadata, added to (or replacing) the entries there.
 
     Raises:
-        ValueError: a value that is not a str, or a feature the package does not have (nothing is
-            written then). :class:`~.package.PackageError` for a package that is not whole.
+        ValueError: for a value that is not a str, or a feature the package does not have (nothing is
+            written then).
+        PackageError: for a package that is not whole.
     """
     owner = "write_metadata"
     fields = {"author": author, "license": license, "description": description, "version": version}
@@ -136,13 +141,13 @@ def read_metadata(package_path) -> dict:
     """The metadata of the saved package at ``package_path``.
 
     Returns:
-        ``{"author", "license", "description", "version": str or None (None where unset),
-        "inputs", "outputs", "states": {feature name: description ("" where unset)},
-        "user": {str: str}}``; a feature's description is the first non-empty one among the
-        functions that have it.
+        dict: ``"author"``, ``"license"``, ``"description"`` and ``"version"`` map to a str (None where
+        unset); ``"inputs"``, ``"outputs"`` and ``"states"`` to ``{feature name: description}`` (``""``
+        where unset); ``"user"`` to ``{str: str}``. A feature's description is the first non-empty one
+        among the functions that have it.
 
     Raises:
-        :class:`~.package.PackageError` for a package that is not whole (:func:`~.package.open_package`).
+        PackageError: for a package that is not whole (:func:`~mlx_zeta.converters.coreml.open_package`).
     """
     desc = open_package(package_path, "read_metadata").spec.description
     out = {key: getattr(desc.metadata, field) or None for key, field in FIELDS.items()}

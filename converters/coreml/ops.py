@@ -1,7 +1,7 @@
-"""The emitters: one function per MLX primitive (or family), registered into
-:data:`~.graph.EMITTERS` with :func:`~.graph.register_emitter` when this module is imported
-(the driver, :mod:`.lower`, imports it). Each takes ``(ctx, node)`` and returns one MIL var per
-MLX output; float inputs go through ``ctx.floats`` so the precision policy of :mod:`.graph` holds.
+"""The emitters: one function per MLX primitive (or family), registered into :data:`~.graph.EMITTERS` with
+:func:`~.graph.register_emitter` when this module is imported (the driver, :mod:`~mlx_zeta.converters.coreml.lower`,
+imports it). Each takes ``(ctx, node)`` and returns one MIL var per MLX output; float inputs go through ``ctx.floats``
+so the precision policy of :mod:`~mlx_zeta.converters.coreml.graph` holds.
 
 ``BINARY`` and ``UNARY`` map the elementwise MLX primitives to the MIL ops they become."""
 

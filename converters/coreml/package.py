@@ -134,7 +134,7 @@ def open_package(path, owner: str = "open_package") -> Package:
     """Check that ``path`` is a whole ``.mlpackage`` and return it parsed.
 
     Args:
-        path (str or PathLike): the package folder.
+        path (str or os.PathLike): the package folder.
         owner (str): the public function on whose behalf the package is read, for the message.
 
     Raises:

@@ -104,7 +104,7 @@ def import_coremltools(*, verbose: bool = False, lean: bool = False):
     Args:
         verbose (bool): let the import log its warnings. Default: ``False``.
         lean (bool): skip coremltools' probes of torch, scikit-learn, TensorFlow, transformers and
-            the like (:data:`FRAMEWORK_PROBES`) that are not imported yet; coremltools then cannot
+            the like (``FRAMEWORK_PROBES``) that are not imported yet; coremltools then cannot
             convert models of those frameworks in this process. Default: ``False``.
     """
     if sys.modules.get("coremltools") is not None:

@@ -138,7 +138,7 @@ def export_decoder(model, path, *, capacity: int, prefill_lens: Union[int, Seque
         prefill_lens: tokens per call of each prefill function: an int or a sequence of ints,
             each in [1, capacity] (deduplicated and sorted). Default: ``(64,)``.
         batch: rows per call (one position shared by all rows).
-        precision: ``"float16"`` or ``"float32"`` activations (see :mod:`.lower`); the cache
+        precision: ``"float16"`` or ``"float32"`` activations (see :mod:`~mlx_zeta.converters.coreml.lower`); the cache
             state is fp16 either way (Core ML states are fp16).
         minimum_deployment_target: ``"iOS18"`` or ``"macOS15"`` (states need them).
         compress: the float weights' compression, as :func:`~.export.export_coreml` takes it (patterns
@@ -147,11 +147,12 @@ def export_decoder(model, path, *, capacity: int, prefill_lens: Union[int, Seque
             written into the package (:mod:`.metadata`); ``user`` is merged over the exporter's own
             ``mlx_zeta.*`` keys (task, capacity, prefill_lengths, functions, vocab_size, batch,
             padding, precision, compression, version).
-        verbose: let coremltools log, warn and draw its progress bars (:mod:`.runtime`).
+        verbose: let coremltools log, warn and draw its progress bars (:mod:`~mlx_zeta.converters.coreml.runtime`).
 
     Raises:
-        ValueError: a model or option the export does not support. Nothing is left at
-        ``path`` on failure.
+        ValueError: for a model or option the export does not support.
+
+    Nothing is left at ``path`` on failure.
     """
     check_decoder(model, capacity, batch)
     lens = prefill_lengths(prefill_lens, capacity)

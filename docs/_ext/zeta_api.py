@@ -116,33 +116,39 @@ class ZetaApi(SphinxDirective):
         for name in mod.__all__:
             obj = getattr(mod, name)
             if kind(obj) == "module":
-                pointers.append(f"* :mod:`{obj.__name__}`: {self.summary(obj)}")
+                if hasattr(obj, "__path__"):  # a subpackage: its own page
+                    pointers.append(f"* :mod:`{obj.__name__}`: {self.summary(obj)}")
+                else:  # a module used as a namespace (kernels.cpu, lm.server): its __all__ in its section
+                    for attr in obj.__all__:
+                        groups.setdefault(obj.__name__, []).extend(self.describe(obj.__name__, attr,
+                                                                                 getattr(obj, attr)))
                 continue
             home = home_package(obj, packages) if kind(obj) != "data" else package
-            if home != package:
-                pointers.append(f"* ``{name}``: re-exported from :{self.role(obj)}:`{home}.{name}`")
+            if home != package:  # described on its home's page; an entry here so both names resolve
                 groups.setdefault("", []).extend(self.alias(package, name, obj, home))
                 continue
             module = getattr(obj, "__module__", None) if kind(obj) != "data" else None
-            if (module or "").rsplit(".", 1)[0] != package:
-                module = package  # defined in the package itself or deeper: listed with the package
+            parent, _, last = (module or "").rpartition(".")
+            if parent != package or last.startswith("_"):
+                module = package  # defined in the package itself, a private module or deeper: with the package
             groups.setdefault(module, []).extend(self.describe(package, name, obj))
         return self.assemble(package, groups, pointers)
 
     def assemble(self, package: str, groups: dict[str, list[str]], pointers: list[str]) -> list[str]:
         lines = [f".. py:module:: {package}", "", *self.docstring_lines(importlib.import_module(package)), ""]
         if pointers:
-            lines += [".. rubric:: Also here", "", *pointers, ""]
-        lines += groups.pop("", [])
+            lines += [".. rubric:: Subpackages", "", *pointers, ""]
+        lines += groups.pop(package, [])
+        if "" in groups:
+            lines += [".. rubric:: Re-exported here", "", *groups.pop("")]
         for module in submodules(package):
             groups.setdefault(module, [])
-        for module in sorted(groups, key=lambda m: (m != package, m)):
-            if module != package:
-                title = f"``{module}``"
-                attr = getattr(importlib.import_module(package), module.rsplit(".", 1)[-1], None)
-                clash = attr is not None and attr is not sys.modules.get(module)
-                lines += [title, "-" * len(title), "", f".. automodule:: {module}"]
-                lines += ["   :no-index:", ""] if clash else [""]  # lm.generate: the function owns the name
+        for module in sorted(groups):
+            title = f"``{module}``"
+            attr = getattr(importlib.import_module(package), module.rsplit(".", 1)[-1], None)
+            clash = attr is not None and attr is not sys.modules.get(module)
+            lines += [title, "-" * len(title), "", f".. automodule:: {module}"]
+            lines += ["   :no-index:", ""] if clash else [""]  # lm.generate: the function owns the name
             lines += [f".. py:currentmodule:: {package}", "", *groups[module]]
         return lines
 
@@ -152,9 +158,10 @@ class ZetaApi(SphinxDirective):
         if what == "data":
             doc = data_doc(package, name)
             if doc is None:
-                logger.warning(f"[zeta-api] {target} is public but has no '#:' doc comment", location=self.get_location())
+                logger.warning(f"[zeta-api] {target} is public but has no '#:' doc comment",
+                               location=self.get_location())
             body = [f"   {line}" for line in (doc or "").splitlines()]
-            return [f".. py:data:: {target}", "", *body, ""]
+            return [f".. py:data:: {name}", f"   :module: {package}", "", *body, ""]
         if own_doc(obj) is None:
             logger.warning(f"[zeta-api] {target} is public but has no docstring", location=self.get_location())
         if what in ("class", "exception"):
@@ -173,12 +180,12 @@ class ZetaApi(SphinxDirective):
 
     def alias(self, package: str, name: str, obj: object, home: str) -> list[str]:
         directive = {"class": "py:class", "exception": "py:exception", "function": "py:function"}[kind(obj)]
-        return [f".. {directive}:: {package}.{name}", "   :no-contents-entry:", "",
+        return [f".. {directive}:: {name}", f"   :module: {package}", "   :no-contents-entry:", "",
                 f"   The same object as :{self.role(obj)}:`{home}.{name}`.", ""]
 
     @staticmethod
     def role(obj: object) -> str:
-        return {"class": "class", "exception": "exc", "function": "func", "module": "mod"}.get(kind(obj), "data")
+        return {"class": "class", "exception": "exc", "function": "func"}[kind(obj)]
 
     @staticmethod
     def summary(module: object) -> str:
@@ -187,6 +194,14 @@ class ZetaApi(SphinxDirective):
     @staticmethod
     def docstring_lines(module: object) -> list[str]:
         return inspect.cleandoc(module.__doc__ or "").splitlines()
+
+
+def call_docstring(app, what, name, obj, options, lines) -> None:
+    """An undocumented ``__call__`` would inherit Python's "Call self as a function.": point at the class's
+    **Shape** section instead (``check_call`` makes sure there is one)."""
+    if name.endswith(".__call__") and " ".join(lines).strip() == "Call self as a function.":
+        lines[:] = ["Apply the layer to the arguments above: the class's **Shape** section gives their shapes and "
+                    "the output's."]
 
 
 def check_every_package(app, env) -> None:
@@ -204,5 +219,6 @@ def merge(app, env, docnames, other) -> None:
 def setup(app):
     app.add_directive("zeta-api", ZetaApi)
     app.connect("env-check-consistency", check_every_package)
+    app.connect("autodoc-process-docstring", call_docstring)
     app.connect("env-merge-info", merge)
     return {"version": "1", "parallel_read_safe": True, "env_version": 1}

@@ -12,9 +12,17 @@ before these helpers existed keep their words through ``says=``: the text betwee
 ``[Owner] `` and ``, got <value>``, e.g. ``says="dim must be a positive integer"``.
 New code uses the default wording.
 
-    >>> dim = check_int("RMSNorm", "dim", dim, 1)
-    >>> top_k = check_int("sample", "top_k", top_k, 1, optional=True)
-    >>> mode = check_choice("TernaryLinear", "kernel", kernel, ("auto", "unpack", "fused"))
+    >>> from mlx_zeta.common import check_choice, check_int
+    >>> check_int("RMSNorm", "dim", 64, 1)
+    64
+    >>> print(check_int("sample", "top_k", None, 1, optional=True))
+    None
+    >>> check_choice("TernaryLinear", "kernel", "fused", ("auto", "unpack", "fused"))
+    'fused'
+    >>> check_int("RMSNorm", "dim", 0, 1)
+    Traceback (most recent call last):
+        ...
+    ValueError: [RMSNorm] expected dim to be an int >= 1, got 0
 """
 
 import math
@@ -78,7 +86,7 @@ def check_sizes(owner: str, **sizes: Optional[int]) -> None:
 
 
 def check_positive(owner: str, name: str, value: Any, *, optional: bool = False,
-                   says: Optional[str] = None) -> Optional[Real]:
+                   says: Optional[str] = None) -> Optional[float]:
     """Check that ``value`` is a real number (not a bool, not NaN) greater than 0.
 
     Args:
@@ -110,7 +118,7 @@ def check_choice(owner: str, name: str, value: Any, allowed: Sequence[Any], *, o
         owner (str): the class or function named in brackets.
         name (str): the argument's name.
         value: the argument.
-        allowed (sequence): the accepted values; printed as given (a tuple, list, ...).
+        allowed (Sequence): the accepted values; printed as given (a tuple, list, ...).
         optional (bool): also accept ``None``. Default: ``False``.
         says (str, optional): the site's own wording (see the module docstring).
 
@@ -133,7 +141,7 @@ def check_int_pair(owner: str, name: str, value: Union[int, Sequence[int]], *,
     Args:
         owner (str): the class or function named in brackets.
         name (str): the argument's name.
-        value (int or pair of int): a size, or a height and a width.
+        value (int or tuple of int): a size, or a height and a width.
         says (str, optional): the site's own wording (see the module docstring).
 
     Returns:

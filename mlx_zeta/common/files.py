@@ -105,13 +105,13 @@ def atomic_path(path: PathLike, *, folder: bool = False, merge: bool = False,
     remains and ``path`` is untouched. Parent folders are created.
 
     Args:
-        path (str or PathLike): the file or folder to write.
+        path (str or os.PathLike): the file or folder to write.
         folder (bool): create the staged path as an empty folder. Default: ``False`` (the
             block creates a file or a folder there itself).
         merge (bool): with ``folder``, when ``path`` is an existing folder, move each staged
             entry into it (each move atomic) instead of replacing the folder, so files of
             ``path`` the block did not write stay. Default: ``False``.
-        order (sequence of str): with ``merge``, the names moved first, in this order; the
+        order (Sequence[str]): with ``merge``, the names moved first, in this order; the
             rest follow sorted. Read when the block ends, so a list the block appends to works.
 
     Yields:

@@ -3,6 +3,8 @@
 A functional net is a plain function ``f(params, x, **hyper)`` whose parameters are
 read with :func:`validate`, which states each one's shape and initializer:
 
+    >>> import mlx.core as mx
+    >>> from mlx_zeta.functional import trace, validate, normal
     >>> def affine_net(params, x, dim_out):
     ...     w = validate(params["weight"], (dim_out, x.shape[-1]), init=normal(0.02))
     ...     return x @ w.T
@@ -101,6 +103,7 @@ class _Hole:
         return "_"
 
 
+#: The placeholder for an argument left open in a call to a :func:`flexible` function.
 _ = _Hole()
 
 
@@ -280,6 +283,8 @@ def trace(f: Callable, key: mx.array, *sample_inputs: Any, **hyper: Any) -> Dict
         The nested dict (and lists) of initialized parameters, evaluated.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.functional import trace, linear, tree_shapes
         >>> params = trace(linear, mx.random.key(0), mx.zeros((2, 8)), 4)
         >>> tree_shapes(params)
         {'weight': (4, 8), 'bias': (4,)}

@@ -66,6 +66,8 @@ def linear(params: Params, x: mx.array, dim_out: int, bias: bool = True) -> mx.a
     Parameters: ``weight`` :math:`(\text{dim\_out}, \text{dim\_in})`, ``bias`` :math:`(\text{dim\_out},)`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.functional import trace, linear
         >>> params = trace(linear, mx.random.key(0), mx.zeros((2, 8)), 4)
         >>> linear(params, mx.ones((2, 8)), 4).shape
         (2, 4)
@@ -133,7 +135,7 @@ def layer_norm(params: Params, x: mx.array, eps: float = 1e-5, affine: bool = Tr
 
 @flexible
 def rms_norm(params: Params, x: mx.array, eps: float = 1e-12) -> mx.array:
-    r"""RMS normalisation with a learned gain, as :class:`mlx_zeta.nn.RMSNorm(x.shape[-1], eps)`.
+    r"""RMS normalisation with a learned gain, as :class:`~mlx_zeta.nn.RMSNorm` ``(x.shape[-1], eps)``.
 
     .. math:: y = \frac{x}{\max(\lVert x \rVert_2, \epsilon)} \sqrt{d} \odot \gamma
 
@@ -230,7 +232,7 @@ def multi_head_attention(params: Params, x: mx.array, context: Optional[mx.array
                          dim_head: Optional[int] = None, kv_heads: Optional[int] = None, causal: bool = False,
                          qk_norm: bool = False, bias: bool = False, mask: Optional[mx.array] = None,
                          attn_bias: Optional[mx.array] = None, flash: bool = True) -> mx.array:
-    r"""Multi-head (grouped-query) attention, as :class:`mlx_zeta.nn.Attention(x.shape[-1], heads, ...)`.
+    r"""Multi-head (grouped-query) attention, as :class:`~mlx_zeta.nn.Attention` ``(x.shape[-1], heads, ...)``.
 
     Self-attention when ``context`` is None, else cross-attention to ``context``
     :math:`(B, L_c, \text{dim})`. ``mask``/``attn_bias`` as in :class:`~mlx_zeta.nn.FlashAttention`.

@@ -241,8 +241,9 @@ def fused_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: Optional[fl
 
     Raises:
         ValueError: on inconsistent shapes or dtypes; with ``use_kernel`` set to a kernel, also for a
-        head dim outside :data:`HEAD_DIMS`, a dtype outside :data:`DTYPES` or a value dim unequal to D
-        (``use_kernel=None`` falls back to the reference there).
+            head dim outside ``mlx_zeta.kernels.attention.HEAD_DIMS``, a dtype outside
+            ``mlx_zeta.kernels.attention.DTYPES`` or a value dim unequal to D (``use_kernel=None`` falls
+            back to the reference there).
     """
     _check(q, k, v, window, softcap, alibi_slopes, t5_table, t5_buckets, mask, num_splits)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -33,8 +33,11 @@ import mlx.core as mx
 __all__ = ["available", "reason", "module", "ternary_matmul", "affine_matmul", "isa", "supported_isas",
            "set_isa", "num_threads", "set_num_threads", "AFFINE_BITS", "AFFINE_GROUPS", "DISABLE_ENV"]
 
+#: The environment variable that turns the native kernels off: ``MLX_ZETA_NATIVE=0`` (at build or run time).
 DISABLE_ENV = "MLX_ZETA_NATIVE"
+#: The MLX-affine bit widths the native ``affine_matmul`` takes.
 AFFINE_BITS = (4, 8)
+#: The MLX-affine group sizes the native ``affine_matmul`` takes.
 AFFINE_GROUPS = (32, 64, 128)
 
 

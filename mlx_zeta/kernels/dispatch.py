@@ -64,11 +64,15 @@ __all__ = ["MODES", "ENV_VAR", "CPU_KERNELS", "info", "STRICT_ENV_VAR", "gpu_bac
            "resolve", "kernels_active", "with_reference_vjp", "kernel_failed", "kernel_usable",
            "reset_kernel_failures", "KernelError", "KernelUnavailable", "KernelFallbackWarning"]
 
+#: The process-wide kernel modes :func:`use_kernels` and ``$MLX_ZETA_KERNELS`` accept (module docstring).
 MODES = ("auto", "off", "emulate", "emulate-cuda")
+#: The environment variable that sets the mode when no :func:`use_kernels` context does.
 ENV_VAR = "MLX_ZETA_KERNELS"
+#: The environment variable that turns strict mode on (``1``) or off (``0``, the default).
 STRICT_ENV_VAR = "MLX_ZETA_KERNELS_STRICT"
 PATHS = ("metal", "cuda", "cpu", "emulate", "emulate-cuda", "reference")
-CPU_KERNELS = ("ternary_matmul", "affine_matmul")  # the kernels with a native CPU path (mlx_zeta.kernels.cpu)
+#: The kernels with a native CPU path (:mod:`mlx_zeta.kernels.cpu`), taken in mode ``"auto"`` on a CPU-only machine.
+CPU_KERNELS = ("ternary_matmul", "affine_matmul")
 UseKernel = Union[None, bool, str]
 
 _MODE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mlx_zeta_kernel_mode", default=None)
@@ -197,7 +201,7 @@ def with_reference_vjp(forward: Callable[..., mx.array], reference: Callable[...
     ``forward(*primals)`` and ``reference(*primals)`` compute the same function (a kernel and
     its definition of correctness). The cotangent of every floating primal comes from
     ``mx.vjp(reference, ...)``; integer primals and the positions in ``frozen`` (e.g. packed
-    weights) get zeros. A forward whose kernel is unavailable (:class:`KernelUnavailable`) is
+    weights) get zeros. A forward whose kernel is unavailable (``KernelUnavailable``) is
     replaced by ``reference`` for that call.
     """
 

@@ -47,7 +47,7 @@ class Kernel:
                  mode: str = "metal") -> List[mx.array]:
         """Launch on ``mode``: ``"metal"``, ``"cuda"``, or ``"emulate"`` / ``"emulate-cuda"`` (the
         Metal / CUDA text run on the CPU). MLX's conventions: the grid counts threads, every input
-        is passed row-contiguous; inputs of fewer than 8 elements are padded (:func:`device_sized`)."""
+        is passed row-contiguous; inputs of fewer than 8 elements are padded (``device_sized``)."""
         inputs = [device_sized(x) for x in inputs]
         kwargs = dict(template=list(template), grid=grid, threadgroup=threadgroup,
                       output_shapes=[tuple(s) for s in output_shapes], output_dtypes=list(output_dtypes))

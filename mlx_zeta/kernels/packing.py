@@ -132,6 +132,7 @@ def pack_base3(q: ArrayLike) -> mx.array:
 
         byte j of row r:  digit  k=4   k=3   k=2   k=1   k=0   (base 3)
                           weight 5j+4  5j+3  5j+2  5j+1  5j
+
     The input axis is padded to a multiple of 5 with zero weights (code 1).
 
     Args:

@@ -183,7 +183,7 @@ def ternary_matmul(x: mx.array, packed: mx.array, n_out: int, *, use_kernel=None
 
     Raises:
         ValueError: on dtypes other than those above, a shape mismatch between ``x`` and
-        ``packed``, ``n_out`` not matching ``packed``'s rows, or an unknown ``use_kernel``.
+            ``packed``, ``n_out`` not matching ``packed``'s rows, or an unknown ``use_kernel``.
     """
     _check(x, packed, n_out)
     return _differentiable(n_out, resolve(use_kernel, "ternary_matmul"))(x, packed)

@@ -16,9 +16,10 @@ from mlx_zeta.lm.generate import (GenerationResponse, generate, generation_defau
 from mlx_zeta.lm.speculative import SpeculativeStats, speculative_steps
 from mlx_zeta.lm.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
 from mlx_zeta.lm.tuning import evaluate, perplexity, train
+from mlx_zeta.lm import server  # the OpenAI-compatible server: server.make_app, server.serve (the serve extra)
 
 __all__ = ["GenerationResponse", "PromptCache", "SpeculativeStats", "StreamingDetokenizer", "TextDataset",
            "Tokenizer", "WindowedKVCache", "evaluate", "load_datasets", "perplexity", "train", "batch_generate",
            "batch_stream_generate", "generate", "generation_defaults", "load",
            "load_peft", "load_prompt_cache", "load_tokenizer", "make_caches", "prompt_ids", "save_peft",
-           "save_prompt_cache", "speculative_steps", "stream_generate"]
+           "save_prompt_cache", "speculative_steps", "stream_generate", "server"]

@@ -42,6 +42,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int = 0) -> Tuple[mx.array, mx.
     int32 (each row's own, :math:`t - p_r` from 0 at its first real token; 0 on pads).
 
     Example:
+        >>> from mlx_zeta.lm.batch import left_pad
         >>> ids, mask, pos = left_pad([[5, 6, 7], [8]])
         >>> ids.tolist(), mask.tolist(), pos.tolist()
         ([[5, 6, 7], [0, 0, 8]], [[True, True, True], [False, False, True]], [[0, 1, 2], [0, 0, 0]])
@@ -134,8 +135,15 @@ def batch_stream_generate(model: nn.Module, tokenizer: Tokenizer, prompts: Seque
     (all rows' prompt tokens over the prefill time); ``generation_tps`` counts that row's tokens.
 
     Example:
-        >>> for step in batch_stream_generate(model, tok, ["Once upon", "The capital of France is"], 20):
-        ...     print([r.text if r else None for r in step])
+        This needs a trained checkpoint (random weights would print noise), so it is shown, not run:
+
+        .. code-block:: python
+
+            from mlx_zeta.lm import batch_stream_generate, load
+
+            model, tok = load("path/to/model")
+            for step in batch_stream_generate(model, tok, ["Once upon", "The capital of France is"], 20):
+                print([r.text if r else None for r in step])
     """
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -190,8 +198,15 @@ def batch_generate(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Pro
     """The text :func:`batch_stream_generate` produces for each prompt, in order.
 
     Example:
-        >>> batch_generate(model, tok, ["Once upon", "The capital of France is"], max_tokens=20, temperature=0)
-        [' a time there was', ' Paris.']
+        This needs a trained checkpoint (random weights would print noise), so it is shown, not run:
+
+        .. code-block:: python
+
+            from mlx_zeta.lm import batch_generate, load
+
+            model, tok = load("path/to/model")
+            batch_generate(model, tok, ["Once upon", "The capital of France is"], max_tokens=20, temperature=0)
+            # [' a time there was', ' Paris.']
     """
     texts = [[] for _ in prompts] if isinstance(prompts, (list, tuple)) else []
     for step in batch_stream_generate(model, tokenizer, prompts, max_tokens, **options):

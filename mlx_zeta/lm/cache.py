@@ -34,6 +34,8 @@ class WindowedKVCache(RotatingKVCache):
         max_size (int): positions kept and attended to.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.lm import WindowedKVCache
         >>> cache = WindowedKVCache(max_size=2)
         >>> cache.update_and_fetch(mx.zeros((1, 1, 3, 4)), mx.zeros((1, 1, 3, 4)))[0].shape
         (1, 1, 3, 4)
@@ -86,9 +88,16 @@ class PromptCache:
     :func:`~mlx_zeta.lm.load_prompt_cache`.
 
     Example:
-        >>> pc = PromptCache(model)
-        >>> text = generate(model, tokenizer, long_prompt + "Q1", prompt_cache=pc)
-        >>> text = generate(model, tokenizer, long_prompt + "Q2", prompt_cache=pc)  # prefills only "Q2"
+        This needs a trained checkpoint (random weights would print noise), so it is shown, not run:
+
+        .. code-block:: python
+
+            from mlx_zeta.lm import PromptCache, generate, load
+
+            model, tokenizer = load("path/to/model")
+            pc = PromptCache(model)
+            text = generate(model, tokenizer, long_prompt + "Q1", prompt_cache=pc)
+            text = generate(model, tokenizer, long_prompt + "Q2", prompt_cache=pc)  # prefills only "Q2"
     """
 
     def __init__(self, model: nn.Module, max_kv_size: Optional[int] = None):
@@ -107,7 +116,7 @@ class PromptCache:
         self.tokens = []
 
     def reuse(self, ids: Sequence[int]) -> List[int]:
-        """Keep the longest common prefix of :attr:`tokens` and ``ids`` (at most ``len(ids) - 1``
+        """Keep the longest common prefix of ``tokens`` and ``ids`` (at most ``len(ids) - 1``
         tokens, so that at least one goes through the model and gives next-token logits), forget
         the rest, and return the ids still to run. Caches that cannot forget exactly start over."""
         common = 0

@@ -217,9 +217,16 @@ def save_prompt_cache(path: PathLike, prompt_cache: PromptCache, metadata: Optio
     ``metadata`` (``{str: str}``). Returns the path.
 
     Example:
-        >>> pc = PromptCache(model)
-        >>> text = generate(model, tokenizer, document + "Summary:", prompt_cache=pc)
-        >>> save_prompt_cache("doc.safetensors", pc)
+        This needs a trained checkpoint (random weights would print noise), so it is shown, not run:
+
+        .. code-block:: python
+
+            from mlx_zeta.lm import PromptCache, generate, load, save_prompt_cache
+
+            model, tokenizer = load("path/to/model")
+            pc = PromptCache(model)
+            text = generate(model, tokenizer, document + "Summary:", prompt_cache=pc)
+            save_prompt_cache("doc.safetensors", pc)
     """
     if not isinstance(prompt_cache, PromptCache):
         raise ValueError(f"[save_prompt_cache] expected a PromptCache, got {type(prompt_cache).__name__}")
@@ -229,13 +236,20 @@ def save_prompt_cache(path: PathLike, prompt_cache: PromptCache, metadata: Optio
 
 def load_prompt_cache(path: PathLike, model: nn.Module) -> PromptCache:
     """A :class:`~mlx_zeta.lm.PromptCache` of ``model`` holding what :func:`save_prompt_cache`
-    wrote to ``path`` (checked: see :func:`load_caches`). Pass it as ``prompt_cache=`` to
+    wrote to ``path`` (checked: see ``load_caches`` in :mod:`mlx_zeta.lm.cache_file`). Pass it as ``prompt_cache=`` to
     :func:`~mlx_zeta.lm.stream_generate`: a prompt that starts with the saved tokens prefills
     only the rest. The caller's metadata is in ``.metadata``.
 
     Example:
-        >>> pc = load_prompt_cache("doc.safetensors", model)
-        >>> generate(model, tokenizer, document + "Keywords:", prompt_cache=pc)
+        This needs a trained checkpoint (random weights would print noise), so it is shown, not run:
+
+        .. code-block:: python
+
+            from mlx_zeta.lm import generate, load, load_prompt_cache
+
+            model, tokenizer = load("path/to/model")
+            pc = load_prompt_cache("doc.safetensors", model)  # from save_prompt_cache
+            generate(model, tokenizer, document + "Keywords:", prompt_cache=pc)
     """
     caches, tokens, info = load_caches(path, model)
     prompt_cache = PromptCache(model, info["max_kv_size"])

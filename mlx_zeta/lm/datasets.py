@@ -69,7 +69,7 @@ class TextDataset:
 
     Args:
         examples (list): ``[(ids, prompt_len), ...]``, ``0 <= prompt_len <= len(ids)``, at least 2 ids each.
-        max_seq_len (int): the row length :class:`Batches` packs to. Default: ``2048``.
+        max_seq_len (int): the row length ``Batches`` packs to. Default: ``2048``.
         name (str): where the examples came from (errors and ``repr``). Default: ``"dataset"``.
     """
 
@@ -184,7 +184,7 @@ def load_datasets(data_dir: Union[str, os.PathLike], tokenizer: Tokenizer, *, ma
     (a missing file is left out; see the module docstring for the line formats).
 
     Args:
-        data_dir (str or PathLike): the folder.
+        data_dir (str or os.PathLike): the folder.
         tokenizer (Tokenizer): the checkpoint's (its chat template formats prompts and chats).
         mask_prompt (bool): train on the completions only (the prompt part's loss mask is 0). Default: ``False``.
         max_seq_len (int): longer examples are cut to ``max_seq_len`` input positions (a warning

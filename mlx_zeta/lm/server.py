@@ -12,8 +12,16 @@ queue (full: HTTP 503); the worker runs ``stream_generate`` for it and hands eac
 server keeps serving. One :class:`~mlx_zeta.lm.PromptCache` is reused from request to request, so a
 conversation that grows turn by turn prefills only its new tokens.
 
-    >>> serve("path/to/model", port=8080)            # blocks; Ctrl-C stops it
-    >>> app = make_app(model, tokenizer, "tiny")     # an ASGI app, e.g. for BackgroundServer
+It serves a trained checkpoint and blocks until stopped, so this is shown, not run:
+
+.. code-block:: python
+
+    from mlx_zeta.lm import load
+    from mlx_zeta.lm.server import make_app, serve
+
+    serve("path/to/model", port=8080)            # blocks; Ctrl-C stops it
+    model, tokenizer = load("path/to/model")
+    app = make_app(model, tokenizer, "tiny")     # an ASGI app, e.g. for BackgroundServer
 """
 
 from __future__ import annotations
@@ -371,8 +379,17 @@ class BackgroundServer:
 
     ``url`` is ``http://host:port``; :meth:`close` stops it (open streams get a second to finish).
 
-        >>> with BackgroundServer(make_app(model, tok, "tiny")) as server:
-        ...     OpenAI(base_url=server.url + "/v1", api_key="none")
+    It needs a model and the ``openai`` client, so it is shown, not run:
+
+    .. code-block:: python
+
+        from openai import OpenAI
+        from mlx_zeta.lm import load
+        from mlx_zeta.lm.server import BackgroundServer, make_app
+
+        model, tok = load("path/to/model")
+        with BackgroundServer(make_app(model, tok, "tiny")) as server:
+            OpenAI(base_url=server.url + "/v1", api_key="none")
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",

@@ -198,14 +198,28 @@ def speculative_steps(target: Any, draft: Any, prompt: mx.array, target_caches: 
             both models' logits before sampling (penalties, logit bias). Default: none.
         counts (array, optional): :math:`(1, V)` token counts of the history before the first new token
             (e.g. of the prompt), the processor's starting counts. Default: zeros.
-        eos (sequence of int): end-token ids; the run ends after yielding one. Default: none.
+        eos (Sequence[int]): end-token ids; the run ends after yielding one. Default: none.
         stats (SpeculativeStats, optional): filled in place (rounds, drafted, accepted, prompt timing).
         prefill_step (int): prompt positions per prefill forward pass. Default: ``512``.
 
     Example:
+        Two tiny random models: whatever the draft proposes, greedy speculative decoding yields the
+        target's own greedy tokens.
+
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.lm import speculative_steps
+        >>> from mlx_zeta.structs import Decoder, Transformer
+        >>> mx.random.seed(0)
+        >>> target = Transformer(num_tokens=64, max_seq_len=64, attn_layers=Decoder(dim=32, depth=2, heads=2))
+        >>> draft = Transformer(num_tokens=64, max_seq_len=64, attn_layers=Decoder(dim=16, depth=1, heads=2))
         >>> steps = speculative_steps(target, draft, mx.array([[1, 2, 3]]), target.make_cache(),
         ...                           draft.make_cache(), 8, temperature=0)
-        >>> [tok for tok, logprob, from_draft in steps]  # == the target's greedy tokens
+        >>> tokens = [tok for tok, logprob, from_draft in steps]
+        >>> ids = mx.array([[1, 2, 3]])
+        >>> for _ in range(8):  # the target alone, greedy, without a cache
+        ...     ids = mx.concatenate([ids, target(ids)[:, -1:].argmax(-1)], axis=1)
+        >>> tokens == ids[0, 3:].tolist()
+        True
 
     References: Leviathan et al., "Fast Inference from Transformers via Speculative Decoding",
     https://arxiv.org/abs/2211.17192; Chen et al., "Accelerating Large Language Model Decoding with

@@ -108,7 +108,19 @@ class Tokenizer:
     Use :func:`load_tokenizer` to read one from a checkpoint folder.
 
     Example:
-        >>> tok = load_tokenizer("path/to/model")
+        A byte-level BPE trained here on two lines stands in for a checkpoint's ``tokenizer.json``:
+
+        >>> import os
+        >>> from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+        >>> from mlx_zeta.lm import load_tokenizer
+        >>> backend = Backend(models.BPE())
+        >>> backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        >>> backend.decoder = decoders.ByteLevel()
+        >>> trainer = trainers.BpeTrainer(initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        >>> backend.train_from_iterator(["héllo 世界", "hello world"], trainer)
+        >>> os.makedirs("tiny", exist_ok=True)
+        >>> backend.save("tiny/tokenizer.json")
+        >>> tok = load_tokenizer("tiny")
         >>> tok.decode(tok.encode("héllo 世界", add_special_tokens=False))
         'héllo 世界'
     """
@@ -138,7 +150,7 @@ class Tokenizer:
 
     @property
     def eos_token_ids(self) -> tuple:
-        """The tokenizer's own end token (the generation config may add more: see :mod:`.generate`)."""
+        """The tokenizer's own end token (the generation config may add more; see :mod:`mlx_zeta.lm.generate`)."""
         eos = self.token_id(self.special.get("eos_token"))
         return () if eos is None else (eos,)
 
@@ -259,9 +271,22 @@ class StreamingDetokenizer:
         text (str): every piece handed out so far.
 
     Example:
+        With a byte-level BPE that never saw the rocket, "🚀" is four byte tokens:
+
+        >>> from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+        >>> from mlx_zeta.lm import Tokenizer
+        >>> backend = Backend(models.BPE())
+        >>> backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        >>> backend.decoder = decoders.ByteLevel()
+        >>> trainer = trainers.BpeTrainer(initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        >>> backend.train_from_iterator(["hello world"], trainer)
+        >>> tokenizer = Tokenizer(backend)
+        >>> ids = tokenizer.encode("hello 🚀")
         >>> detok = tokenizer.detokenizer()
-        >>> "".join(detok.add(t) for t in ids) + detok.flush() == tokenizer.decode(ids)
-        True
+        >>> [detok.add(t) for t in ids]  # nothing while the character is incomplete
+        ['hello', ' ', '', '', '', '🚀']
+        >>> detok.flush(), detok.text == tokenizer.decode(ids)
+        ('', True)
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):

@@ -14,9 +14,16 @@ adds nothing to the loss or its gradient. With gradient accumulation the Trainer
 micro-batches' losses (each a mean over its own tokens). :func:`evaluate` weights every token
 of the evaluated batches alike; perplexity is :math:`\exp` of that mean.
 
->>> model, tokenizer = load("path/to/model")
->>> quantize(model, 4, group_size=64)                       # QLoRA: a 4-bit frozen base
->>> result = train(model, tokenizer, "data/", iters=600, adapter_path="adapters/", mask_prompt=True)
+Fine-tuning needs a pretrained checkpoint and a data folder, so this is shown, not run:
+
+.. code-block:: python
+
+    from mlx_zeta.converters import quantize
+    from mlx_zeta.lm import load, train
+
+    model, tokenizer = load("path/to/model")
+    quantize(model, 4, group_size=64)                       # QLoRA: a 4-bit frozen base
+    result = train(model, tokenizer, "data/", iters=600, adapter_path="adapters/", mask_prompt=True)
 """
 
 from __future__ import annotations
@@ -161,17 +168,23 @@ def train(model: nn.Module, tokenizer: Tokenizer, data_dir: Union[str, os.PathLi
         fine_tune_type (str): ``"lora"``, ``"dora"`` (:func:`~mlx_zeta.training.adapters.apply_adapters`
             with ``rank``, ``scale`` or ``alpha``, ``dropout``, ``num_layers``, ``targets``; ``None``
             takes its default) or ``"full"`` (every parameter; a float model only). Default: ``"lora"``.
-        iters (int): optimizer steps. batch_size (int): rows per micro-batch. learning_rate: Adam's
-            (a float or a schedule). grad_accum (int): micro-batches per step. max_grad_norm: clipping.
-        mask_prompt (bool), max_seq_len (int), pack (bool): the data (see :mod:`mlx_zeta.lm.datasets`);
-            ``max_seq_len`` is capped at the model's own for learned absolute positions (GPT-2).
+        iters (int): optimizer steps.
+        batch_size (int): rows per micro-batch.
+        learning_rate: Adam's (a float or a schedule).
+        grad_accum (int): micro-batches per step.
+        max_grad_norm: clipping.
+        mask_prompt (bool): the data (see :mod:`mlx_zeta.lm.datasets`), as ``max_seq_len`` and ``pack``.
+        max_seq_len (int): the data, capped at the model's own for learned absolute positions (GPT-2).
+        pack (bool): the data (see :mod:`mlx_zeta.lm.datasets`).
         grad_checkpoint (bool): recompute each block in the backward pass (needs ``dropout=0``).
         adapter_path: the output folder; checkpoints go to ``<adapter_path>/checkpoints`` every
             ``save_every`` steps and at the end (trainable parameters and optimizer state only).
         resume (bool): continue from the latest checkpoint there; equals the uninterrupted run bit for bit.
-        steps_per_eval (int, optional), val_batches (int, optional): the validation loss on the first
-            ``val_batches`` batches of ``valid`` every ``steps_per_eval`` steps and before the first step.
-        test (bool), test_batches (int, optional): the test loss and perplexity after training.
+        steps_per_eval (int, optional): the validation loss on the first ``val_batches`` batches of
+            ``valid`` every ``steps_per_eval`` steps and before the first step.
+        val_batches (int, optional): see ``steps_per_eval``.
+        test (bool): the test loss and perplexity after training, on ``test_batches`` batches.
+        test_batches (int, optional): see ``test``.
         seed (int): MLX's random state (adapter init, dropout) and the batch order.
         log_path, progress, stream: the Trainer's JSON-lines log, progress bar and output stream.
 

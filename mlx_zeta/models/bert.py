@@ -114,6 +114,8 @@ class BertEncoder(nn.Module):
         - output: :math:`(B, L, \text{hidden\_size})`; :meth:`pooled`, :meth:`embed`: :math:`(B, \text{hidden\_size})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.models import BertEncoder
         >>> model = BertEncoder(vocab_size=100, dim=32, depth=2, heads=4, ff_inner_dim=64)
         >>> model.embed(mx.array([[1, 7, 2]])).shape
         (1, 32)

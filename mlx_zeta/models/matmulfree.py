@@ -15,7 +15,7 @@ __all__ = ["MatMulFreeLM"]
 
 
 class MatMulFreeLM(nn.Module):
-    r"""MatMul-free language model: token embedding, ``depth`` :class:`MatMulFreeBlock` layers,
+    r"""MatMul-free language model: token embedding, ``depth`` :class:`~mlx_zeta.quant.MatMulFreeBlock` layers,
     a final RMSNorm and the logits head.
 
     .. math:: \text{logits} = \text{RMSNorm}(\text{blocks}(E[x]))\, W_{\text{head}}
@@ -26,7 +26,7 @@ class MatMulFreeLM(nn.Module):
     ``max_seq_len`` is only the context length that wrappers crop to (cache-free generation
     re-runs the last ``max_seq_len`` tokens; recurrent generation carries the whole past).
 
-    With ``cache`` (from :meth:`make_cache`: one :class:`MLGRUCache` per layer) the call
+    With ``cache`` (from :meth:`make_cache`: one :class:`~mlx_zeta.quant.MLGRUCache` per layer) the call
     continues from the cached states and updates them, so
     ``AutoregressiveWrapper(MatMulFreeLM(...)).generate(..., cache=True)`` decodes one token
     per step in :math:`O(1)` time and memory per token.
@@ -48,6 +48,8 @@ class MatMulFreeLM(nn.Module):
         - x: :math:`(B, L)` integer tokens. Output: :math:`(B, L, \text{num\_tokens})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.models import MatMulFreeLM
         >>> model = MatMulFreeLM(num_tokens=256, dim=64, depth=2, max_seq_len=128)
         >>> model(mx.zeros((2, 10), dtype=mx.int32)).shape
         (2, 10, 256)
@@ -67,7 +69,7 @@ class MatMulFreeLM(nn.Module):
         self.to_logits = BitLinear(dim, num_tokens) if ternary_head else nn.Linear(dim, num_tokens, bias=False)
 
     def make_cache(self) -> List[MLGRUCache]:
-        """One empty :class:`MLGRUCache` per layer."""
+        """One empty :class:`~mlx_zeta.quant.MLGRUCache` per layer."""
         return [MLGRUCache() for _ in self.layers]
 
     def __call__(self, x: mx.array, cache: Optional[List[MLGRUCache]] = None,

@@ -73,6 +73,8 @@ class PalmE(nn.Module):
         - img: :math:`(B, H, W, C)` channels-last; text: :math:`(B, L)` integer tokens.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.models import PalmE
         >>> model = PalmE()
         >>> img = mx.random.normal((1, 256, 256, 3))
         >>> text = mx.random.randint(0, 20000, (1, 1024))

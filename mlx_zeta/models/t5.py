@@ -46,9 +46,12 @@ class T5Model(nn.Module):
     self-attention and in every decoder cross-attention; the decoder's self-attention is causal.
 
     Args:
-        vocab_size (int): shared token table rows. dim (int): model width (``d_model``).
-        depth (int): encoder blocks. heads (int): attention heads. dim_head (int): features per head
-            (``heads * dim_head`` need not equal ``dim``). ff_inner_dim (int): feed-forward width.
+        vocab_size (int): shared token table rows.
+        dim (int): model width (``d_model``).
+        depth (int): encoder blocks.
+        heads (int): attention heads.
+        dim_head (int): features per head (``heads * dim_head`` need not equal ``dim``).
+        ff_inner_dim (int): feed-forward width.
         decoder_depth (int, optional): decoder blocks. Default: ``depth``.
         ff_glu (bool): gated feed-forward ``wo(act(wi_0 x) * wi_1 x)`` (T5 v1.1). Default: ``False``.
         activation (callable): feed-forward activation. Default: ``nn.relu``.
@@ -76,6 +79,8 @@ class T5Model(nn.Module):
         - input_ids, attention_mask: :math:`(B, L_s)`; decoder_input_ids: :math:`(B, L_t)`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.models import T5Model
         >>> model = T5Model(vocab_size=100, dim=32, depth=2, heads=4, dim_head=8, ff_inner_dim=64)
         >>> model(mx.zeros((2, 7), mx.int32), mx.zeros((2, 3), mx.int32)).shape
         (2, 3, 100)

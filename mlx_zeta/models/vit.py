@@ -58,8 +58,11 @@ class PretrainedViT(nn.Module):
     (``Encoder`` ends with its final LayerNorm; :math:`\phi` is ``pooler_act``.)
 
     Args:
-        image_size (int or pair): input height and width. patch_size (int or pair): patch size.
-        dim (int): hidden size. depth (int): encoder layers. heads (int): attention heads.
+        image_size (int or tuple of int): input height and width.
+        patch_size (int or tuple of int): patch size.
+        dim (int): hidden size.
+        depth (int): encoder layers.
+        heads (int): attention heads.
         ff_inner_dim (int): feed-forward width.
         num_channels (int): image channels. Default: ``3``.
         norm_eps (float): LayerNorm epsilon. Default: ``1e-12``.
@@ -79,6 +82,8 @@ class PretrainedViT(nn.Module):
           pooled: :math:`(B, \text{pooler\_output\_size})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.models import PretrainedViT
         >>> model = PretrainedViT(32, 8, dim=64, depth=2, heads=4, ff_inner_dim=128, num_labels=10)
         >>> model(mx.zeros((1, 32, 32, 3))).shape
         (1, 10)

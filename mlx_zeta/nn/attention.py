@@ -96,6 +96,8 @@ class FlashAttention(nn.Module):
         - output: :math:`(B, H, L_q, D_v)`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import FlashAttention
         >>> attend = FlashAttention(causal=True)
         >>> q = mx.random.normal((2, 4, 6, 8)); k = v = mx.random.normal((2, 2, 10, 8))
         >>> attend(q, k, v).shape
@@ -336,6 +338,8 @@ class Attention(nn.Module):
         - output: :math:`(B, L, \text{dim})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import Attention
         >>> attn = Attention(dim=64, heads=8, kv_heads=2, causal=True)
         >>> attn(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
@@ -425,6 +429,8 @@ class MultiQueryAttention(Attention):
         - x: :math:`(B, L, \text{d\_model})`; output: same. ``mask``/``attn_bias``/``cache`` as in :class:`Attention`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import MultiQueryAttention
         >>> mqa = MultiQueryAttention(d_model=64, heads=8)
         >>> mqa(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
@@ -491,6 +497,8 @@ class MultiGroupedQueryAttn(nn.Module):
         - output: :math:`(B, L_q, \text{dim})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import MultiGroupedQueryAttn
         >>> gqa = MultiGroupedQueryAttn(dim=64, heads=8, kv_heads=2)
         >>> x = mx.random.normal((2, 10, 64))
         >>> out, w = gqa(x, x, x, need_weights=True)

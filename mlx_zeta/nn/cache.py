@@ -151,6 +151,8 @@ class KVCache(Cache):
         - returned keys, values: :math:`(B, H_{kv}, \text{offset}, D)` (after the update).
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import KVCache
         >>> cache = KVCache()
         >>> k = v = mx.zeros((1, 2, 3, 8))
         >>> keys, values = cache.update_and_fetch(k, v)
@@ -225,6 +227,8 @@ class RotatingKVCache(Cache):
         - returned keys, values: :math:`(B, H_{kv}, \min(\text{size}, \text{max\_size}) + L_{new}, D)`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import RotatingKVCache
         >>> cache = RotatingKVCache(max_size=4)
         >>> k = v = mx.zeros((1, 2, 6, 8))
         >>> keys, _ = cache.update_and_fetch(k, v)
@@ -296,6 +300,8 @@ class StaticKVCache(Cache):
         offset (array, optional): int32 scalar, positions already written. Default: ``0``.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import StaticKVCache
         >>> cache = StaticKVCache(capacity=8)
         >>> keys, _ = cache.update_and_fetch(mx.ones((1, 2, 3, 4)), mx.ones((1, 2, 3, 4)))
         >>> keys.shape, cache.offset.item()

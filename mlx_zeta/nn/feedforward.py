@@ -61,6 +61,8 @@ class ReluSquared(nn.Module):
         - Output: :math:`(*)`, same shape as the input.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import ReluSquared
         >>> act = ReluSquared()
         >>> act(mx.array([-1.0, 0.5, 2.0]))
         array([0, 0.25, 4], dtype=float32)
@@ -184,6 +186,8 @@ class FeedForward(nn.Module):
         - Output: :math:`(*, \text{dim\_out})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import FeedForward
         >>> ff = FeedForward(256, 512, glu=True, post_act_ln=True, dropout=0.2)
         >>> ff(mx.random.normal((1, 256))).shape
         (1, 512)

@@ -64,6 +64,8 @@ class RMSNorm(nn.Module):
         - Output: :math:`(*, d)`, same dtype as the input.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import RMSNorm
         >>> norm = RMSNorm(64)
         >>> norm(mx.random.normal((2, 5, 64))).shape
         (2, 5, 64)
@@ -105,6 +107,8 @@ class SimpleRMSNorm(nn.Module):
         - Output: :math:`(*, d)`, same dtype as the input.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import SimpleRMSNorm
         >>> SimpleRMSNorm(2)(mx.array([3.0, 4.0]))  # [3, 4] / 5 * sqrt(2)
         array([0.848528, 1.13137], dtype=float32)
 
@@ -146,6 +150,8 @@ class ScaleNorm(nn.Module):
         - Output: :math:`(*, d)`, same dtype as the input.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import ScaleNorm
         >>> norm = ScaleNorm(512)
         >>> norm(mx.random.normal((1, 10, 512))).shape
         (1, 10, 512)
@@ -196,6 +202,8 @@ class LayerNorm(nn.Module):
         - Output: :math:`(*, \text{dim})`, same dtype as the input.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import LayerNorm
         >>> norm = LayerNorm(10)
         >>> norm(mx.random.normal((32, 10))).shape
         (32, 10)

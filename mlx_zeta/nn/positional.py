@@ -66,6 +66,8 @@ class RotaryEmbedding(nn.Module):
         - scale: :math:`(L, d)`, float32, or the float ``1.0``.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import RotaryEmbedding, apply_rotary_pos_emb
         >>> rotary = RotaryEmbedding(dim=32, use_xpos=True)
         >>> freqs, scale = rotary(16)
         >>> q = apply_rotary_pos_emb(mx.random.normal((2, 4, 16, 32)), freqs, scale)
@@ -208,6 +210,7 @@ class AlibiPositionalBias(nn.Module):
         - Output: :math:`(\text{total\_heads}, I, J)`, float32; add it to the scores.
 
     Example:
+        >>> from mlx_zeta.nn import AlibiPositionalBias
         >>> alibi = AlibiPositionalBias(heads=4, total_heads=8)
         >>> alibi(3, 5).shape
         (8, 3, 5)
@@ -290,6 +293,7 @@ class RelativePositionBias(nn.Module):
         - Output: :math:`(\text{batch\_size}, \text{num\_heads}, \text{qlen}, \text{klen})`.
 
     Example:
+        >>> from mlx_zeta.nn import RelativePositionBias
         >>> bias = RelativePositionBias(num_buckets=32, max_distance=128, num_heads=8)
         >>> bias(2, 10, 10).shape
         (2, 8, 10, 10)
@@ -369,6 +373,8 @@ class AbsolutePositionalEmbedding(nn.Module):
         - Output: :math:`(L, d)`, or ``pos.shape + (d,)``.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import AbsolutePositionalEmbedding
         >>> pos_emb = AbsolutePositionalEmbedding(dim=64, max_seq_len=128)
         >>> pos_emb(mx.zeros((2, 10), dtype=mx.int32)).shape
         (10, 64)
@@ -429,6 +435,8 @@ class ScaledSinusoidalEmbedding(nn.Module):
           ``seq_start_pos``; in ``scale``'s dtype.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn import ScaledSinusoidalEmbedding
         >>> emb = ScaledSinusoidalEmbedding(dim=64)
         >>> emb(mx.zeros((2, 10, 64))).shape
         (10, 64)

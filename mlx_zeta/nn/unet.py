@@ -61,6 +61,8 @@ class DoubleConv(nn.Module):
         - Output: :math:`(N, H, W, C_{out})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn.unet import DoubleConv
         >>> block = DoubleConv(3, 8)
         >>> block(mx.zeros((2, 16, 16, 3))).shape
         (2, 16, 16, 8)
@@ -100,6 +102,8 @@ class Down(nn.Module):
         - Output: :math:`(N, \lfloor H/2 \rfloor, \lfloor W/2 \rfloor, C_{out})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn.unet import Down
         >>> Down(8, 16)(mx.zeros((2, 17, 16, 8))).shape
         (2, 8, 8, 16)
 
@@ -149,6 +153,8 @@ class Up(nn.Module):
         - Output: :math:`(N, H, W, C_{out})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn.unet import Up
         >>> up = Up(16, 4, bilinear=False)
         >>> up(mx.zeros((2, 4, 4, 16)), mx.zeros((2, 9, 8, 8))).shape
         (2, 9, 8, 4)
@@ -203,6 +209,8 @@ class OutConv(nn.Module):
         - Output: :math:`(N, H, W, C_{out})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.nn.unet import OutConv
         >>> OutConv(8, 2)(mx.zeros((1, 5, 5, 8))).shape
         (1, 5, 5, 2)
 

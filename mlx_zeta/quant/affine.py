@@ -22,7 +22,7 @@ class AffineLinear(nn.QuantizedLinear):
     goes through :func:`mlx_zeta.kernels.affine_matmul`, the one place that picks the path: on the
     CPU, the native 4/8-bit kernels where built (a GEMV per decoding step, a tiled GEMM for a
     prompt or a batch), else a BLAS matmul on the transiently dequantized weight from
-    :data:`DEQUANTIZE_ROWS` rows on; MLX's ``quantized_matmul`` otherwise (GPU, other modes, other
+    ``DEQUANTIZE_ROWS`` rows on; MLX's ``quantized_matmul`` otherwise (GPU, other modes, other
     bits). Equal to float32 rounding on every path; the backward pass uses one layer's transiently
     dequantized weight at a time (QLoRA).
 

@@ -56,7 +56,8 @@ class BitLinear(nn.Module):
     packs the weights into a :class:`~mlx_zeta.quant.TernaryLinear`.
 
     Args:
-        in_features (int): input size. out_features (int): output size.
+        in_features (int): input size.
+        out_features (int): output size.
         bias (bool): add a float bias. Default: ``False`` (BitNet uses none).
         norm (bool): RMSNorm on the input before quantizing. Default: ``True``.
         norm_eps (float): RMSNorm epsilon. Default: ``1e-6``.
@@ -66,6 +67,8 @@ class BitLinear(nn.Module):
         - Input: :math:`(*, \text{in\_features})`. Output: :math:`(*, \text{out\_features})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.quant import BitLinear
         >>> layer = BitLinear(64, 32)
         >>> layer(mx.random.normal((2, 5, 64))).shape
         (2, 5, 32)

@@ -75,6 +75,8 @@ def linear_scan(a: mx.array, b: mx.array, h0: Optional[mx.array] = None) -> mx.a
         array: :math:`h_1, \dots, h_L`, shape :math:`(B, L, *)`, in ``b``'s dtype.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.quant import linear_scan
         >>> linear_scan(mx.full((1, 3, 1), 0.5), mx.ones((1, 3, 1)))[0, :, 0]
         array([1, 1.5, 1.75], dtype=float32)
     """
@@ -169,6 +171,8 @@ class MLGRU(nn.Module):
         - x: :math:`(B, L, \text{dim})`. Output: :math:`(B, L, \text{dim\_out})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.quant import MLGRU
         >>> layer = MLGRU(64)
         >>> layer(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
@@ -241,6 +245,8 @@ class GLUChannelMixer(nn.Module):
         - Input: :math:`(*, \text{dim})`. Output: :math:`(*, \text{dim\_out})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.quant import GLUChannelMixer
         >>> GLUChannelMixer(64, 128)(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
 

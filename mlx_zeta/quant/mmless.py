@@ -47,6 +47,8 @@ class GLU(GLUChannelMixer):
         - Input: :math:`(*, \text{dim})`. Output: :math:`(*, \text{dim\_out})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.quant import SwiGLU
         >>> SwiGLU(64, 128)(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
 
@@ -54,6 +56,7 @@ class GLU(GLUChannelMixer):
     Zhu et al., https://arxiv.org/abs/2406.02528 (section 3.3.2).
     """
 
+    #: The gate nonlinearity :math:`\phi` (here ``mx.sigmoid``); each subclass sets its own.
     gate_activation: Callable[[mx.array], mx.array] = staticmethod(mx.sigmoid)
 
     def __init__(self, dim: int, hidden_dim: Optional[int] = None, dim_out: Optional[int] = None,
@@ -66,26 +69,31 @@ class GLU(GLUChannelMixer):
 
 class GeGLU(GLU):
     """:class:`GLU` with the (exact, erf) GELU gate."""
+    #: The gate nonlinearity :math:`\phi`: ``nn.gelu``.
     gate_activation = staticmethod(nn.gelu)
 
 
 class ReGLU(GLU):
     """:class:`GLU` with the ReLU gate."""
+    #: The gate nonlinearity :math:`\phi`: ``nn.relu``.
     gate_activation = staticmethod(nn.relu)
 
 
 class SeGLU(GLU):
     """:class:`GLU` with the SELU gate."""
+    #: The gate nonlinearity :math:`\phi`: ``nn.selu``.
     gate_activation = staticmethod(nn.selu)
 
 
 class SwiGLU(GLU):
     """:class:`GLU` with the SiLU (swish) gate: the MatMul-free LM's channel mixer."""
+    #: The gate nonlinearity :math:`\phi`: ``nn.silu``.
     gate_activation = staticmethod(nn.silu)
 
 
 class BilinearGLU(GLU):
     """:class:`GLU` without a gate nonlinearity: :math:`y = (x W_g \\odot x W_u) W_d`."""
+    #: The gate nonlinearity :math:`\phi`: the identity.
     gate_activation = staticmethod(_identity)
 
 
@@ -104,7 +112,8 @@ class BitGRU(MLGRU):
     ``return_sequences``: take ``y[:, -1]``).
 
     Args:
-        input_dim (int): input size. units (int): state and output size.
+        input_dim (int): input size.
+        units (int): state and output size.
         fully_mml (bool): ternary :math:`W_g, W_o` too. Default: ``False``.
         activation (callable): :math:`\tau`. Default: ``nn.silu``.
 
@@ -143,7 +152,9 @@ class BitLRU(nn.Module):
     Keras-MatMulLess. The output is every step (Keras returns the last one by default).
 
     Args:
-        input_dim (int): :math:`n`. units (int): output size. state_dim (int): :math:`N`.
+        input_dim (int): :math:`n`.
+        units (int): output size.
+        state_dim (int): :math:`N`.
         fully_mml (bool): ternary :math:`C, D` too. Default: ``False``.
         r_min, r_max (float): ring of :math:`|\lambda|` at init. Default: ``0``, ``1`` (Keras;
             the LRU paper uses e.g. ``0.9``-``0.999`` for long-range tasks).
@@ -272,7 +283,8 @@ class TokenEmbedding(nn.Module):
     Float tables (an embedding is a lookup, not a matmul).
 
     Args:
-        vocab_size (int): number of tokens. dim (int): embedding size.
+        vocab_size (int): number of tokens.
+        dim (int): embedding size.
         max_len (int, optional): positions of the table ``pos_emb``; ``None`` adds none. Default: ``None``.
 
     Shape:
@@ -308,7 +320,9 @@ class PatchEmbedding(nn.Module):
     with a BitLinear; with ``num_patches`` a learned position embedding ``pos_emb`` is added.
 
     Args:
-        patch_size (int): :math:`p`. in_channels (int): :math:`C`. dim (int): token size.
+        patch_size (int): :math:`p`.
+        in_channels (int): :math:`C`.
+        dim (int): token size.
         num_patches (int, optional): :math:`HW / p^2` for the position table. Default: ``None``.
 
     Shape:

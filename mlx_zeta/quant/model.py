@@ -77,6 +77,8 @@ def quantize_model(model: nn.Module, predicate: Optional[Predicate] = None, norm
         nn.Module: ``model`` itself.
 
     Example:
+        >>> from mlx_zeta.quant import quantize_model
+        >>> from mlx_zeta.structs import Transformer, Decoder
         >>> model = Transformer(num_tokens=64, max_seq_len=32, attn_layers=Decoder(dim=64, depth=2, heads=4))
         >>> model = quantize_model(model)  # attention and feed-forward projections are BitLinear
         >>> type(model.to_logits).__name__
@@ -154,6 +156,8 @@ def freeze_model(model: nn.Module, activation: str = "int8", head_bits: Optional
         nn.Module: ``model`` itself.
 
     Example:
+        >>> from mlx_zeta.quant import quantize_model, freeze_model
+        >>> from mlx_zeta.structs import Transformer, Decoder
         >>> model = quantize_model(Transformer(64, 32, attn_layers=Decoder(dim=64, depth=2, heads=4)))
         >>> # ... train ...
         >>> model = freeze_model(model, head_bits=4)

@@ -88,7 +88,8 @@ class TernaryLinear(nn.Module):
     A new layer holds zero weights; build one with :meth:`from_bitlinear` or :meth:`from_packed`.
 
     Args:
-        in_features (int): input size. out_features (int): output size.
+        in_features (int): input size.
+        out_features (int): output size.
         bias (bool): add a float bias. Default: ``False``.
         norm (bool): RMSNorm (``mlx.nn.RMSNorm``) on the input first, as in BitLinear. Default: ``False``.
         norm_eps (float): RMSNorm epsilon. Default: ``1e-6``.
@@ -103,6 +104,7 @@ class TernaryLinear(nn.Module):
         - Input: :math:`(*, \text{in\_features})`. Output: :math:`(*, \text{out\_features})`.
 
     Example:
+        >>> import mlx.core as mx
         >>> from mlx_zeta.quant import BitLinear
         >>> layer = BitLinear(64, 32).to_ternary()
         >>> layer(mx.random.normal((2, 5, 64))).shape

@@ -96,8 +96,8 @@ class AttentionLayers(nn.Module):
     :math:`i` sees keys :math:`i - w < j \le i` (causal) or :math:`|i - j| < w`.
 
     Args:
-        Structure:
-        dim (int): model dimension. depth (int): number of layers.
+        dim (int): model dimension.
+        depth (int): number of layers.
         heads (int): attention heads. Default: ``8``.
         causal (bool): causal self-attention. Default: ``False``.
         cross_attend (bool): add cross-attention after each self-attention. Default: ``False``.
@@ -105,43 +105,40 @@ class AttentionLayers(nn.Module):
         checkpoint (bool): gradient checkpointing: in training without a cache, each layer's
             activations are recomputed in the backward pass (``mx.checkpoint``) instead of kept,
             trading compute for memory (dropout masks are redrawn identically). Default: ``False``.
-
-        Norms:
-        norm (class or callable, optional): ``dim -> nn.Module`` making every norm of the stack,
+        norm (Callable, optional): ``dim -> nn.Module`` making every norm of the stack,
             e.g. ``nn.RMSNorm`` or ``lambda d: nn.LayerNorm(d, eps=1e-12)`` to match a checkpoint.
             Default: ``mlx.nn.LayerNorm`` (weight and bias, as torch's).
         pre_norm (bool): pre-norm (else post-norm) residuals. Default: ``True``.
-
-        Positions:
         position (optional): ``"rotary"``, ``"alibi"``, ``"t5"``, a
             :class:`~mlx_zeta.structs.Rotary` / :class:`~mlx_zeta.structs.Alibi` /
             :class:`~mlx_zeta.structs.T5Bias` with its options, or a tuple of them. Default: ``None``.
         sliding_window (int, optional): local attention window :math:`w`. Default: ``None``.
-
-        Attention blocks (:class:`~mlx_zeta.nn.Attention`):
-        attn_dim_head (int, optional): per-head dimension. Default: ``dim // heads``.
+        attn_dim_head (int, optional): attention blocks (:class:`~mlx_zeta.nn.Attention`): per-head
+            dimension. Default: ``dim // heads``.
         attn_kv_heads (int, optional): key/value heads (GQA, MQA with 1). Default: ``heads``.
         attn_qk_norm (bool): RMSNorm on query and key heads. Default: ``False``.
         attn_dropout (float): attention-probability dropout in training. Default: ``0.0``.
         attn_flash (bool): fused attention kernel where it applies. Default: ``True``.
-
-        Feed-forward blocks (:class:`~mlx_zeta.nn.FeedForward`):
-        ff_mult (float): width multiplier. Default: ``4``.
-        ff_glu, ff_swish, ff_relu_squared (bool): GLU gate, SiLU, ReLU². Default: ``False``.
+        ff_mult (float): feed-forward blocks (:class:`~mlx_zeta.nn.FeedForward`): width multiplier.
+            Default: ``4``.
+        ff_glu (bool): GLU gate. Default: ``False``.
+        ff_swish (bool): SiLU. Default: ``False``.
+        ff_relu_squared (bool): ReLU². Default: ``False``.
         ff_dropout (float): hidden dropout in training. Default: ``0.0``.
         ff_no_bias (bool): no biases in the projections. Default: ``False``.
+        **kwargs: routed by prefix, and the zeta / x-transformers aliases (below).
 
-        Routed by prefix: ``attn_<name>`` and ``ff_<name>`` beyond the listed ones go to the
-        blocks (``attn_bias``, ``attn_out_bias``, ``attn_scale``, ``attn_qk_norm_eps``;
-        ``ff_swiglu``, ``ff_post_act_ln``, ``ff_glu_mult_bias``, ``ff_zero_init_output``,
-        ``ff_custom_act``); any other keyword raises ``ValueError``.
+    Routed by prefix: ``attn_<name>`` and ``ff_<name>`` beyond the listed ones go to the
+    blocks (``attn_bias``, ``attn_out_bias``, ``attn_scale``, ``attn_qk_norm_eps``;
+    ``ff_swiglu``, ``ff_post_act_ln``, ``ff_glu_mult_bias``, ``ff_zero_init_output``,
+    ``ff_custom_act``); any other keyword raises ``ValueError``.
 
-        zeta / x-transformers aliases, still accepted: ``use_rmsnorm`` (``norm=RMSNorm``),
-        ``use_scalenorm`` (``norm=ScaleNorm``), ``norm_factory`` (deprecated, same as ``norm``);
-        ``rotary_pos_emb`` with ``rotary_emb_dim``, ``rotary_xpos``, ``rotary_xpos_scale_base``,
-        ``rotary_base``, ``rotary_interpolation_factor``, ``rotary_inv_freq`` (a ``Rotary``);
-        ``alibi_pos_bias`` with ``alibi_num_heads`` (an ``Alibi``); ``rel_pos_bias`` with
-        ``rel_pos_num_buckets``, ``rel_pos_max_distance`` (a ``T5Bias``).
+    zeta / x-transformers aliases, still accepted: ``use_rmsnorm`` (``norm=RMSNorm``),
+    ``use_scalenorm`` (``norm=ScaleNorm``), ``norm_factory`` (deprecated, same as ``norm``);
+    ``rotary_pos_emb`` with ``rotary_emb_dim``, ``rotary_xpos``, ``rotary_xpos_scale_base``,
+    ``rotary_base``, ``rotary_interpolation_factor``, ``rotary_inv_freq`` (a ``Rotary``);
+    ``alibi_pos_bias`` with ``alibi_num_heads`` (an ``Alibi``); ``rel_pos_bias`` with
+    ``rel_pos_num_buckets``, ``rel_pos_max_distance`` (a ``T5Bias``).
 
     Call ``(x, mask=None, context=None, context_mask=None, cache=None)``. ``mask`` is
     a boolean key-padding mask (True = keep) over the positions of ``x`` or, with a
@@ -156,6 +153,9 @@ class AttentionLayers(nn.Module):
         - output: :math:`(B, L, \text{dim})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> import mlx.nn as nn
+        >>> from mlx_zeta.structs import AttentionLayers
         >>> layers = AttentionLayers(dim=64, depth=2, heads=4, causal=True, position="rotary", norm=nn.RMSNorm)
         >>> layers(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
@@ -296,6 +296,8 @@ class Encoder(AttentionLayers):
     r""":class:`AttentionLayers` with bidirectional self-attention (``causal=False``).
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import Encoder
         >>> Encoder(dim=64, depth=2, heads=4, position="t5")(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
     """
@@ -310,6 +312,8 @@ class Decoder(AttentionLayers):
     r""":class:`AttentionLayers` with causal self-attention (``causal=True``).
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import Decoder
         >>> Decoder(dim=64, depth=2, heads=4, position="rotary")(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
     """
@@ -324,6 +328,8 @@ class CrossAttender(AttentionLayers):
     r""":class:`AttentionLayers` with cross-attention and feed-forward only (``cross_attend=only_cross=True``).
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import CrossAttender
         >>> ca = CrossAttender(dim=64, depth=2, heads=4)
         >>> ca(mx.random.normal((2, 10, 64)), context=mx.random.normal((2, 7, 64))).shape
         (2, 10, 64)

@@ -70,6 +70,8 @@ class AutoregressiveWrapper(nn.Module):
         - generate: prompt :math:`(B, n)` → :math:`(B, \text{seq\_len})` int32 new tokens.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import Transformer, AutoregressiveWrapper, Decoder
         >>> net = Transformer(num_tokens=64, max_seq_len=128,
         ...                   attn_layers=Decoder(dim=64, depth=2, heads=4, rotary_pos_emb=True))
         >>> model = AutoregressiveWrapper(net)

@@ -100,7 +100,7 @@ def decode_steps(step: Callable[[mx.array], mx.array], logits: mx.array, max_tok
         max_tokens (int): most tokens to produce, ``>= 1``.
         key (array): ``mx.random.key`` for the draws.
         temperature, top_k, top_p, min_p: see :func:`~mlx_zeta.structs.sample`. Default: ``1.0``, off.
-        eos (sequence of int): end-token ids. Default: none (always ``max_tokens`` tokens).
+        eos (Sequence[int]): end-token ids. Default: none (always ``max_tokens`` tokens).
         pad_value (int): token of finished rows. Default: ``0``.
         pending (callable): arrays the model updated in ``step`` (cache contents, grown masks),
             evaluated with each step's token. Default: none.
@@ -112,6 +112,8 @@ def decode_steps(step: Callable[[mx.array], mx.array], logits: mx.array, max_tok
             temperature-1 logits. Default: ``False``.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import decode_steps
         >>> table = mx.eye(4)  # a "model" whose next token is the last one plus 1
         >>> toks = decode_steps(lambda t: table[(t + 1) % 4], table[None, 1], 3, mx.random.key(0), temperature=0)
         >>> [t.item() for t in toks]

@@ -96,6 +96,8 @@ class XTransformer(nn.Module):
         - src: :math:`(B, L_{src})`, mask: :math:`(B, L_{src})`, tgt: :math:`(B, L_{tgt})` integer tokens.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import XTransformer
         >>> model = XTransformer(dim=64, enc_num_tokens=100, enc_depth=2, enc_heads=4, enc_max_seq_len=32,
         ...                      dec_num_tokens=100, dec_depth=2, dec_heads=4, dec_max_seq_len=32,
         ...                      tie_token_emb=True, enc_rel_pos_bias=True, dec_rel_pos_bias=True)

@@ -77,6 +77,8 @@ def top_k_filter(logits: mx.array, k: int) -> mx.array:
         - logits, output: :math:`(B, V)`, same dtype.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import top_k_filter
         >>> top_k_filter(mx.array([[1.0, 3.0, 2.0, 5.0]]), 2)
         array([[-inf, 3, -inf, 5]], dtype=float32)
 
@@ -112,6 +114,8 @@ def top_p_filter(logits: mx.array, p: float) -> mx.array:
         - logits, output: :math:`(B, V)`, same dtype.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import top_p_filter
         >>> top_p_filter(mx.log(mx.array([[0.5, 0.2, 0.3]])), 0.7)  # 0.5 + 0.3 reaches 0.7
         array([[-0.693147, -inf, -1.20397]], dtype=float32)
 
@@ -148,6 +152,8 @@ def min_p_filter(logits: mx.array, min_p: float) -> mx.array:
         - logits, output: :math:`(B, V)`, same dtype.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import min_p_filter
         >>> min_p_filter(mx.log(mx.array([[0.5, 0.2, 0.3]])), 0.5)  # keep pi >= 0.25
         array([[-0.693147, -inf, -1.20397]], dtype=float32)
 
@@ -189,6 +195,8 @@ def sample(logits: mx.array, temperature: float = 1.0, top_k: Optional[int] = No
         - logits: :math:`(B, V)`; output: :math:`(B,)` int32 token ids.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import sample
         >>> sample(mx.array([[0.0, 2.0, 1.0]]), temperature=0)
         array([1], dtype=int32)
     """
@@ -213,6 +221,8 @@ def token_counts(tokens: mx.array, vocab_size: int) -> mx.array:
         - tokens: :math:`(B, n)` integer ids in :math:`[0, V)`; output: :math:`(B, V)` int32.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs.sampling import token_counts
         >>> token_counts(mx.array([[1, 3, 1]]), 4)
         array([[0, 2, 0, 1]], dtype=int32)
     """
@@ -257,6 +267,8 @@ def penalize(logits: mx.array, counts: mx.array, repetition: Optional[float] = N
         - logits: :math:`(B, V)`; counts: :math:`(B, V)`; bias: :math:`(V,)`; output: :math:`(B, V)`, logits' dtype.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs.sampling import penalize
         >>> penalize(mx.array([[2.0, -1.0, 3.0]]), mx.array([[1, 1, 0]]), repetition=2.0)
         array([[1, -2, 3]], dtype=float32)
 

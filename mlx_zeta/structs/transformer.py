@@ -63,6 +63,8 @@ class Transformer(nn.Module):
           ``return_embeddings``; :math:`P + L` becomes 1 with ``last_only``.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import Transformer, Decoder
         >>> model = Transformer(num_tokens=256, max_seq_len=128,
         ...                     attn_layers=Decoder(dim=64, depth=2, heads=4, position="rotary"))
         >>> model(mx.zeros((2, 10), dtype=mx.int32)).shape

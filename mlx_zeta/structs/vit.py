@@ -68,6 +68,8 @@ class ViTransformerWrapper(nn.Module):
           ``return_embeddings`` or without ``num_classes``.
 
     Example:
+        >>> import mlx.core as mx
+        >>> from mlx_zeta.structs import ViTransformerWrapper, Encoder
         >>> vit = ViTransformerWrapper(image_size=32, patch_size=8, num_classes=10,
         ...                            attn_layers=Encoder(dim=64, depth=2, heads=4))
         >>> vit(mx.random.normal((2, 32, 32, 3))).shape

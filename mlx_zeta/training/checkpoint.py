@@ -19,8 +19,16 @@ Old checkpoints beyond ``keep`` are deleted last. At every instant ``latest`` th
 names a complete checkpoint: a process killed mid-write leaves at most a staging
 folder, which readers never look at and the next save removes.
 
-    >>> save_checkpoint("runs/a", model, optimizer, step=100, config={"dim": 64})
-    >>> info = load_checkpoint("runs/a", model, optimizer)   # info["step"] == 100
+    >>> import mlx.nn as nn
+    >>> import mlx.optimizers as optim
+    >>> from mlx_zeta.training import load_checkpoint, save_checkpoint
+    >>> model, optimizer = nn.Linear(4, 2), optim.Adam(learning_rate=1e-3)
+    >>> optimizer.init(model.trainable_parameters())
+    >>> save_checkpoint("runs/a", model, optimizer, step=100, config={"dim": 64}).name
+    'ckpt-00000100'
+    >>> info = load_checkpoint("runs/a", model, optimizer)
+    >>> info["step"], info["config"]
+    (100, {'dim': 64})
 
 ``trainable_only=True`` stores ``model.trainable_parameters()`` alone (adapters on a frozen base:
 megabytes instead of the whole model); ``meta.json`` records it and loading then checks and restores
@@ -90,9 +98,9 @@ def save_checkpoint(directory: PathLike, model: nn.Module, optimizer: optim.Opti
     """Write checkpoint ``step`` under ``directory`` atomically and point ``latest`` at it.
 
     Args:
-        directory (str or PathLike): checkpoint root (created if missing).
+        directory (str or os.PathLike): checkpoint root (created if missing).
         model (nn.Module): its ``parameters()`` are saved.
-        optimizer (Optimizer): its ``state`` (moments, step counter, learning rate) is saved.
+        optimizer (mlx.optimizers.Optimizer): its ``state`` (moments, step counter, learning rate) is saved.
         step (int): training step, part of the checkpoint's name.
         config (dict): JSON-serialisable run configuration.
         extra (dict, optional): more JSON-serialisable state (data position, best loss, ...).
@@ -181,11 +189,11 @@ def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[o
     """Restore model weights, optimizer state and MLX's global RNG state.
 
     Args:
-        directory (str or PathLike): a checkpoint root (its ``latest`` is loaded) or one
+        directory (str or os.PathLike): a checkpoint root (its ``latest`` is loaded) or one
             ``ckpt-<step>`` directory.
         model (nn.Module): receives the weights; keys and shapes must match exactly (its trainable
             parameters' when the checkpoint was saved with ``trainable_only=True``).
-        optimizer (Optimizer, optional): receives the saved state.
+        optimizer (mlx.optimizers.Optimizer, optional): receives the saved state.
 
     Returns:
         ``{"step": int, "config": dict, "extra": dict, "path": Path}``.

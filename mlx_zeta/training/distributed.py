@@ -8,19 +8,28 @@ process on the whole batch would be.
 
 Launch two processes on this machine over TCP with MLX's ring backend::
 
-    mlx.launch --backend ring -n 2 --starting-port 32323 train.py --my-args
+    mlx.launch --backend ring -n 2 --starting-port 32323 --python python train.py --my-args
 
-(``-n 2`` repeats the default host ``127.0.0.1`` twice; ranks listen on ports 32323 and
+(``--python`` names the interpreter: without it ``mlx.launch`` executes the script file itself, which needs a
+shebang and the execute bit; ``-n 2`` repeats the default host ``127.0.0.1`` twice; ranks listen on ports 32323 and
 32324). Across machines list their IPs: ``mlx.launch --backend ring --hosts 10.0.0.1,10.0.0.2
-train.py`` (``mlx.launch`` reaches other hosts over ssh), or give a ``--hostfile``;
+--python python train.py`` (``mlx.launch`` reaches other hosts over ssh), or give a ``--hostfile``;
 ``mlx.distributed_config`` writes one. ``mlx.launch`` sets ``MLX_RANK`` and ``MLX_HOSTFILE``
 (a JSON list of ``"ip:port"`` lists, one per rank) for each process. Run without a
 launcher, :func:`world` returns ``None`` and every helper is a no-op.
 
-    >>> group = world()
-    >>> loss, grads = loss_and_grad(model, *shard_batch(batch, group))
+    >>> import mlx.core as mx
+    >>> import mlx.nn as nn
+    >>> import mlx.optimizers as optim
+    >>> from mlx_zeta.training import average_gradients, is_main_process, shard_batch, world
+    >>> model, optimizer = nn.Linear(4, 1), optim.SGD(learning_rate=0.1)
+    >>> loss_and_grad = nn.value_and_grad(model, lambda x, y: ((model(x) - y) ** 2).mean())
+    >>> batch = (mx.ones((8, 4)), mx.zeros((8, 1)))
+    >>> group = world()  # None here, without a launcher
+    >>> loss, grads = loss_and_grad(*shard_batch(batch, group))
     >>> optimizer.update(model, average_gradients(grads, group))
-    >>> if is_main_process(group): save_checkpoint(...)
+    >>> is_main_process(group)  # e.g. the one rank that saves checkpoints
+    True
 """
 
 from typing import Any, Optional

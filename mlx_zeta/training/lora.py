@@ -43,8 +43,8 @@ def dense_weight(layer: nn.Module) -> mx.array:
     - ``BitLinear``: the fake-quantized ternary weight :math:`Q_W / s_w` its forward multiplies
       (not the float latent weight); its RMSNorm and int8 activations are not part of :math:`W`.
 
-    No host synchronisation, so it works inside ``mx.compile``d steps. A LoRA/DoRA layer gives its
-    base's weight.
+    No host synchronisation, so it works inside steps compiled with ``mx.compile``. A LoRA/DoRA
+    layer gives its base's weight.
     """
     if isinstance(layer, LoRALinear):
         layer = layer.base
@@ -96,6 +96,9 @@ class LoRALinear(nn.Module):
         - Input: :math:`(*, \text{in})`. Output: :math:`(*, \text{out})`.
 
     Example:
+        >>> import mlx.core as mx
+        >>> import mlx.nn as nn
+        >>> from mlx_zeta.training import LoRALinear
         >>> layer = LoRALinear(nn.Linear(64, 32), rank=4, scale=2.0)
         >>> layer(mx.zeros((2, 64))).shape
         (2, 32)
@@ -206,6 +209,14 @@ class DoRALinear(LoRALinear):
         return y if bias is None else y - bias
 
     def __call__(self, x: mx.array) -> mx.array:
+        r"""The adapted layer's output, the DoRA formula above.
+
+        Args:
+            x (mx.array): the input, :math:`(*, \text{in})`.
+
+        Returns:
+            mx.array: :math:`(*, \text{out})`, in the base output's dtype.
+        """
         y = self.base(x)
         dropped = self._drop(x)
         plain = self._base_no_bias(y if dropped is x else self.base(dropped))

@@ -8,6 +8,7 @@ backward in it (the gradients are those of the low-precision copy), and casts th
 gradients back to float32 before they are averaged, clipped and applied to the masters.
 
 Trade-offs:
+
 - bfloat16 has float32's exponent range, so gradients neither overflow nor underflow
   more than in float32 and no loss scaling is needed; its 8-bit mantissa (eps 2^-8)
   makes each activation and gradient ~2-3 significant digits, so losses differ from a

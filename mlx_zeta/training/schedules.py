@@ -37,6 +37,8 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, min_lr: f
         min_lr (float): final learning rate. Default: ``0``.
 
     Example:
+        >>> import mlx.optimizers
+        >>> from mlx_zeta.training import warmup_cosine
         >>> schedule = warmup_cosine(1e-3, warmup_steps=10, total_steps=100)
         >>> optimizer = mlx.optimizers.AdamW(learning_rate=schedule)
     """

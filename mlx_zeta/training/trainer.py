@@ -139,30 +139,45 @@ class Trainer:
     Args:
         model (nn.Module): the model; its trainable float32 parameters are the masters.
         optimizer (mlx.optimizers.Optimizer): any MLX optimizer.
-        data (iterable or callable): micro-batches, see above.
+        data (Iterable or Callable): micro-batches, see above.
         loss_fn (callable, optional): ``loss_fn(model, batch) -> scalar``. Default:
             ``model(batch)`` (tuples unpacked, dicts as keywords).
         grad_accum_steps (int): micro-batches per optimizer step. Default: ``1``.
         max_grad_norm (float, optional): clip the global gradient norm. Default: off.
         precision (str): ``"float32"``, ``"bfloat16"`` or ``"float16"``. Default: ``"float32"``.
         compile (bool): compile the gradient and update functions. Default: ``True``.
-        eval_fn (callable, optional): ``eval_fn(model) -> dict`` of metrics; ``eval_every`` (int): its period in steps.
+        eval_fn (callable, optional): ``eval_fn(model) -> dict`` of metrics.
+        eval_every (int): the period of ``eval_fn`` in steps.
         log_every (int): steps between log records. Default: ``1``.
-        log_path (str, optional): JSON-lines log file (appended). ``progress`` (bool, optional):
-            force the progress bar on/off (default: when ``stream`` is a terminal).
-        checkpoint_dir (str, optional), checkpoint_every (int, optional), resume (bool):
-            checkpoints through :func:`~mlx_zeta.training.save_checkpoint` every
-            ``checkpoint_every`` steps and at the end of :meth:`train`; ``config`` (dict) is stored with them.
+        log_path (str, optional): JSON-lines log file (appended).
+        progress (bool, optional): force the progress bar on/off (default: when ``stream`` is a terminal).
+        checkpoint_dir (str, optional): checkpoints through :func:`~mlx_zeta.training.save_checkpoint`
+            every ``checkpoint_every`` steps and at the end of :meth:`train`, in this folder.
+        checkpoint_every (int, optional): the checkpoint period in steps.
+        resume (bool): continue from the latest checkpoint in ``checkpoint_dir``.
+        config (dict): stored with the checkpoints.
         checkpoint_trainable_only (bool): checkpoints hold the trainable parameters only (adapters
             on a frozen base; the base is the caller's to rebuild before resuming). Default: ``False``.
         group (optional): an ``mx.distributed`` group; default :func:`~mlx_zeta.training.world`.
         tokens_fn (callable): tokens in a micro-batch, for tokens/s. Default: elements of its first array.
 
     Example:
-        >>> model = AutoregressiveWrapper(Transformer(num_tokens=256, max_seq_len=128,
-        ...                               attn_layers=Decoder(dim=64, depth=2, heads=4)))
-        >>> opt = mlx.optimizers.AdamW(learning_rate=warmup_cosine(1e-3, 10, 100), bias_correction=True)
-        >>> losses = Trainer(model, opt, data=batches, max_grad_norm=1.0).train(100)
+        A tiny causal LM learns one random batch by heart in 20 steps:
+
+        >>> import io
+        >>> import mlx.core as mx
+        >>> import mlx.optimizers
+        >>> from mlx_zeta.structs import AutoregressiveWrapper, Decoder, Transformer
+        >>> from mlx_zeta.training import Trainer, warmup_cosine
+        >>> mx.random.seed(0)
+        >>> model = AutoregressiveWrapper(Transformer(num_tokens=64, max_seq_len=32,
+        ...                               attn_layers=Decoder(dim=32, depth=2, heads=4)))
+        >>> opt = mlx.optimizers.AdamW(learning_rate=warmup_cosine(1e-2, 5, 20), bias_correction=True)
+        >>> batch = mx.random.randint(0, 64, (2, 17))
+        >>> log = io.StringIO()  # the JSON-lines records, here kept off the screen
+        >>> losses = Trainer(model, opt, data=lambda i: batch, max_grad_norm=1.0, stream=log).train(20)
+        >>> len(losses), losses[-1] < losses[0] / 2
+        (20, True)
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, data: Union[Iterable[Batch], Callable[[int], Batch]],
