@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from parity import assert_close, check_parity
+from mlx.utils import tree_flatten
 from reference.attention import RefAttention, RefFlashAttention, RefMultiGroupedQueryAttn, attention, causal_mask
 
 from mlx_zeta.nn.attention import (Attention, FlashAttention, KVCache, MultiGroupedQueryAttn, MultiheadAttention,
@@ -453,8 +454,11 @@ def test_multiquery_attention_cache_and_errors(rng):
     assert cache.state[0].shape == (B, 1, 6, DIM // 4)
     with pytest.raises(ValueError, match=r"^\[MultiQueryAttention\] unknown keyword argument\(s\) \['attn_impl'\]"):
         MultiQueryAttention(d_model=DIM, heads=4, attn_impl="triton")
-    with pytest.raises(ValueError, match=r"^\[MultiQueryAttention\] expected heads to divide d_model, got d_model=32, heads=5"):
+    with pytest.raises(ValueError, match=r"^\[MultiQueryAttention\] expected heads to divide dim, got dim=32, heads=5"):
         MultiQueryAttention(d_model=DIM, heads=5)
+    for kw, given in ((dict(dim=DIM, d_model=DIM), "both"), (dict(), "neither")):
+        with pytest.raises(ValueError, match=rf"^\[MultiQueryAttention\] expected one of dim= or d_model= .*got {given}$"):
+            MultiQueryAttention(heads=4, **kw)
     with pytest.raises(ValueError, match=r"^\[MultiQueryAttention\] expected clip_qkv > 0"):
         MultiQueryAttention(d_model=DIM, heads=4, clip_qkv=0.0)
     with pytest.raises(ValueError, match=r"^\[MultiQueryAttention\] expected x of shape \(batch, seq, 32\)"):
@@ -528,6 +532,19 @@ def test_multi_grouped_query_attn_weights_init_and_dropout(rng):
     assert abs((np.array(wd) == 0).mean() - 0.5) < 0.05
 
 
+def test_zeta_spellings_build_the_same_layer():
+    """zeta's keyword names (MultiQueryAttention's ``dim`` since 2024 and ``d_model`` before; MultiGroupedQueryAttn's
+    ``query_heads``) build the same layer as ours: same parameters, loaded from one, same output."""
+    x = mx.random.normal((B, 6, DIM))
+    pairs = [(MultiQueryAttention(dim=DIM, heads=4), MultiQueryAttention(d_model=DIM, heads=4)),
+             (MultiQueryAttention(DIM, 4), MultiQueryAttention(d_model=DIM, heads=4)),
+             (MultiGroupedQueryAttn(DIM, heads=4, kv_heads=2), MultiGroupedQueryAttn(dim=DIM, query_heads=4, kv_heads=2))]
+    for ours, zetas in pairs:
+        zetas.load_weights(list(tree_flatten(ours.parameters())), strict=True)
+        out_ours, out_zeta = (m(x) if isinstance(m, MultiQueryAttention) else m(x, x, x)[0] for m in (ours, zetas))
+        np.testing.assert_array_equal(np.array(out_zeta), np.array(out_ours))
+
+
 def test_multi_grouped_query_attn_errors():
     gqa = MultiGroupedQueryAttn(DIM, heads=4, kv_heads=2)
     x = mx.zeros((B, 5, DIM))
@@ -535,6 +552,10 @@ def test_multi_grouped_query_attn_errors():
         MultiGroupedQueryAttn(DIM, heads=4, kv_heads=2, device="cuda")
     with pytest.raises(ValueError, match=r"^\[MultiGroupedQueryAttn\] expected linear_groups=1"):
         MultiGroupedQueryAttn(DIM, heads=4, kv_heads=2, linear_groups=2)
+    with pytest.raises(ValueError, match=r"^\[MultiGroupedQueryAttn\] expected one of heads= or query_heads= .*got both"):
+        MultiGroupedQueryAttn(DIM, heads=4, query_heads=4, kv_heads=2)
+    with pytest.raises(ValueError, match=r"^\[MultiGroupedQueryAttn\] expected kv_heads"):
+        MultiGroupedQueryAttn(DIM, query_heads=4)
     with pytest.raises(ValueError, match=r"^\[MultiGroupedQueryAttn\] expected kv_heads to divide heads, got heads=4, kv_heads=3"):
         MultiGroupedQueryAttn(DIM, heads=4, kv_heads=3)
     with pytest.raises(ValueError, match=r"^\[MultiGroupedQueryAttn\] expected heads to divide dim, got dim=32, heads=6"):

@@ -404,6 +404,14 @@ def _reject(name: str, kwargs: dict, hint: str) -> None:
         raise ValueError(f"[{name}] unknown keyword argument(s) {sorted(kwargs)}; {hint}")
 
 
+def _one_of(owner: str, name: str, value: Optional[int], zeta_name: str, zeta_value: Optional[int]) -> int:
+    """A keyword that zeta spells another way (``dim`` / ``d_model``): exactly one of the two must be given."""
+    if (value is None) == (zeta_value is None):
+        given = "both" if value is not None else "neither"
+        raise ValueError(f"[{owner}] expected one of {name}= or {zeta_name}= (zeta's spelling), got {given}")
+    return value if value is not None else zeta_value
+
+
 class MultiQueryAttention(Attention):
     r"""Multi-query self-attention: every query head shares one key/value head.
 
@@ -415,23 +423,23 @@ class MultiQueryAttention(Attention):
     ``causal`` rather than per call, and caches through a :class:`KVCache`.
 
     Args:
-        d_model (int): model dimension.
-        heads (int): query heads, must divide ``d_model``. Default: ``8``.
+        dim (int): model dimension; also taken as ``d_model=`` (zeta's name before September 2024).
+        heads (int): query heads, must divide ``dim``. Default: ``8``.
         clip_qkv (float, optional): clamp q, k, v to this magnitude. Default: ``None``.
         qk_ln (bool): normalize query and key heads. Default: ``False``.
-        softmax_scale (float, optional): score scale. Default: ``1 / sqrt(d_model / heads)``.
+        softmax_scale (float, optional): score scale. Default: ``1 / sqrt(dim / heads)``.
         attn_pdrop (float): attention-probability dropout in training. Default: ``0.0``.
         causal (bool): causal masking (zeta's call default). Default: ``True``.
         bias (bool): projection biases (zeta's ``nn.Linear`` default). Default: ``True``.
         flash (bool): fused kernel where possible. Default: ``True``.
 
     Shape:
-        - x: :math:`(B, L, \text{d\_model})`; output: same. ``mask``/``attn_bias``/``cache`` as in :class:`Attention`.
+        - x: :math:`(B, L, \text{dim})`; output: same. ``mask``/``attn_bias``/``cache`` as in :class:`Attention`.
 
     Example:
         >>> import mlx.core as mx
         >>> from mlx_zeta.nn import MultiQueryAttention
-        >>> mqa = MultiQueryAttention(d_model=64, heads=8)
+        >>> mqa = MultiQueryAttention(dim=64, heads=8)
         >>> mqa(mx.random.normal((2, 10, 64))).shape
         (2, 10, 64)
 
@@ -439,12 +447,14 @@ class MultiQueryAttention(Attention):
     https://arxiv.org/abs/1911.02150.
     """
 
-    def __init__(self, d_model: int, heads: int = 8, clip_qkv: Optional[float] = None, qk_ln: bool = False,
-                 softmax_scale: Optional[float] = None, attn_pdrop: float = 0.0, causal: bool = True,
-                 bias: bool = True, flash: bool = True, **kwargs: Any):
+    def __init__(self, dim: Optional[int] = None, heads: int = 8, clip_qkv: Optional[float] = None,
+                 qk_ln: bool = False, softmax_scale: Optional[float] = None, attn_pdrop: float = 0.0,
+                 causal: bool = True, bias: bool = True, flash: bool = True, d_model: Optional[int] = None,
+                 **kwargs: Any):
         _reject("MultiQueryAttention", kwargs, "zeta's attn_impl/norm_type/fc_type/verbose/device have no MLX meaning")
+        d_model = _one_of("MultiQueryAttention", "dim", dim, "d_model", d_model)
         if d_model % max(heads, 1):
-            raise ValueError(f"[MultiQueryAttention] expected heads to divide d_model, got d_model={d_model}, heads={heads}")
+            raise ValueError(f"[MultiQueryAttention] expected heads to divide dim, got dim={d_model}, heads={heads}")
         check_positive("MultiQueryAttention", "clip_qkv", clip_qkv, optional=True)
         super().__init__(dim=d_model, heads=heads, kv_heads=1, causal=causal, qk_norm=qk_ln, bias=bias,
                          dropout=attn_pdrop, flash=flash)
@@ -476,7 +486,7 @@ class MultiGroupedQueryAttn(nn.Module):
 
     Args:
         dim (int): model dimension.
-        heads (int): query heads, must divide ``dim``.
+        heads (int): query heads, must divide ``dim``; also taken as ``query_heads=`` (zeta's name).
         kv_heads (int): key/value heads, must divide ``heads``.
         dropout (float): attention-probability dropout in training. Default: ``0.0``.
         bias (bool): projection biases. Default: ``True``.
@@ -509,11 +519,14 @@ class MultiGroupedQueryAttn(nn.Module):
     "Foundation Transformers (MAGNETO)", https://arxiv.org/abs/2210.06423.
     """
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, dropout: float = 0.0, bias: bool = True,
-                 layer_norm: bool = True, layer_norm_eps: float = 1e-5, gamma_init: float = 1.0,
-                 linear_groups: int = 1, **kwargs: Any):
+    def __init__(self, dim: int, heads: Optional[int] = None, kv_heads: Optional[int] = None, dropout: float = 0.0,
+                 bias: bool = True, layer_norm: bool = True, layer_norm_eps: float = 1e-5, gamma_init: float = 1.0,
+                 linear_groups: int = 1, query_heads: Optional[int] = None, **kwargs: Any):
         super().__init__()
         _reject("MultiGroupedQueryAttn", kwargs, "device/dtype do not apply on MLX (use .set_dtype())")
+        heads = _one_of("MultiGroupedQueryAttn", "heads", heads, "query_heads", query_heads)
+        if kv_heads is None:
+            raise ValueError("[MultiGroupedQueryAttn] expected kv_heads (key/value heads dividing heads), got none")
         if heads < 1 or kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"[MultiGroupedQueryAttn] expected kv_heads to divide heads, got heads={heads}, kv_heads={kv_heads}")
         if dim % heads:
