@@ -64,12 +64,13 @@ def test_site_builds_with_no_warning_and_documents_every_public_name(site):
 
 
 def doctest_counts(report: str) -> dict:
-    """``{document: number of executed blocks}`` from the doctest builder's output.txt."""
+    """``{document: executed blocks and examples}`` from a passing doctest builder's output.txt (its groups'
+    "N tests in GROUP" lines; the set-up and clean-up code's lines are not counted)."""
     counts, document = {}, None
     for line in report.splitlines():
         if line.startswith("Document: "):
             document = line.split(": ", 1)[1]
-        found = re.match(r"(\d+) tests? in \d+ items?\.", line)
+        found = re.fullmatch(r"\s+(\d+) tests? in \S+", line)
         if found and document:
             counts[document] = counts.get(document, 0) + int(found.group(1))
     return counts
@@ -78,7 +79,8 @@ def doctest_counts(report: str) -> dict:
 def test_every_guide_block_and_docstring_example_runs():
     done = site_builder.build("doctest")
     report = (site_builder.BUILD / "doctest" / "output.txt").read_text()
-    assert done.returncode == 0, f"doctest failed:\n{done.stdout}{done.stderr}\n{report[-4000:]}"
+    failed = [part for part in report.split("\nDocument: ") if "Failed example" in part or "Test Failed" in part]
+    assert done.returncode == 0, "doctest failed in:\n" + "\n".join(failed)[-6000:] + done.stderr[-2000:]
     counts = doctest_counts(report)
     for guide in set(GUIDES) - set(NOT_EXECUTED):
         assert counts.get(f"guides/{guide}", 0) >= 1, f"docs/guides/{guide}.md executes no block: {counts}"
