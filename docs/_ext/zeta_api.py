@@ -4,7 +4,9 @@ Names are grouped by the module that defines them (a section per module, with it
 their documented members and ``__call__`` (signature and docstring), functions and data with theirs. Each
 object is described once, on the page of the deepest public package that exports it; shallower packages that
 re-export it (``mlx_zeta.generate``) get a short entry pointing there, so both spellings resolve as
-cross-references.
+cross-references. A plain module in a package's ``__all__`` (``kernels.cpu``, ``lm.server``) is a namespace: its
+own ``__all__`` is documented in its section. An undocumented ``__call__`` points at the class's ``Shape:``
+section rather than inheriting Python's "Call self as a function."
 
 The build warns (``-W``: fails) when a public name has no docstring of its own, when a package with an
 ``__all__`` has no API page, or when a class's ``__call__`` has no docstring and its class docstring no

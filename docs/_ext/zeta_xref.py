@@ -2,7 +2,7 @@
 that does not exist is an error (nitpicky + ``-W``: a build failure).
 
 * A short or partial name (``save_pretrained``, ``graph.EMITTERS``) names the documented object that ends with
-  it, the one nearest the referring module when several do.
+  it, the one nearest the referring module when several do (a tie is shown as code, as below).
 * A name that exists in the code but is not public (a helper in ``mlx_zeta.structs.decoding``) is shown as code,
   without a link: the API reference documents public names only.
 * Anything else is left unresolved, and Sphinx warns.
