@@ -7,26 +7,16 @@ import functools
 import http.server
 import importlib
 import inspect
-import importlib.util
 import re
 import shutil
 import threading
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name: str, path: Path):
-    """A script of the repository (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-site_builder = load("mlx_zeta_tools_docs", ROOT / "tools" / "docs.py")
+site_builder = load_script(ROOT / "tools" / "docs.py", "mlx_zeta_tools_docs")
 
 GUIDES = sorted(p.stem for p in (ROOT / "docs" / "guides").glob("*.md"))
 NOT_EXECUTED = {"benchmarks": "rendered from BENCHMARKS.md; its commands are timing runs, not examples"}
@@ -41,7 +31,7 @@ def site():
 
 
 def test_site_builds_with_no_warning_and_documents_every_public_name(site):
-    zeta_api = load("mlx_zeta_docs_api", ROOT / "docs" / "_ext" / "zeta_api.py")
+    zeta_api = load_script(ROOT / "docs" / "_ext" / "zeta_api.py", "mlx_zeta_docs_api")
     api_pages = sorted((site / "api").glob("*.html"))
     packages = zeta_api.public_packages()
     assert len(api_pages) == len(packages) + 1, [p.name for p in api_pages]  # + the index of the reference

@@ -1,6 +1,5 @@
 """mlx_zeta.functional core: trace, validate, placeholders, composition, transforms, module interop."""
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_zeta import functional as F
 from mlx_zeta.functional import _
 from mlx_zeta.nn import FeedForward
+from scripts import load_script
 
 X = mx.random.normal((3, 4, 8), key=mx.random.key(2))
 
@@ -223,10 +223,7 @@ def test_to_module_loads_traced_params_and_rejects_mismatches():
 
 def _example():
     path = Path(__file__).resolve().parents[1] / "examples" / "functional_encoder_decoder.py"
-    spec = importlib.util.spec_from_file_location("functional_encoder_decoder", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path, "functional_encoder_decoder")
 
 
 def test_example_trace_tree_equals_module_tree_and_outputs_match():

@@ -7,8 +7,6 @@ launched against the sections of the .cu files; and the check can fail: CUDA-onl
 CPU emulator cannot see (a misspelt intrinsic, MLX's undefined ``inf``, too much shared memory)
 are rejected with NVRTC's message."""
 
-import importlib.util
-import sys
 from pathlib import Path
 from unittest import mock
 import zipfile
@@ -19,19 +17,12 @@ import pytest
 from mlx_zeta.kernels.launch import Kernel
 from mlx_zeta.kernels.source import load_source
 from mlx_zeta.metal import list_sources
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("mlx_zeta_tools_nvrtc", ROOT / "tools" / "nvrtc.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-nvrtc = _load_tool()
+nvrtc = load_script(ROOT / "tools" / "nvrtc.py", "mlx_zeta_tools_nvrtc")
 
 
 @pytest.fixture(scope="module")

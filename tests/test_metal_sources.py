@@ -7,9 +7,7 @@ rules stated here: every buffer the body names is in the signature with its addr
 type, buffer indices count up from 0, attributes carry Metal's types, the template list and its
 instantiation agree, and every instantiation our entry points launch is there."""
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +16,10 @@ import pytest
 import mlx.core as mx
 
 from mlx_zeta.kernels import attention, ternary
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("metal_sources", ROOT / "tools" / "metal_sources.py")
-ms = sys.modules.setdefault("metal_sources", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(ms)
+ms = load_script(ROOT / "tools" / "metal_sources.py", "metal_sources")
 
 LAUNCHES = ms.launches()
 # Written from Apple's Metal Shading Language specification (table of kernel function input attributes).

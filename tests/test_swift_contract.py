@@ -14,7 +14,6 @@ No Swift compiler is needed (the workflow ``.github/workflows/ios-sample.yml`` b
 sample on macOS).
 """
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -33,6 +32,7 @@ from mlx_zeta.converters.coreml.evaluate import Evaluator  # noqa: E402
 from mlx_zeta.converters.coreml.metadata import read_metadata  # noqa: E402
 from mlx_zeta.converters.coreml.package import open_package  # noqa: E402
 from mlx_zeta.converters.coreml.source import TOKENIZER_SUFFIX  # noqa: E402
+from scripts import load_script  # noqa: E402
 
 IOS = Path(__file__).resolve().parents[1] / "examples" / "ios"
 CONTRACT = IOS / "Sources" / "MLXZetaCoreML" / "Contract.swift"
@@ -102,10 +102,7 @@ def _export(model, path: Path) -> Path:
 
 def _helper(name: str):
     """One of the sample's Python scripts (examples/ios/NAME.py) as a module."""
-    spec = importlib.util.spec_from_file_location(name, IOS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(IOS / f"{name}.py", name)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ one): skipped without. The library's Core ML-free files are compiled with
 ``examples/ios/Tools/tokenizer_parity.swift`` into one command that encodes and decodes a batch.
 """
 
-import importlib.util
 import json
 import os
 import random
@@ -21,6 +20,7 @@ import pytest
 tokenizers = pytest.importorskip("tokenizers")
 
 from lm_tiny import SAMPLES, corpus  # noqa: E402
+from scripts import load_script  # noqa: E402
 
 IOS = Path(__file__).resolve().parents[1] / "examples" / "ios"
 SOURCES = IOS / "Sources" / "MLXZetaCoreML"
@@ -59,9 +59,7 @@ def _check(exe, folder: Path, tmp_path: Path):
 
 
 def test_tiny_model_tokenizer(parity, tmp_path):
-    spec = importlib.util.spec_from_file_location("make_tiny_model", IOS / "make_tiny_model.py")
-    helper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helper)
+    helper = load_script(IOS / "make_tiny_model.py", "make_tiny_model")
     folder = tmp_path / "tiny"
     folder.mkdir()
     helper.train_tokenizer(folder)
