@@ -37,6 +37,8 @@ def build(builder: str, plant: str | None = None, pages: list[str] = ()) -> subp
         out = SITE if builder == "html" else BUILD / builder
         return sphinx(builder, DOCS, out, BUILD / "doctrees", pages)
     page, _, text = plant.partition(":")
+    if not (DOCS / page).is_file():
+        raise SystemExit(f"tools/docs.py: --plant: expected PAGE:TEXT with PAGE a file under docs/, got {page!r}")
     with tempfile.TemporaryDirectory(prefix="mlx-zeta-docs-plant-") as tmp:
         source = Path(tmp) / "docs"
         shutil.copytree(DOCS, source, ignore=shutil.ignore_patterns("__pycache__", "_generated"))
